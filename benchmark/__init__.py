@@ -1,0 +1,1 @@
+"""Benchmark harness for memory-efficient personalization of text-to-image diffusion models."""

@@ -1,0 +1,1 @@
+"""Personalization methods behind one contract (methods/base.py)."""

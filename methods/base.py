@@ -1,0 +1,122 @@
+"""The method contract: the harness owns the loop, a method owns only what differs.
+
+A method is a small class registered by name (``methods.registry``) with a typed config
+dataclass. The harness calls, in order::
+
+    method = Method(cfg)                    # cfg: the method's Config, validated
+    method.setup(components, subject)       # freeze, quantize, add token, wrap LoRA, ...
+    for step in range(steps):
+        logs = method.step(batch, step)     # one optimisation step; logs["loss"] is required
+    method.state_dict()                     # exactly what a user stores (Storage column)
+    method.apply(pipeline)                  # personalize a stock diffusers pipeline
+
+``checkpoint()`` / ``restore()`` make runs resumable; their default covers methods whose
+state is their trainable tensors plus one torch optimizer.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+
+from benchmark.atomic import atomic_path
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the value and what is allowed."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Fields every method has; each method extends this with its own knobs."""
+
+    name: str
+    steps: int
+    lr: float
+    batch_size: int = 1
+    resolution: int = 512
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, f"method.steps={self.steps} must be >= 1")
+        require(self.lr >= 0, f"method.lr={self.lr} must be >= 0")
+        require(self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1")
+        require(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            f"method.resolution={self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)",
+        )
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    artifact_filename: ClassVar[str] = "artifact.safetensors"
+    # True for token methods (TI, GF-TI, ZOODiP): evaluation prompts omit the class noun.
+    token_only_prompts: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- the contract ------------------------------------------------------------------
+    @abc.abstractmethod
+    def setup(self, components, subject) -> None:
+        """Prepare ``components`` (benchmark.models.Components) before step 0."""
+
+    @abc.abstractmethod
+    def step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor | float]:
+        """One optimisation step. ``batch`` holds ``pixel_values`` (B,3,H,W in [-1,1]) and a
+        CPU ``generator`` seeded from (seed, step): draw all randomness from it."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly what a user would store; its safetensors size is the Storage column."""
+
+    @abc.abstractmethod
+    def apply(self, pipeline) -> None:
+        """Personalize a stock diffusers StableDiffusionPipeline in place."""
+
+    @abc.abstractmethod
+    def subject_phrase(self, subject) -> str:
+        """How prompts name the subject: "<tok>" for token methods, "sks dog" otherwise."""
+
+    # -- defaults the harness uses -----------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Named trainable tensors (checkpointed; counted in the record)."""
+        return {}
+
+    def checkpoint(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "trainable": {k: v.detach().clone() for k, v in self.trainable_parameters().items()}
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            for k, v in state["trainable"].items():
+                params[k].copy_(v)
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def record_extras(self) -> dict[str, Any]:
+        """Method-specific record fields (e.g. step-kind counts, forward passes per step)."""
+        return {}
+
+    def save_artifact(self, directory: Path) -> Path:
+        path = Path(directory) / self.artifact_filename
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+        return path

@@ -1,0 +1,42 @@
+"""Shared pieces of the denoising objective E||eps - eps_theta(z_t, t, c)||^2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU generator (same numbers on every device), then moved."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE posterior sample x scaling factor. No gradient ever flows into the VAE encoder
+    (the ZOODiP paper blocks it for every method)."""
+    dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    eps = randn(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * eps) * vae.config.scaling_factor
+
+
+def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def noisy_latents(scheduler, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator):
+    """(z_t, target): z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps; target = eps (or v)."""
+    timesteps = timesteps.to(latents.device)
+    noise = randn(latents.shape, generator, latents.device, latents.dtype)
+    z_t = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        return z_t, scheduler.get_velocity(latents, noise, timesteps)
+    return z_t, noise
+
+
+def denoising_loss(unet, z_t, timesteps, encoder_hidden_states, target) -> torch.Tensor:
+    """MSE between the U-Net's prediction and its target, in fp32."""
+    pred = unet(z_t, timesteps.to(z_t.device), encoder_hidden_states.to(unet.dtype)).sample
+    return F.mse_loss(pred.float(), target.float())

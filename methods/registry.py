@@ -1,0 +1,18 @@
+"""Method names -> classes. Adding a method = one module + one line here + one conf/method YAML."""
+
+from __future__ import annotations
+
+import importlib
+
+from methods.base import ConfigError, Method
+
+METHODS: dict[str, str] = {
+    "ti": "methods.textual_inversion:TextualInversion",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

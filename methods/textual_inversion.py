@@ -1,0 +1,103 @@
+"""Textual Inversion (Gal et al., 2023), as the diffusers textual_inversion example.
+
+One new token is added to the tokenizer; the whole input-embedding matrix is the AdamW
+parameter (as in the example, so its gradient and optimizer state are what the paper's
+memory figure measures), and after every step all rows but the new token's are put back,
+so they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from methods.base import Method, MethodConfig, require
+from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
+from methods.prompts import sample_prompts
+from methods.timesteps import check_timestep_bounds, sample_timesteps
+
+
+@dataclasses.dataclass
+class TIConfig(MethodConfig):
+    precision: str = "fp32"
+    placeholder_token: str = "<sks>"
+    initializer: str = "class"
+    timesteps: str = "uniform"
+    T_L: int = 500
+    T_U: int = 900
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.precision in ("fp32", "fp16", "bf16"), f"method.precision={self.precision!r}; choose fp32, fp16 or bf16")
+        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
+        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
+
+
+def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
+    """Add ``token`` to the vocabulary, initialised to the mean embedding of ``initializer_words``
+    (the diffusers example requires one initializer token; a multi-token class noun such as
+    "stuffed animal" uses the mean of its tokens). Returns the new token id."""
+    if tokenizer.add_tokens(token) != 1:
+        raise ValueError(
+            f"placeholder token {token!r} is already in the tokenizer's vocabulary; "
+            "pass a new one, e.g. method.placeholder_token='<my-subject>'"
+        )
+    init_ids = tokenizer.encode(initializer_words, add_special_tokens=False)
+    require(len(init_ids) > 0, f"initializer {initializer_words!r} encodes to no token")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = weight[init_ids].mean(dim=0)
+    return token_id
+
+
+class TextualInversion(Method):
+    name = "ti"
+    Config = TIConfig
+    artifact_filename = "learned_embeds.safetensors"
+    token_only_prompts = True
+
+    def subject_phrase(self, subject) -> str:
+        return self.cfg.placeholder_token
+
+    def setup(self, components, subject) -> None:
+        self.c = components
+        words = subject.class_noun if self.cfg.initializer == "class" else self.cfg.initializer
+        self.token_id = add_placeholder_token(
+            components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
+        )
+        self.embeddings = components.text_encoder.get_input_embeddings().weight
+        self.embeddings.requires_grad_(True)
+        self.original_embeddings = self.embeddings.detach().clone()
+        self.keep_rows = torch.ones(self.embeddings.shape[0], dtype=torch.bool, device=self.embeddings.device)
+        self.keep_rows[self.token_id] = False
+        # diffusers example: AdamW(betas 0.9/0.999, weight_decay 1e-2, eps 1e-8)
+        self.optimizer = torch.optim.AdamW([self.embeddings], lr=self.cfg.lr, weight_decay=1e-2, eps=1e-8)
+
+    def trainable_parameters(self):
+        return {"token_embedding": self.embeddings}
+
+    def step(self, batch, step):
+        c, cfg, g = self.c, self.cfg, batch["generator"]
+        bsz = batch["pixel_values"].shape[0]
+        latents = encode_latents(c.vae, batch["pixel_values"], g)
+        t = sample_timesteps(cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U)
+        z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
+        ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+        hidden = c.text_encoder(ids)[0]
+        loss = denoising_loss(c.unet, z_t, t, hidden, target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # only the new token's row may change
+            self.embeddings[self.keep_rows] = self.original_embeddings[self.keep_rows]
+        return {"loss": loss.detach()}
+
+    def state_dict(self):
+        # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}
+        return {self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach()}
+
+    def apply(self, pipeline) -> None:
+        pipeline.load_textual_inversion(self.state_dict(), token=self.cfg.placeholder_token)
