@@ -8,7 +8,7 @@ dataclass. The harness calls, in order::
     for step in range(steps):
         logs = method.step(batch, step)     # one optimisation step; logs["loss"] is required
     method.state_dict()                     # exactly what a user stores (Storage column)
-    method.apply(pipeline)                  # personalize a stock diffusers pipeline
+    method.apply(pipeline, artifact)        # put a stored artifact into a stock pipeline
 
 ``checkpoint()`` / ``restore()`` make runs resumable; their default covers methods whose
 state is their trainable tensors plus one torch optimizer.
@@ -82,8 +82,9 @@ class Method(abc.ABC):
         """Exactly what a user would store; its safetensors size is the Storage column."""
 
     @abc.abstractmethod
-    def apply(self, pipeline) -> None:
-        """Personalize a stock diffusers StableDiffusionPipeline in place."""
+    def apply(self, pipeline, artifact: dict[str, torch.Tensor]) -> None:
+        """Put ``artifact`` (a ``state_dict()``, e.g. reloaded from disk) into a stock diffusers
+        StableDiffusionPipeline, in place. Uses only ``self.cfg``: works without ``setup``."""
 
     @abc.abstractmethod
     def subject_phrase(self, subject) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from methods.base import Method, MethodConfig, require
+from methods.base import ConfigError, Method, MethodConfig, require
 from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
@@ -39,7 +39,7 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words
     (the diffusers example requires one initializer token; a multi-token class noun such as
     "stuffed animal" uses the mean of its tokens). Returns the new token id."""
     if tokenizer.add_tokens(token) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"placeholder token {token!r} is already in the tokenizer's vocabulary; "
             "pass a new one, e.g. method.placeholder_token='<my-subject>'"
         )
@@ -99,5 +99,5 @@ class TextualInversion(Method):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}
         return {self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach()}
 
-    def apply(self, pipeline) -> None:
-        pipeline.load_textual_inversion(self.state_dict(), token=self.cfg.placeholder_token)
+    def apply(self, pipeline, artifact) -> None:
+        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)

@@ -1,0 +1,63 @@
+"""Typed, validated run configuration: the method's dataclass schema, device, dtype, run key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from methods.base import ConfigError, MethodConfig
+from methods.registry import method_class
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys that say where things live, or how a run is displayed, not what it computes.
+NOT_IN_RUN_KEY = ("paths", "data", "skip_done", "device", "train.progress", "train.log_every", "train.checkpoint_every")
+
+
+def method_config(cfg: DictConfig) -> MethodConfig:
+    """cfg.method merged into the method's dataclass schema; __post_init__ validates it."""
+    cls = method_class(cfg.method.name).Config
+    try:
+        values = OmegaConf.to_container(cfg.method, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"method.{e.full_key or ''}: {e.msg}".replace("\n", " ")) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
+def training_dtype(method_cfg: MethodConfig) -> torch.dtype:
+    return DTYPES[getattr(method_cfg, "precision", "fp32")]
+
+
+def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in container.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
+    values = flat(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)}
+    digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"seed{cfg.seed}-{digest}"

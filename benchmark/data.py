@@ -1,0 +1,262 @@
+"""The 30 DreamBooth subjects, their evaluation prompts, image loading and dataset fetching.
+
+Subjects, classes and prompt lists follow ``dataset/prompts_and_classes.txt`` of google/dreambooth.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+DATASET_ARCHIVE_URL = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+_BY_HAND = (
+    "clone or download https://github.com/google/dreambooth and set data.root=<path to its dataset/ folder>"
+)
+
+_COMMON = (
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on a cobblestone street",
+    "a {} on top of pink fabric",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} with a blue house in the background",
+    "a {} on top of a purple rug in a forest",
+)
+_ATTRIBUTES = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
+
+OBJECT_PROMPTS: tuple[str, ...] = (
+    *_COMMON,
+    "a {} with a wheat field in the background",
+    "a {} with a tree and autumn leaves in the background",
+    "a {} with the Eiffel Tower in the background",
+    "a {} floating on top of water",
+    "a {} floating in an ocean of milk",
+    "a {} on top of green grass with sunflowers around it",
+    "a {} on top of a mirror",
+    "a {} on top of the sidewalk in a crowded street",
+    "a {} on top of a dirt road",
+    "a {} on top of a white rug",
+    *_ATTRIBUTES,
+)
+
+LIVE_PROMPTS: tuple[str, ...] = (
+    *_COMMON,
+    "a {} wearing a red hat",
+    "a {} wearing a santa hat",
+    "a {} wearing a rainbow scarf",
+    "a {} wearing a black top hat and a monocle",
+    "a {} in a chef outfit",
+    "a {} in a firefighter outfit",
+    "a {} in a police outfit",
+    "a {} wearing pink glasses",
+    "a {} wearing a yellow shirt",
+    "a {} in a purple wizard outfit",
+    *_ATTRIBUTES,
+)
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str
+    kind: str  # "live" or "object"
+
+    @property
+    def prompt_templates(self) -> tuple[str, ...]:
+        return LIVE_PROMPTS if self.kind == "live" else OBJECT_PROMPTS
+
+    def prompts(self, phrase: str) -> list[str]:
+        """The 25 evaluation prompts with ``phrase`` (e.g. "sks dog" or "<dog6>") filled in."""
+        return [t.format(phrase) for t in self.prompt_templates]
+
+
+_LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+# "subject_name,class" rows of prompts_and_classes.txt, in file order
+_CLASSES = """
+backpack,backpack
+backpack_dog,backpack
+bear_plushie,stuffed animal
+berry_bowl,bowl
+can,can
+candle,candle
+cat,cat
+cat2,cat
+clock,clock
+colorful_sneaker,sneaker
+dog,dog
+dog2,dog
+dog3,dog
+dog5,dog
+dog6,dog
+dog7,dog
+dog8,dog
+duck_toy,toy
+fancy_boot,boot
+grey_sloth_plushie,stuffed animal
+monster_toy,toy
+pink_sunglasses,glasses
+poop_emoji,toy
+rc_car,toy
+red_cartoon,cartoon
+robot_toy,toy
+shiny_sneaker,sneaker
+teapot,teapot
+vase,vase
+wolf_plushie,stuffed animal
+"""
+SUBJECTS: dict[str, Subject] = {
+    name: Subject(name, noun, "live" if name in _LIVE else "object")
+    for name, noun in (row.split(",") for row in _CLASSES.strip().splitlines())
+}
+
+
+def get_subject(name: str) -> Subject:
+    if name not in SUBJECTS:
+        raise ValueError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}")
+    return SUBJECTS[name]
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Open ``path`` upright (EXIF orientation applied) as RGB; ValueError naming the file otherwise."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except _PIL_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"cannot read image file {path} ({type(e).__name__}: {e}); remove or replace it")
+
+
+def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
+    """Sorted image files of ``subject`` under ``root``; each is checked to open as an image."""
+    name = subject.name if isinstance(subject, Subject) else subject
+    folder = Path(root) / name
+    paths = sorted(p for p in folder.iterdir() if _is_image_name(p)) if folder.is_dir() else []
+    if not paths:
+        raise ValueError(
+            f"dataset root {root} has no images for subject {name!r} (expected {folder}/*.jpg); "
+            "set data.root=<dir holding the 30 subject folders>"
+        )
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except _PIL_ERRORS as e:
+            raise _unreadable(p, e) from None
+    return paths
+
+
+def _center_square(im: Image.Image, size: int | None) -> Image.Image:
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return im if size is None or side == size else im.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def load_pil_images(paths: Iterable[str | Path], size: int | None = None) -> list[Image.Image]:
+    """Upright RGB images, center-cropped to a square and resized to ``size`` if given."""
+    return [_center_square(_open_rgb(Path(p)), size) for p in paths]
+
+
+def load_images(paths: Iterable[str | Path], resolution: int) -> torch.Tensor:
+    """float32 tensor (N, 3, R, R) in [-1, 1] of center-cropped, resized images."""
+    arrays = [np.asarray(im, dtype=np.float32) for im in load_pil_images(paths, resolution)]
+    if not arrays:
+        return torch.empty(0, 3, resolution, resolution)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------- dataset fetching
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on disk and could not be (or was not allowed to be) downloaded."""
+
+
+def _missing_subjects(root: Path) -> list[str]:
+    def has_images(d: Path) -> bool:
+        return d.is_dir() and any(_is_image_name(p) for p in d.iterdir())
+
+    return [s for s in SUBJECTS if not has_images(root / s)]
+
+
+def _download(url: str, dest: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+        shutil.copyfileobj(r, f)
+
+
+def _extract_dataset(archive: Path, dest: Path) -> None:
+    """Extract the ``*/dataset/`` subtree of ``archive`` into the (empty) folder ``dest``."""
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            parts = Path(info.filename).parts
+            if len(parts) < 3 or parts[1] != "dataset" or info.is_dir() or ".." in parts:
+                continue
+            out = dest.joinpath(*parts[2:])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def resolve_dataset_root(
+    root: str | Path | None, download: bool, cache_dir: str | Path, url: str = DATASET_ARCHIVE_URL
+) -> Path:
+    """Folder holding the 30 subject folders: ``root`` if given, else ``cache_dir/dataset``
+    (downloaded from ``url`` when missing and ``download`` is true)."""
+    if root is not None:
+        return Path(root).expanduser()
+    cache = Path(cache_dir).expanduser()
+    dest = cache / "dataset"
+    if not _missing_subjects(dest):
+        return dest
+    if not download:
+        raise DatasetUnavailable(
+            f"DreamBooth dataset not found in {dest}; set data.download=true to fetch it from {url}, "
+            f"or {_BY_HAND}"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".dataset-", dir=cache) as tmp:
+        archive, extracted = Path(tmp) / "archive.zip", Path(tmp) / "dataset"
+        try:
+            _download(url, archive)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise DatasetUnavailable(
+                f"could not download the DreamBooth dataset from {url} ({reason}); {_BY_HAND}"
+            ) from None
+        try:
+            _extract_dataset(archive, extracted)
+        except zipfile.BadZipFile:
+            raise ValueError(f"download from {url} is not a zip archive; {_BY_HAND}") from None
+        missing = _missing_subjects(extracted)
+        if missing:
+            raise ValueError(f"archive {url} lacks images for subjects: {', '.join(missing)}; {_BY_HAND}")
+        if dest.exists():
+            if not _missing_subjects(dest):  # another process finished first
+                return dest
+            shutil.rmtree(dest)
+        extracted.rename(dest)
+    return dest

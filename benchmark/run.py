@@ -1,0 +1,141 @@
+"""One run end to end: config -> subject -> model -> method -> train -> artifact -> generate -> score -> record.
+
+Each stage hands the next plain data: the trained method leaves an artifact on disk, a fresh
+stock pipeline loads it, generation leaves images on disk, the scorer turns them into numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from benchmark import data, models
+from benchmark.atomic import write_text_atomic
+from benchmark.config import flat, method_config, resolve_device, run_key, training_dtype
+from benchmark.generate import eval_prompts, generate_images
+from benchmark.metrics import MetricModelsUnavailable, Scorer
+from benchmark.profiling import TrainingMonitor
+from benchmark.records import RECORD_NAME, new_record, read_record, write_record
+from benchmark.train import Diverged, train
+from methods.base import ConfigError
+from methods.registry import method_class
+
+log = logging.getLogger(__name__)
+# Problems the user must fix (bad config, missing weights or data): raised, never recorded.
+USER_ERRORS = (ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable)
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip, if already done) one configuration; always leaves a record.json."""
+    method_cfg = method_config(cfg)  # bad input fails here, before any model is loaded
+    subject = data.get_subject(cfg.subject)
+    device = resolve_device(cfg.device)
+    run_dir = run_dir_for(cfg)
+    if cfg.skip_done and (run_dir / RECORD_NAME).exists():
+        record = read_record(run_dir / RECORD_NAME)
+        if record["status"] == "ok":
+            log.info("already done: %s", run_dir)
+            return record
+    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    image_paths = data.subject_image_paths(root, subject)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    base = {
+        "method": cfg.method.name, "subject": subject.name, "seed": cfg.seed, "run_key": run_dir.name,
+        "model": cfg.model.name, "eval": cfg.eval.name, "device": str(device),
+        **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
+    }  # fmt: skip
+    monitor = TrainingMonitor(device)
+    try:
+        fields = execute(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
+        record = new_record(**base, status="ok", **fields)
+    except Diverged as e:
+        record = new_record(**base, status="diverged", error=str(e), diverged_step=e.step)
+    except Exception as e:  # a failed run is a record, and a sweep goes on
+        if isinstance(e, USER_ERRORS):
+            raise
+        status = "oom" if is_oom(e) else "failed"
+        log.exception("run failed: %s", run_dir)
+        record = new_record(**base, status=status, error=f"{type(e).__name__}: {e}".splitlines()[0], **monitor.summary())
+    write_record(run_dir, record)
+    log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
+    return record
+
+
+def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
+    cls = method_class(cfg.method.name)
+    images = data.load_images(image_paths, method_cfg.resolution)
+    components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
+    method = cls(method_cfg)
+    method.setup(components, subject)
+    monitor.loaded()  # the papers measure after quantization: setup counts as model load
+    steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
+    result = train(
+        method, images, steps, method_cfg.batch_size, cfg.seed, run_dir, device,
+        checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
+        progress=cfg.train.progress, monitor=monitor,
+    )  # fmt: skip
+    artifact_path = method.save_artifact(run_dir)
+    fields: dict[str, Any] = {
+        "train_steps": result.steps, "train_seconds": result.seconds, "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from, "artifact_bytes": artifact_path.stat().st_size,
+        **monitor.summary(), **method.record_extras(),
+    }  # fmt: skip
+    del method, components
+    release_memory(device)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the artifact is what a user keeps
+    fields.update(evaluate(cfg, method_cfg, subject, image_paths, device, run_dir, artifact_path))
+    return fields
+
+
+def evaluate(cfg, method_cfg, subject, image_paths, device, run_dir: Path, artifact_path: Path) -> dict[str, Any]:
+    artifact = load_file(str(artifact_path))
+    generation_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipeline = models.load_pipeline(cfg.model, device=device, dtype=generation_dtype)
+    method = method_class(cfg.method.name)(method_cfg)
+    method.apply(pipeline, artifact)
+    prompts = eval_prompts(subject, method, cfg.eval)
+    t0 = time.perf_counter()
+    paths = generate_images(pipeline, prompts, cfg.eval, cfg.seed, run_dir / "images")
+    generation_seconds = time.perf_counter() - t0
+    del pipeline
+    release_memory(device)
+
+    from PIL import Image
+
+    k = cfg.eval.images_per_prompt
+    generated, texts = [], []
+    for prompt in prompts:
+        for path in paths[prompt.index][:k]:
+            generated.append(Image.open(path).convert("RGB"))
+            texts.append(prompt.clip_text)
+    inter_index = cfg.eval.dino_inter.prompt_index
+    inter = [[Image.open(p).convert("RGB") for p in paths[inter_index]]] if inter_index in paths else None
+    scorer = Scorer(cfg.eval, device=device)
+    scores = scorer.score(generated, texts, data.load_pil_images(image_paths), inter_groups=inter)
+    return {
+        "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino, "dino_inter": scores.dino_inter,
+        "n_images": scores.n_images, "generation_seconds": generation_seconds,
+    }  # fmt: skip
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

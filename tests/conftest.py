@@ -1,0 +1,64 @@
+"""Shared fixtures: the real DreamBooth images from ../shared, Hydra configs for the tiny model.
+
+Nothing here downloads: the hub is switched off for every test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+def _dataset_root() -> Path:
+    env = os.environ.get("DREAMBOOTH_DATASET")
+    return Path(env) if env else REPO.parent / "shared" / "dreambooth" / "dataset"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def dataset_root() -> Path:
+    root = _dataset_root()
+    if not (root / "dog6").is_dir():
+        pytest.skip(f"DreamBooth dataset not found at {root} (set DREAMBOOTH_DATASET)")
+    return root
+
+
+def compose(overrides: list[str]):
+    """The run config as `python -m benchmark <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, dataset_root):
+    """Factory: compose a tiny-model, smoke-eval config writing into tmp_path."""
+
+    def make(*overrides: str):
+        base = [
+            "model=tiny",
+            f"data.root={dataset_root}",
+            f"paths.results={tmp_path / 'results'}",
+            "train.progress=false",
+        ]
+        return compose(base + list(overrides))
+
+    return make
