@@ -31,12 +31,16 @@ def default_bpe_path() -> Path:
     """open_clip's ``bpe_simple_vocab_16e6.txt.gz``, found without importing open_clip."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("open_clip_torch is not installed; it ships the CLIP BPE merges the tokenizer needs")
+        raise ModuleNotFoundError(
+            "open_clip_torch is not installed; it ships the CLIP BPE merges the tokenizer needs"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"bpe_simple_vocab_16e6.txt.gz not found in open_clip ({spec.submodule_search_locations})")
+    raise FileNotFoundError(
+        f"bpe_simple_vocab_16e6.txt.gz not found in open_clip ({spec.submodule_search_locations})"
+    )
 
 
 def default_cache_dir() -> Path:
@@ -46,7 +50,11 @@ def default_cache_dir() -> Path:
 
 def bytes_to_unicode() -> dict[int, str]:
     """OpenAI CLIP's reversible byte -> printable unicode character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(2**8):

@@ -1,0 +1,345 @@
+"""The model under personalization: Stable Diffusion 1.5 or a stand-in with its architecture.
+
+Three kinds (``conf/model/*.yaml``, field ``kind``):
+
+- ``hub``:  the real SD1.5 weights, from ``model.path`` (a local diffusers folder) or the Hub.
+- ``tiny``: a few-MB SD-family model with deterministic random weights (tests, smoke runs).
+- ``arch``: SD1.5's exact architecture with random weights (memory/timing without a download).
+
+Every kind gives the same :class:`Components`, frozen and in eval mode; methods unfreeze what
+they train. ``build_pipeline`` wraps components in a stock ``StableDiffusionPipeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from torch._guards import detect_fake_mode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+KINDS = ("hub", "tiny", "arch")
+SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+# SD1.5's published configs (stable-diffusion-v1-5/stable-diffusion-v1-5, */config.json).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT_ENCODER = dict(  # CLIP ViT-L/14's text tower, as SD1.5's text_encoder/config.json
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_range=0.02,
+    initializer_factor=1.0,
+    bos_token_id=0,  # SD1.5's (legacy) values; the tokenizer's are 49406/49407
+    pad_token_id=1,
+    eos_token_id=2,
+)
+# The training scheduler of SD1.5 (its scheduler_config.json, read as a DDPMScheduler).
+SD15_NOISE_SCHEDULER = dict(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    num_train_timesteps=1000,
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+# The tiny model's defaults; conf/model/tiny.yaml may override any of them.
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8
+)  # 4 blocks: 8x down
+TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+
+
+class WeightsUnavailable(RuntimeError):
+    """The real weights cannot be loaded (no local folder, no network, no cache)."""
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler  # the training scheduler
+    device: torch.device
+    dtype: torch.dtype  # the weight dtype the model was loaded in
+
+    def to(self, device) -> Components:
+        self.device = torch.device(device)
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(self.device)
+        return self
+
+
+class Networks(NamedTuple):
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf lists/dicts -> tuples/dicts that diffusers' configs accept."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return value
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    return tuple(_plain(v) for v in value)
+
+
+def _overrides(cfg: Any, key: str, defaults: dict) -> dict:
+    section = _get(cfg, key)
+    return {**defaults, **({k: _plain(v) for k, v in section.items()} if section else {})}
+
+
+def _kind(model_cfg) -> str:
+    kind = _get(model_cfg, "kind")
+    if kind not in KINDS:
+        raise ValueError(f"model.kind={kind!r} is not known; choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even a harmless one.
+        torch.nn.Module.to(module, dtype=dtype)
+    return module.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks:
+    """The random-weight networks of a ``tiny`` or ``arch`` model; no I/O, so it also runs
+    under ``FakeTensorMode``. Each network is initialised after ``torch.manual_seed(init_seed)``:
+    the same config always gives bit-identical weights. The global RNG is left as it was."""
+    kind = _kind(model_cfg)
+    if kind == "hub":
+        raise ValueError("model.kind=hub has real weights; use load_components, not build_from_config")
+    seed = int(_get(model_cfg, "init_seed", 0))
+    resolution = int(_get(model_cfg, "resolution", 64 if kind == "tiny" else 512))
+    if kind == "arch":
+        unet_kw, vae_kw, text_kw = dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT_ENCODER)
+    else:
+        unet_kw = _overrides(model_cfg, "unet", TINY_UNET)
+        vae_kw = {**SD15_VAE, **_overrides(model_cfg, "vae", TINY_VAE)}
+        text_kw = {
+            **SD15_TEXT_ENCODER,
+            "bos_token_id": 49406,  # the tokenizer's ids
+            "pad_token_id": 49407,
+            "eos_token_id": 49407,
+            **_overrides(model_cfg, "text_encoder", TINY_TEXT_ENCODER),
+        }
+        text_kw["projection_dim"] = text_kw["hidden_size"]  # unused by CLIPTextModel
+    unet_kw["sample_size"] = resolution // 8
+    vae_kw["sample_size"] = resolution
+
+    # Real weights are drawn in fp32 and then rounded, so every dtype holds the same model.
+    # Fake tensors (memory prediction) have no values and cannot be cast: build in ``dtype``.
+    build_dtype = dtype if detect_fake_mode() is not None else torch.float32
+    with torch.random.fork_rng(devices=[]), _default_dtype(build_dtype):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_kw))
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**vae_kw)
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_kw)
+    return Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype))
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        errors.append(EntryNotFoundError)
+    except ImportError:  # older huggingface_hub: its errors are OSErrors
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub opens (False in HF_HUB_OFFLINE mode)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy only the Hub client can tell
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, DDPMScheduler]:
+    path, hub_id, revision = _get(model_cfg, "path"), _get(model_cfg, "hub_id"), _get(model_cfg, "revision")
+    if path:
+        folder = Path(str(path)).expanduser()
+        missing = [n for n in ("model_index.json", *SUBFOLDERS) if not (folder / n).exists()]
+        if missing:
+            raise WeightsUnavailable(
+                f"model.path={str(path)!r} is not a diffusers Stable Diffusion folder "
+                f"(expected model_index.json and {', '.join(s + '/' for s in SUBFOLDERS)}; "
+                f"missing {', '.join(missing)})"
+            )
+        source, kwargs = str(folder), {}
+    else:  # without a network, use the Hub cache alone (no 20 s of retries)
+        source, kwargs = str(hub_id), {"revision": revision, "local_files_only": not _hub_reachable()}
+    try:
+        if not path:  # fail fast: one small file tells whether the Hub or its cache can serve us
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(source, "model_index.json", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", **{dtype_kw: dtype}, **kwargs
+        )
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    except _hub_errors() as e:
+        if path:
+            raise WeightsUnavailable(
+                f"cannot load Stable Diffusion weights from model.path={source!r} ({type(e).__name__})"
+            ) from e
+        raise WeightsUnavailable(
+            f"cannot load Stable Diffusion weights {source!r} (no network/cache: {type(e).__name__}); "
+            f"download them once with `hf download {source} --include 'model_index.json' '*/*.json' "
+            "'*/*.txt' 'text_encoder/model.safetensors' '*/diffusion_pytorch_model.safetensors' "
+            "--local-dir <dir>` and pass model.path=<local diffusers folder>"
+        ) from e
+    networks = Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype))
+    return tokenizer, networks, scheduler
+
+
+def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32) -> Components:
+    """Fresh components with the model's original weights, frozen, eval mode, on ``device``."""
+    kind = _kind(model_cfg)
+    if kind == "hub":
+        tokenizer, networks, noise_scheduler = _load_hub(model_cfg, dtype)
+    else:
+        from benchmark.tokenizer import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+        networks = build_from_config(model_cfg, dtype)
+        noise_scheduler = DDPMScheduler(
+            **{
+                **SD15_NOISE_SCHEDULER,
+                "num_train_timesteps": int(_get(model_cfg, "num_train_timesteps", 1000)),
+            }
+        )
+    components = Components(tokenizer, *networks, noise_scheduler, torch.device(device), dtype)
+    return components.to(device)
+
+
+def build_pipeline(components: Components) -> StableDiffusionPipeline:
+    """A stock SD pipeline sharing ``components``' modules, with SD1.5's default PNDM sampler."""
+    scheduler = PNDMScheduler.from_config(
+        components.noise_scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(model_cfg, device="cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A pipeline with the original (unpersonalized) weights."""
+    return build_pipeline(load_components(model_cfg, device, dtype))
