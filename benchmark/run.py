@@ -20,7 +20,7 @@ from benchmark import data, models
 from benchmark.atomic import write_text_atomic
 from benchmark.config import flat, method_config, resolve_device, run_key, training_dtype
 from benchmark.generate import eval_prompts, generate_images
-from benchmark.metrics import MetricModelsUnavailable, Scorer
+from benchmark.metrics import MetricModelsUnavailable, Scorer, check_weights_available
 from benchmark.profiling import TrainingMonitor
 from benchmark.records import RECORD_NAME, new_record, read_record, write_record
 from benchmark.train import Diverged, train
@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return record
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     image_paths = data.subject_image_paths(root, subject)
+    check_weights_available(cfg.eval)  # a missing metric model fails now, not after training
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -95,6 +96,7 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
     fields: dict[str, Any] = {
         "train_steps": result.steps, "train_seconds": result.seconds, "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from, "artifact_bytes": artifact_path.stat().st_size,
+        "trainable_params": sum(t.numel() for t in method.state_dict().values()),
         **monitor.summary(), **method.record_extras(),
     }  # fmt: skip
     del method, components

@@ -39,14 +39,15 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words
     """Add ``token`` to the vocabulary, initialised to the mean embedding of ``initializer_words``
     (the diffusers example requires one initializer token; a multi-token class noun such as
     "stuffed animal" uses the mean of its tokens). Returns the new token id."""
-    if tokenizer.add_tokens(token) != 1:
+    existing_word = len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    if existing_word or tokenizer.add_tokens(token) != 1:
         raise ConfigError(
             f"placeholder token {token!r} is already in the tokenizer's vocabulary; "
             "pass a new one, e.g. method.placeholder_token='<my-subject>'"
         )
     init_ids = tokenizer.encode(initializer_words, add_special_tokens=False)
     require(len(init_ids) > 0, f"initializer {initializer_words!r} encodes to no token")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     token_id = tokenizer.convert_tokens_to_ids(token)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
