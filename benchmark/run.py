@@ -42,6 +42,8 @@ def is_oom(error: BaseException) -> bool:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, if already done) one configuration; always leaves a record.json."""
+    if cfg.get("mode", "personalize") == "real":
+        return run_real_images(cfg)
     method_cfg = method_config(cfg)  # bad input fails here, before any model is loaded
     subject = data.get_subject(cfg.subject)
     device = resolve_device(cfg.device)
@@ -85,8 +87,9 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
     method = cls(method_cfg)
     method.setup(components, subject)
-    monitor.loaded()  # the papers measure after quantization: setup counts as model load
     steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
+    method.precompute(images, cfg.seed, steps)  # e.g. Hollowed Net's stage 1
+    monitor.loaded()  # the papers measure after quantization: setup counts as model load
     result = train(
         method, images, steps, method_cfg.batch_size, cfg.seed, run_dir, device,
         checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
@@ -135,6 +138,24 @@ def evaluate(cfg, method_cfg, subject, image_paths, device, run_dir: Path, artif
         "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino, "dino_inter": scores.dino_inter,
         "n_images": scores.n_images, "generation_seconds": generation_seconds,
     }  # fmt: skip
+
+
+def run_real_images(cfg: DictConfig) -> dict[str, Any]:
+    """The upper-bound row of the DreamBooth paper: the subject's real images scored against
+    each other (CLIP-I, DINO over pairs i != j). `python -m benchmark mode=real subject=dog6`."""
+    subject = data.get_subject(cfg.subject)
+    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    real = data.load_pil_images(data.subject_image_paths(root, subject))
+    key = run_key(OmegaConf.create({"subject": subject.name, "seed": cfg.seed, "eval": cfg.eval}))
+    run_dir = Path(cfg.paths.results) / "runs" / "real" / subject.name / key
+    scores = Scorer(cfg.eval, device=resolve_device(cfg.device)).score_real(real)
+    record = new_record(
+        method="real", subject=subject.name, seed=cfg.seed, status="ok", run_key=key, model=None,
+        eval=cfg.eval.name, clip_t=None, clip_i=scores.clip_i, dino=scores.dino, dino_inter=None,
+        n_images=scores.n_images,
+    )  # fmt: skip
+    write_record(run_dir, record)
+    return record
 
 
 def release_memory(device: torch.device) -> None:

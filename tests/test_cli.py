@@ -1,0 +1,54 @@
+"""The CLI end to end on the tiny model and the real DreamBooth images."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from benchmark.records import REQUIRED_FIELDS
+from benchmark.run import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "benchmark", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_ti_run_writes_a_complete_run_directory(tmp_path, dataset_root):
+    results = tmp_path / "results"
+    proc = run_cli("method=ti", "subject=dog6", "model=tiny", f"data.root={dataset_root}", f"paths.results={results}", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (results / "runs" / "ti" / "dog6").iterdir()
+    record = json.loads((run_dir / "record.json").read_text())
+    assert set(REQUIRED_FIELDS) <= set(record)
+    assert record["status"] == "ok" and record["method"] == "ti" and record["subject"] == "dog6"
+    for key in ("clip_t", "clip_i", "dino", "dino_inter", "train_seconds"):
+        assert isinstance(record[key], float) and math.isfinite(record[key]), key
+    assert record["train_steps"] == 4  # the tiny model caps steps
+    assert record["trainable_params"] == 32  # one token row of the tiny text encoder
+    artifact = run_dir / "learned_embeds.safetensors"
+    assert record["artifact_bytes"] == artifact.stat().st_size
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.method.name == "ti" and saved.model.name == "tiny" and saved.subject == "dog6"
+    n_images = len(list((run_dir / "images").glob("*.png")))
+    assert record["n_images"] == 2 and n_images >= 2
+    # CPU: allocator figures are unmeasurable -> null, never 0
+    assert record["peak_allocated_bytes"] is None
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_real_mode_scores_the_real_images(tiny_cfg):
+    record = run(tiny_cfg("mode=real", "subject=cat"))
+    assert record["method"] == "real" and record["status"] == "ok"
+    assert 0 < record["clip_i"] < 1 and 0 < record["dino"] < 1
+    assert record["n_images"] == len(list((Path(tiny_cfg().data.root) / "cat").glob("*.jpg")))
