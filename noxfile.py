@@ -18,4 +18,6 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.run("python", "-m", "ruff", "check", "benchmark", "methods", "tests", "noxfile.py")
-    session.run("python", "-m", "ruff", "format", "--check", "--diff", "benchmark", "methods", "tests", "noxfile.py")
+    session.run(
+        "python", "-m", "ruff", "format", "--check", "--diff", "benchmark", "methods", "tests", "noxfile.py"
+    )

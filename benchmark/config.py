@@ -15,7 +15,11 @@ from methods.registry import method_class
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys that say where things live, or how a run is displayed, not what it computes.
-NOT_IN_RUN_KEY = ("paths", "data", "skip_done", "device", "train.progress", "train.log_every", "train.checkpoint_every")
+NOT_IN_RUN_KEY = (
+    "paths", "data", "skip_done", "device", "train.progress", "train.log_every", "train.checkpoint_every",
+    "method.class_images_dir",  # DreamBooth's class-image cache: a location
+    "method.cache_dir",  # Hollowed Net's activation cache: a location
+)  # fmt: skip
 
 
 def method_config(cfg: DictConfig) -> MethodConfig:
@@ -58,6 +62,8 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_key(cfg: DictConfig) -> str:
     """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
     values = flat(OmegaConf.to_container(cfg, resolve=True))
-    kept = {k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)}
+    kept = {
+        k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
+    }
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"seed{cfg.seed}-{digest}"

@@ -18,8 +18,8 @@ from benchmark.atomic import atomic_path
 @dataclass(frozen=True)
 class EvalPrompt:
     index: int
-    prompt: str        # what the personalized pipeline is asked for ("a <sks> in the jungle")
-    clip_text: str     # what CLIP-T compares with: the placeholder removed ("a dog in the jungle")
+    prompt: str  # what the personalized pipeline is asked for ("a <sks> in the jungle")
+    clip_text: str  # what CLIP-T compares with: the placeholder removed ("a dog in the jungle")
 
 
 def eval_prompts(subject, method, eval_cfg) -> list[EvalPrompt]:
@@ -40,7 +40,9 @@ def image_counts(eval_cfg, n_prompts: int) -> list[int]:
     return counts
 
 
-def generate_images(pipeline, prompts: list[EvalPrompt], eval_cfg, seed: int, out_dir: Path) -> dict[int, list[Path]]:
+def generate_images(
+    pipeline, prompts: list[EvalPrompt], eval_cfg, seed: int, out_dir: Path
+) -> dict[int, list[Path]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[int, list[Path]] = {}
@@ -49,7 +51,9 @@ def generate_images(pipeline, prompts: list[EvalPrompt], eval_cfg, seed: int, ou
         todo = [i for i in range(count) if not paths[prompt.index][i].exists()]
         for start in range(0, len(todo), eval_cfg.batch_size):
             chunk = todo[start : start + eval_cfg.batch_size]
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + prompt.index * 1000 + i) for i in chunk]
+            generators = [
+                torch.Generator().manual_seed(seed * 1_000_003 + prompt.index * 1000 + i) for i in chunk
+            ]
             images = pipeline(
                 [prompt.prompt] * len(chunk),
                 num_inference_steps=eval_cfg.num_inference_steps,

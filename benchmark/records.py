@@ -53,7 +53,9 @@ def read_record(path: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise CorruptRecord(f"corrupt record {path}: {e}") from e
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
-        raise CorruptRecord(f"corrupt record {path}: missing fields {[k for k in REQUIRED_FIELDS if k not in record]}")
+        raise CorruptRecord(
+            f"corrupt record {path}: missing fields {[k for k in REQUIRED_FIELDS if k not in record]}"
+        )
     return record
 
 

@@ -1,4 +1,4 @@
-"""One run end to end: config -> subject -> model -> method -> train -> artifact -> generate -> score -> record.
+"""One run end to end: config, subject, model, method, train, artifact, generate, score, record.
 
 Each stage hands the next plain data: the trained method leaves an artifact on disk, a fresh
 stock pipeline loads it, generation leaves images on disk, the scorer turns them into numbers.
@@ -37,7 +37,9 @@ def run_dir_for(cfg: DictConfig) -> Path:
 
 
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+    return (
+        isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -75,7 +77,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise
         status = "oom" if is_oom(e) else "failed"
         log.exception("run failed: %s", run_dir)
-        record = new_record(**base, status=status, error=f"{type(e).__name__}: {e}".splitlines()[0], **monitor.summary())
+        record = new_record(
+            **base, status=status, error=f"{type(e).__name__}: {e}".splitlines()[0], **monitor.summary()
+        )
     write_record(run_dir, record)
     log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
     return record
@@ -109,7 +113,9 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
     return fields
 
 
-def evaluate(cfg, method_cfg, subject, image_paths, device, run_dir: Path, artifact_path: Path) -> dict[str, Any]:
+def evaluate(
+    cfg, method_cfg, subject, image_paths, device, run_dir: Path, artifact_path: Path
+) -> dict[str, Any]:
     artifact = load_file(str(artifact_path))
     generation_dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipeline = models.load_pipeline(cfg.model, device=device, dtype=generation_dtype)
@@ -135,8 +141,9 @@ def evaluate(cfg, method_cfg, subject, image_paths, device, run_dir: Path, artif
     scorer = Scorer(cfg.eval, device=device)
     scores = scorer.score(generated, texts, data.load_pil_images(image_paths), inter_groups=inter)
     return {
-        "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino, "dino_inter": scores.dino_inter,
-        "n_images": scores.n_images, "generation_seconds": generation_seconds,
+        "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino,
+        "dino_inter": scores.dino_inter, "n_images": scores.n_images,
+        "generation_seconds": generation_seconds,
     }  # fmt: skip
 
 

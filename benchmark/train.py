@@ -70,11 +70,15 @@ def train(
     images = images.to(device)
     loss_value = None
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=method.name, leave=False)
+    bar = tqdm(
+        range(start, steps), initial=start, total=steps, disable=not progress, desc=method.name, leave=False
+    )
     for step in bar:
         generator = step_generator(seed, step)
         index = torch.randint(len(images), (batch_size,), generator=generator)
-        logs = method.step({"pixel_values": images[index.to(device)], "generator": generator, "index": index}, step)
+        logs = method.step(
+            {"pixel_values": images[index.to(device)], "generator": generator, "index": index}, step
+        )
         loss_value = float(logs["loss"])
         if not math.isfinite(loss_value):
             raise Diverged(step, loss_value)

@@ -22,7 +22,11 @@ def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) 
 
 def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(device)
 
 

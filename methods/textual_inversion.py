@@ -85,7 +85,9 @@ class TextualInversion(Method):
         c, cfg, g = self.c, self.cfg, batch["generator"]
         bsz = batch["pixel_values"].shape[0]
         latents = encode_latents(c.vae, batch["pixel_values"], g)
-        t = sample_timesteps(cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U)
+        t = sample_timesteps(
+            cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U
+        )
         z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
         ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
         hidden = c.text_encoder(ids)[0]

@@ -20,13 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "benchmark", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "benchmark", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 def test_ti_run_writes_a_complete_run_directory(tmp_path, dataset_root):
     results = tmp_path / "results"
-    proc = run_cli("method=ti", "subject=dog6", "model=tiny", f"data.root={dataset_root}", f"paths.results={results}", cwd=REPO)
+    proc = run_cli(
+        "method=ti",
+        "subject=dog6",
+        "model=tiny",
+        f"data.root={dataset_root}",
+        f"paths.results={results}",
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (results / "runs" / "ti" / "dog6").iterdir()
     record = json.loads((run_dir / "record.json").read_text())

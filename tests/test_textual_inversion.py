@@ -15,7 +15,13 @@ from methods.textual_inversion import TextualInversion
 
 
 def _image(pipeline, prompt):
-    out = pipeline(prompt, num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipeline(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     return torch.from_numpy(out.images[0])
 
 
@@ -41,7 +47,9 @@ def test_only_the_token_row_learns(trained_ti):
     assert moved == [method.token_id]
     fresh = models.load_components(cfg.model)
     for name in ("unet", "vae"):
-        for (k, a), b in zip(getattr(components, name).state_dict().items(), getattr(fresh, name).state_dict().values()):
+        for (k, a), b in zip(
+            getattr(components, name).state_dict().items(), getattr(fresh, name).state_dict().values()
+        ):
             assert torch.equal(a, b), f"{name}.{k} changed"
     text_fresh = fresh.text_encoder.state_dict()
     for k, v in components.text_encoder.state_dict().items():
