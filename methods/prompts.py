@@ -1,5 +1,8 @@
 """Training prompt templates of the diffusers textual_inversion example (ImageNet-style)."""
 
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
 IMAGENET_TEMPLATES_SMALL = (
     "a photo of a {}",
     "a rendering of a {}",
@@ -31,9 +34,10 @@ IMAGENET_TEMPLATES_SMALL = (
 )
 
 
-def sample_prompts(phrase: str, batch_size: int, generator) -> list[str]:
+def sample_prompts(phrase: str, batch_size: int, generator: torch.Generator) -> list[str]:
     """One random ImageNet-style template per sample, filled with ``phrase``."""
-    import torch
-
-    picks = torch.randint(len(IMAGENET_TEMPLATES_SMALL), (batch_size,), generator=generator)
-    return [IMAGENET_TEMPLATES_SMALL[i].format(phrase) for i in picks.tolist()]
+    # Choosing a string is host-side bookkeeping: keep it real even while the memory
+    # predictor traces the step under FakeTensorMode.
+    with unset_fake_temporarily():
+        picks = torch.randint(len(IMAGENET_TEMPLATES_SMALL), (batch_size,), generator=generator).tolist()
+    return [IMAGENET_TEMPLATES_SMALL[i].format(phrase) for i in picks]

@@ -1,0 +1,66 @@
+"""PEQA (Kim et al., NeurIPS 2023), on the diffusers DreamBooth script as in the ZOODiP paper:
+every Linear and Conv2d of the U-Net quantized per output channel by round-to-nearest
+min-max (asymmetric, with zero points: the paper's Eq. 2), integer weights and zero points
+frozen, only the per-channel scales trained. The stored artifact is the scales; a stock
+pipeline is quantized the same way (deterministic, from its own weights) and takes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from methods.base import require
+from methods.quant import quantize_model, quantized_layers
+from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
+
+
+@dataclasses.dataclass
+class ScaleTuningConfig(UNetFinetuneConfig):
+    bits: int = 8
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.bits in (4, 8), f"method.bits={self.bits}; choose 8 (INT8) or 4 (INT4)")
+
+
+def quantize_unet(unet, cfg: ScaleTuningConfig):
+    """All U-Net Linear/Conv2d layers -> QuantizedLayer; returns them by name."""
+    quantize_model(unet, bits=cfg.bits, symmetric=cfg.symmetric)
+    return quantized_layers(unet)
+
+
+def check_artifact_keys(artifact, expected: set[str], method: str) -> None:
+    if set(artifact) != expected:
+        missing, extra = sorted(expected - set(artifact)), sorted(set(artifact) - expected)
+        raise ValueError(
+            f"{method} artifact does not fit this U-Net: missing {missing[:3]}, unexpected {extra[:3]} "
+            "(was it trained on another model?)"
+        )
+
+
+class PEQA(UNetFinetune):
+    name = "peqa"
+    Config = ScaleTuningConfig
+    artifact_filename = "scales.safetensors"
+
+    def prepare(self, components, subject):
+        layers = quantize_unet(components.unet, self.cfg)
+        for layer in layers.values():
+            layer.scale.requires_grad_(True)
+        return {f"{name}.scale": layer.scale for name, layer in layers.items()}
+
+    def state_dict(self):
+        return {k: v.detach() for k, v in self.params.items()}
+
+    def apply(self, pipeline, artifact) -> None:
+        layers = quantize_unet(pipeline.unet, self.cfg)
+        check_artifact_keys(artifact, {f"{name}.scale" for name in layers}, "PEQA")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.scale.copy_(artifact[f"{name}.scale"])
+
+    def record_extras(self):
+        return {**super().record_extras(), "quantized_layers": len(self.params)}

@@ -1,0 +1,105 @@
+"""QLoRA (Dettmers et al., 2023) for the U-Net: its Linear layers quantized to 4-bit NF4 with
+bitsandbytes (double quantization, block size 64: the QLoRA defaults), frozen, and LoRA
+trained on the attention projections through peft's bitsandbytes LoRA layer.
+
+bitsandbytes has no 4-bit convolution, so Conv2d layers stay in the training dtype (as
+diffusers' own ``BitsAndBytesConfig`` quantization of a U-Net). The stored LoRA is a
+diffusers LoRA file: a stock fp16/fp32 pipeline takes it with ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from methods.base import require
+from methods.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
+from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class QLoRAConfig(UNetFinetuneConfig):
+    rank: int = 2
+    lora_alpha: float = 2.0
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "fp32"
+    lora_init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.rank >= 1, f"method.rank={self.rank} must be >= 1")
+        require(self.lora_alpha > 0, f"method.lora_alpha={self.lora_alpha} must be > 0")
+        require(
+            self.quant_type in ("nf4", "fp4"), f"method.quant_type={self.quant_type!r}; choose nf4 or fp4"
+        )
+        require(
+            self.blocksize in (64, 128, 256, 512, 1024, 2048, 4096),
+            f"method.blocksize={self.blocksize}; choose a power of two from 64 to 4096",
+        )
+        require(
+            self.compute_dtype in COMPUTE_DTYPES,
+            f"method.compute_dtype={self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}",
+        )
+
+
+def quantize_linear_4bit(
+    module: nn.Module, quant_type: str = "nf4", compute_dtype=torch.float32, double_quant=True, blocksize=64
+) -> int:
+    """Replace every nn.Linear inside ``module`` by a bitsandbytes Linear4bit holding its weight
+    quantized (packed uint8 + per-block absmax). Returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    targets = [(name, m) for name, m in module.named_modules() if name and isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        with torch.device("meta"):  # no throw-away random init
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+            )
+        layer.weight = bnb.nn.Params4bit(
+            linear.weight.data,
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            blocksize=blocksize,
+        )
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        layer = layer.to(linear.weight.device)  # Params4bit quantizes when moved to a device
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer)
+    return len(targets)
+
+
+class QLoRA(UNetFinetune):
+    name = "qlora"
+    Config = QLoRAConfig
+    artifact_filename = "pytorch_lora_weights.safetensors"
+
+    def prepare(self, components, subject):
+        cfg, unet = self.cfg, components.unet
+        self.quantized_layers = quantize_linear_4bit(
+            unet, cfg.quant_type, COMPUTE_DTYPES[cfg.compute_dtype], cfg.double_quant, cfg.blocksize
+        )
+        # what diffusers' bnb quantizer sets: peft then wraps Linear4bit with its bnb LoRA layer
+        unet.is_loaded_in_4bit = True
+        return add_unet_lora(unet, cfg.rank, cfg.lora_alpha, init_seed=cfg.lora_init_seed)
+
+    def state_dict(self):
+        return unet_lora_state_dict(self.c.unet)
+
+    def apply(self, pipeline, artifact) -> None:
+        load_unet_lora(pipeline, artifact)
+
+    def record_extras(self):
+        return {**super().record_extras(), "quantized_linear_layers": self.quantized_layers}
