@@ -1,0 +1,172 @@
+"""Gradient-Free Textual Inversion (Fei et al., 2023; the ZOODiP paper's GF-TI baseline):
+CMA-ES over a low-dimensional subspace of the token embedding space, forward passes only.
+
+Subspace: the top ``subspace_dim`` principal directions P (k x d) of the vocabulary embedding
+matrix (PCA of all its rows, before the placeholder is added). A candidate x in R^k is the
+token e0 + x P, e0 = the initializer's embedding (the class noun). CMA-ES (the ``cma``
+package) starts at x = 0 with step size sigma.
+
+One harness step = one CMA-ES generation: ``popsize`` candidates, each scored by one forward
+pass of the text encoder and U-Net on the step's batch (the same image, timestep, noise and
+prompt for the whole generation: common random numbers, so the ranking compares candidates,
+not noise draws), then ``tell``. ``method.steps`` counts generations: the ZOODiP paper's
+13,000 GF-TI "steps" at 0.74 it/s (Table 2, 293 min) fit a generation of 20 forward passes
+better than a single evaluation (see conf/method/gfti.yaml).
+
+CMA-ES draws its normal samples from the step's generator (the ``randn`` option), so a run
+is reproducible; the whole CMA-ES object is pickled into the checkpoint. The artifact is the
+distribution mean (cma's ``xfavorite``, its estimate for noisy objectives), written into the
+placeholder's embedding row after every generation.
+
+Not FakeTensorMode-compatible: CMA-ES needs the losses as real numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import cma
+import numpy as np
+import torch
+
+from methods.base import Method, MethodConfig, require
+from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
+from methods.prompts import sample_prompts
+from methods.quantized_model import check_quantize, quantize_networks
+from methods.textual_inversion import add_placeholder_token
+from methods.timesteps import check_timestep_bounds, sample_timesteps
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclasses.dataclass
+class GFTIConfig(MethodConfig):
+    precision: str = "fp32"
+    quantize: str = "none"
+    placeholder_token: str = "<sks>"
+    initializer: str = "class"
+    subspace_dim: int = 256
+    popsize: int = 20
+    sigma: float = 1.0
+    timesteps: str = "uniform"
+    T_L: int = 500
+    T_U: int = 900
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.precision in PRECISIONS,
+            f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
+        )
+        check_quantize(self.quantize)
+        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
+        require(self.subspace_dim >= 1, f"method.subspace_dim={self.subspace_dim} must be >= 1")
+        require(self.popsize >= 2, f"method.popsize={self.popsize} must be >= 2 (CMA-ES ranks candidates)")
+        require(self.sigma > 0, f"method.sigma={self.sigma} must be > 0")
+        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
+
+
+def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k principal directions (k x d, unit rows) of the rows of ``embeddings``."""
+    x = embeddings.detach().double()
+    x = x - x.mean(dim=0)
+    _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    return vectors.flip(-1)[:, :k].T.contiguous()
+
+
+class StepNormal:
+    """cma's ``randn`` option: N(0, 1) samples from the current step's torch generator."""
+
+    generator: torch.Generator | None = None
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        if self.generator is None:
+            raise RuntimeError("CMA-ES sampled outside a training step")
+        return torch.randn(shape, generator=self.generator, dtype=torch.float64).numpy()
+
+
+class GradientFreeTI(Method):
+    name = "gfti"
+    Config = GFTIConfig
+    artifact_filename = "learned_embeds.safetensors"
+    token_only_prompts = True
+
+    def subject_phrase(self, subject) -> str:
+        return self.cfg.placeholder_token
+
+    def setup(self, components, subject) -> None:
+        cfg, self.c = self.cfg, components
+        vocabulary = components.text_encoder.get_input_embeddings().weight
+        self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
+        self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
+        words = subject.class_noun if cfg.initializer == "class" else cfg.initializer
+        self.token_id = add_placeholder_token(
+            components.tokenizer, components.text_encoder, cfg.placeholder_token, words
+        )
+        quantize_networks(components, cfg.quantize)
+        self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
+        self.initial_token = self.embeddings[self.token_id].detach().double().clone()
+        self.randn = StepNormal()
+        options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.subspace_dim), cfg.sigma, options)
+
+    def token_from(self, x) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=self.basis.device)
+        return self.initial_token + x @ self.basis
+
+    def _write_token(self, token: torch.Tensor) -> None:
+        self.embeddings[self.token_id] = token.to(self.embeddings.dtype)
+
+    def step(self, batch, step):
+        c, cfg, g = self.c, self.cfg, batch["generator"]
+        bsz = batch["pixel_values"].shape[0]
+        with torch.no_grad():
+            latents = encode_latents(c.vae, batch["pixel_values"], g)
+            t = sample_timesteps(
+                cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
+                alphas_cumprod=c.noise_scheduler.alphas_cumprod,
+            )  # fmt: skip
+            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
+            ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+            self.randn.generator = g
+            try:
+                candidates = self.es.ask()
+            finally:
+                self.randn.generator = None
+            losses = []
+            for x in candidates:
+                self._write_token(self.token_from(x))
+                losses.append(denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target).float())
+            losses = torch.stack(losses).cpu()
+            self.es.tell(candidates, losses.double().numpy().tolist())
+            self._write_token(self.token_from(self.es.mean))
+        return {"loss": losses.mean(), "best_loss": losses.min(), "sigma": float(self.es.sigma)}
+
+    def trainable_parameters(self):
+        return {}  # CMA-ES state, not tensors: see checkpoint()
+
+    def checkpoint(self):
+        return {"es": pickle.dumps(self.es)}
+
+    def restore(self, state) -> None:
+        self.es = pickle.loads(state["es"])
+        self.randn = self.es.opts["randn"]
+        with torch.no_grad():
+            self._write_token(self.token_from(self.es.mean))
+
+    def record_extras(self):
+        return {
+            "forward_passes_per_step": self.cfg.popsize,
+            "subspace_dim": self.subspace_dim,
+            "cma_sigma": float(self.es.sigma),
+        }
+
+    def state_dict(self):
+        return {
+            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
+        }
+
+    def apply(self, pipeline, artifact) -> None:
+        quantize_networks(pipeline, self.cfg.quantize)
+        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)

@@ -1,0 +1,166 @@
+"""ZOODiP (Seo et al., CVPR 2025): textual inversion of one token by zeroth-order optimization
+on a weight-quantized Stable Diffusion, with no backpropagation.
+
+One step: encode the image, draw one timestep (PUTS by default), one noise and one prompt;
+estimate the token's gradient from n + 1 forward passes that share them (RGE, ``methods.zo``);
+project it off the history's low-variance directions (Subspace Gradient, ``methods.subspace``);
+update the token with ZO-Adam (``methods.zo_adam``); record the new token in the history.
+
+The token is a separate fp32 vector (the official code updates the fp16 embedding row in
+place); before every forward pass it is written, in the model's dtype, into its embedding row.
+Every other row and every quantized weight stays bit-identical. The artifact is that row: a
+diffusers textual-inversion file. ``apply`` quantizes the stock pipeline the same way before
+loading it, as the official inference notebook does (``quantize_at_inference``).
+
+The naive ZO-TI of the paper's ablation: ``method.sg=false method.timesteps=uniform``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from methods.base import Method, MethodConfig, require
+from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
+from methods.prompts import sample_prompts
+from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
+from methods.subspace import SubspaceGradient
+from methods.textual_inversion import add_placeholder_token
+from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.zo import check_estimator, estimate_gradient, forward_passes
+from methods.zo_adam import ZOAdam
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclasses.dataclass
+class ZOODiPConfig(MethodConfig):
+    precision: str = "fp16"
+    quantize: str = "int8"
+    quantize_at_inference: bool = True
+    placeholder_token: str = "<sks>"
+    initializer: str = "class"
+    estimator: str = "rge"
+    n: int = 2
+    mu: float = 1e-3
+    normalize: bool = True
+    sg: bool = True
+    tau: int = 128
+    nu: float = 1e-3
+    timesteps: str = "puts"
+    T_L: int = 500
+    T_U: int = 900
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.precision in PRECISIONS,
+            f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
+        )
+        check_quantize(self.quantize)
+        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
+        check_estimator(self.estimator, self.n, self.mu)
+        require(self.tau >= 2, f"method.tau={self.tau} must be >= 2 (history length for the PCA)")
+        require(0 <= self.nu < 1, f"method.nu={self.nu} must be in [0, 1)")
+        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
+        require(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+            f"method.beta1={self.beta1}, beta2={self.beta2}: need [0, 1)",
+        )
+        require(self.adam_eps > 0, f"method.adam_eps={self.adam_eps} must be > 0")
+
+
+class ZOODiP(Method):
+    name = "zoodip"
+    Config = ZOODiPConfig
+    artifact_filename = "learned_embeds.safetensors"
+    token_only_prompts = True
+
+    def subject_phrase(self, subject) -> str:
+        return self.cfg.placeholder_token
+
+    def setup(self, components, subject) -> None:
+        cfg, self.c = self.cfg, components
+        words = subject.class_noun if cfg.initializer == "class" else cfg.initializer
+        self.token_id = add_placeholder_token(
+            components.tokenizer, components.text_encoder, cfg.placeholder_token, words
+        )
+        self.quantized_layers = quantize_networks(components, cfg.quantize)
+        self.quantized_weight_fraction = quantized_fraction(components)
+        self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
+        self.token = self.embeddings[self.token_id].detach().float().clone()
+        self.subspace = (
+            SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
+        )
+        self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+
+    def trainable_parameters(self):
+        return {"token_embedding": self.token}
+
+    def _write_token(self) -> None:
+        self.embeddings[self.token_id] = self.token.to(self.embeddings.dtype)
+
+    def step(self, batch, step):
+        c, cfg, g = self.c, self.cfg, batch["generator"]
+        bsz = batch["pixel_values"].shape[0]
+        with torch.no_grad():
+            latents = encode_latents(c.vae, batch["pixel_values"], g)
+            t = sample_timesteps(
+                cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
+                alphas_cumprod=c.noise_scheduler.alphas_cumprod,
+            )  # fmt: skip
+            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
+            ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+
+            def loss_fn() -> torch.Tensor:
+                self._write_token()
+                return denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target)
+
+            effective_dim = self.subspace.effective_dim() if self.subspace is not None else None
+            (grad,), loss = estimate_gradient(
+                loss_fn, [self.token], cfg.estimator, cfg.n, cfg.mu, g, cfg.normalize, effective_dim
+            )
+            if self.subspace is not None:
+                grad = self.subspace.project(grad)
+            self.adam.step([grad])
+            self._write_token()
+            if self.subspace is not None:
+                self.subspace.record(self.token)
+        return {"loss": loss}
+
+    def checkpoint(self):
+        state = {"token": self.token.clone(), "adam": self.adam.state_dict()}
+        if self.subspace is not None:
+            state["subspace"] = self.subspace.state_dict()
+        return state
+
+    def restore(self, state) -> None:
+        self.token.copy_(state["token"])
+        self.adam.load_state_dict(state["adam"])
+        if self.subspace is not None:
+            self.subspace.load_state_dict(state["subspace"])
+        with torch.no_grad():
+            self._write_token()
+
+    def record_extras(self):
+        return {
+            "forward_passes_per_step": forward_passes(self.cfg.estimator, self.cfg.n),
+            "quantized_layers": sum(self.quantized_layers.values()),
+            "quantized_weight_fraction": self.quantized_weight_fraction,
+            "sg_removed_dims": int(self.subspace.removed_dims()) if self.subspace is not None else 0,
+        }
+
+    def state_dict(self):
+        # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}, in the model's dtype
+        return {
+            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
+        }
+
+    def apply(self, pipeline, artifact) -> None:
+        if self.cfg.quantize_at_inference:
+            quantize_networks(pipeline, self.cfg.quantize)
+        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)
