@@ -5,6 +5,7 @@ dataclass. The harness calls, in order::
 
     method = Method(cfg)                    # cfg: the method's Config, validated
     method.setup(components, subject)       # freeze, quantize, add token, wrap LoRA, ...
+    method.precompute(images, seed, steps)  # optional: all training images (Hollowed Net's stage 1)
     for step in range(steps):
         logs = method.step(batch, step)     # one optimisation step; logs["loss"] is required
     method.state_dict()                     # exactly what a user stores (Storage column)
@@ -94,6 +95,13 @@ class Method(abc.ABC):
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named trainable tensors (checkpointed; counted in the record)."""
         return {}
+
+    def precompute(self, images: torch.Tensor, seed: int, steps: int) -> None:
+        """Optional stage between ``setup`` and step 0 that sees the whole training set
+        (``images``: N,3,H,W in [-1,1], CPU), the run's seed and the number of steps the loop
+        will run; its memory counts as model load, not training. Hollowed Net stores its
+        activation cache here. Default: nothing."""
+        return None
 
     def checkpoint(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -8,6 +8,15 @@ from methods.base import ConfigError, Method
 
 METHODS: dict[str, str] = {
     "ti": "methods.textual_inversion:TextualInversion",
+    "dreambooth": "methods.dreambooth:DreamBooth",
+    "qlora": "methods.qlora:QLoRA",
+    "peqa": "methods.peqa:PEQA",
+    "tuneqdm": "methods.tuneqdm:TuneQDM",
+    "lora": "methods.lora:LoRA",
+    "hollowed": "methods.hollowed:HollowedNet",
+    "selective": "methods.selective:Selective",
+    "zoodip": "methods.zoodip:ZOODiP",
+    "gfti": "methods.gfti:GradientFreeTI",
 }
 
 

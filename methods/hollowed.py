@@ -1,0 +1,183 @@
+"""Hollowed Net (NeurIPS 2024): LoRA on a U-Net whose central layers are cut out.
+
+The paper has no public code; this is our reading of it (../shared/papers/METHODS.md).
+
+- Stage 1 (``precompute``, before step 0, counted as model load by the harness): for every
+  step the loop will run, draw that step's sample exactly as the loop and the plain LoRA step
+  would (the loop's image pick from ``benchmark.train.step_generator(seed, step)``, then the VAE
+  posterior sample, t and the noise from the same generator), run the original U-Net up to
+  the cut and store what crosses it (``methods.hollow_unet``) with the noisy latents, t and the
+  target: safetensors files (``cache=disk``: a fresh folder under ``cache_dir``, or the
+  system's temp dir, deleted with the method) or CPU tensors (``cache=host``).
+- Stage 2 (``step``): the removed layers are gone (their modules replaced by weightless
+  placeholders, so their weights are freed), LoRA sits on the kept attention projections
+  only, and the hollowed forward reads the cached boundary tensors. With
+  ``offload_encoders`` the VAE and text encoder leave the device too: stage 2 needs neither.
+- Transfer (``apply``): the LoRA file uses the full U-Net's module names; it loads into the
+  stock U-Net and is fused into it (layers that were removed simply get no LoRA).
+
+With ``fraction=0`` nothing is removed and training equals ``method=lora`` step for step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch._guards import detect_fake_mode
+
+from benchmark.train import step_generator
+from methods.base import require
+from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.hollow_unet import (
+    boundary_activations,
+    hollowed_forward,
+    plan_removal,
+    remove_layers,
+    unet_layers,
+)
+from methods.lora import LoRA, LoRAConfig
+from methods.timesteps import sample_timesteps
+from methods.unet_finetune import UNetFinetune
+
+CACHE_KINDS = ("disk", "host")
+
+
+@dataclasses.dataclass
+class HollowedConfig(LoRAConfig):
+    fraction: float = 0.5
+    cache: str = "disk"
+    cache_dir: str | None = None  # where the run's cache folder goes; None: the system's temp dir
+    offload_encoders: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            0 <= self.fraction < 1,
+            f"method.fraction={self.fraction} must be in [0, 1) (share of U-Net layers removed)",
+        )
+        require(
+            self.cache in CACHE_KINDS, f"method.cache={self.cache!r}; choose one of: {', '.join(CACHE_KINDS)}"
+        )
+
+
+class ActivationCache:
+    """Stage-1 tensors, one entry per training step, off the training device."""
+
+    def __init__(self, kind: str, directory: str | None = None):
+        self.kind = kind
+        self.nbytes = 0
+        self._host: dict[int, dict[str, torch.Tensor]] = {}
+        if kind == "disk":  # a fresh folder per run, deleted with the cache (at the latest at exit)
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+            self._folder = tempfile.TemporaryDirectory(prefix="hollowed-cache-", dir=directory)
+            self.directory = Path(self._folder.name)
+
+    def _path(self, step: int) -> Path:
+        return self.directory / f"step{step:07d}.safetensors"
+
+    def put(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.kind == "disk":
+            save_file(tensors, str(self._path(step)))
+            self.nbytes += self._path(step).stat().st_size
+        else:
+            self._host[step] = tensors
+            self.nbytes += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def get(self, step: int, device) -> dict[str, torch.Tensor]:
+        if self.kind == "disk":
+            path = self._path(step)
+            if not path.exists():
+                raise KeyError(f"no stage-1 cache entry for step {step} ({path})")
+            tensors = load_file(str(path))
+        else:
+            if step not in self._host:
+                raise KeyError(f"no stage-1 cache entry for step {step}")
+            tensors = self._host[step]
+        return {k: v.to(device) for k, v in tensors.items()}
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Drop every parameter and buffer of ``module`` (each becomes None, like an absent bias):
+    its weights are freed and the module can no longer run."""
+    for sub in module.modules():
+        for name in list(sub._parameters):
+            sub.register_parameter(name, None)
+        for name in list(sub._buffers):
+            sub.register_buffer(name, None)
+
+
+class HollowedNet(LoRA):
+    name = "hollowed"
+    Config = HollowedConfig
+
+    def setup(self, components, subject) -> None:
+        # LoRA and the optimizer come after stage 1, on the hollowed U-Net (precompute).
+        self.c, self.subject = components, subject
+        self.instance_prompt = self.cfg.instance_prompt.format(self.subject_phrase(subject))
+        self.layers = unet_layers(components.unet)
+        self.plan = plan_removal(self.layers, self.cfg.fraction)
+        self.params, self.cache, self.removed_parameters = {}, None, 0
+
+    def precompute(self, images: torch.Tensor, seed: int, steps: int) -> None:
+        c, cfg = self.c, self.cfg
+        # Fake tensors (memory prediction) cannot be written to a file.
+        self.cache = ActivationCache("host" if detect_fake_mode() is not None else cfg.cache, cfg.cache_dir)
+        with torch.no_grad():
+            self.text = c.text_encoder(token_ids(c.tokenizer, [self.instance_prompt], c.device))[0]
+        num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
+        for step in range(steps):
+            g = step_generator(seed, step)
+            index = torch.randint(len(images), (cfg.batch_size,), generator=g)  # benchmark.train's own pick
+            latents = encode_latents(c.vae, images[index].to(c.device), g)
+            t = sample_timesteps(cfg.timesteps, cfg.batch_size, g, num_train_timesteps, cfg.T_L, cfg.T_U)
+            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
+            text = self.text.expand(cfg.batch_size, -1, -1)
+            boundary = boundary_activations(c.unet, self.layers, self.plan, z_t, t.to(c.device), text)
+            self.cache.put(step, {"index": index, "z_t": z_t, "timesteps": t, "target": target, **boundary})
+
+        self.removed_parameters = remove_layers(c.unet, self.layers, self.plan)
+        if cfg.offload_encoders:
+            for module in (c.vae, c.text_encoder):
+                release_weights(module)  # apply() uses a fresh pipeline
+        UNetFinetune.setup(self, c, self.subject)  # LoRA on the kept layers, AdamW
+        if c.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the removed weights' blocks back before training
+
+    def step(self, batch, step):
+        if self.cache is None:
+            raise RuntimeError(
+                "Hollowed Net needs precompute(images, seed, steps) (its stage 1) before step()"
+            )
+        c = self.c
+        entry = self.cache.get(step, c.device)
+        index = entry.pop("index")
+        if (
+            detect_fake_mode() is None
+            and "index" in batch
+            and not torch.equal(index.cpu(), batch["index"].cpu())
+        ):
+            raise RuntimeError(
+                f"stage-1 entry {step} was drawn for images {index.tolist()} but the loop picked "
+                f"{batch['index'].tolist()}: precompute no longer replays benchmark.train's draws"
+            )
+        text = self.text.expand(entry["z_t"].shape[0], -1, -1)
+        pred = hollowed_forward(c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry)
+        return {"loss": self.backprop_step(self.loss(pred, entry["target"]))}
+
+    def record_extras(self):
+        kept = sum(p.numel() for p in self.c.unet.parameters() if not p.requires_grad)
+        return {
+            **super().record_extras(),
+            "hollowed_layers": self.layers.count,
+            "hollowed_layers_removed": self.plan.n_removed,
+            "hollowed_removed_unet_parameters": self.removed_parameters,
+            "hollowed_kept_unet_parameters": kept,
+            "cache_bytes": self.cache.nbytes if self.cache else 0,
+            "cache_kind": self.cache.kind if self.cache else None,
+        }
