@@ -1,4 +1,10 @@
-"""`python -m benchmark method=ti subject=dog6 [model=tiny] [-m sweeps]` (Hydra)."""
+"""`python -m benchmark method=ti subject=dog6 [model=tiny] [-m sweeps]` (Hydra).
+
+Exit status: 0 done; 1 the run failed, diverged, ran out of memory or is held by another
+process (its record.json says which); 2 bad input (one line on stderr, nothing trained);
+128+N stopped by signal N during training (a checkpoint was written: the same command resumes).
+Unknown method/model/eval/experiment names are reported by Hydra with the available options.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from benchmark.run import run
+from benchmark.run import USER_ERRORS, run
+from benchmark.train import TrainingInterrupted
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    record = run(cfg)
+    try:
+        record = run(cfg)
+    except USER_ERRORS as e:  # the message says what is wrong and how to fix it: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed, runs the sweep's other jobs, then exits with it
+        sys.exit(2)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     if record["status"] != "ok" and HydraConfig.get().mode == RunMode.RUN:
         sys.exit(1)
 

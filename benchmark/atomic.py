@@ -28,8 +28,47 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power cut
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[bool]:
+    """Try to hold an exclusive lock on ``path`` (created if missing) while inside; yields True if
+    this process holds it, False at once if another one does. The kernel drops a lock when its
+    holder dies, so a killed process never leaves a stale lock (``flock``: works on local disks
+    and on Linux NFS clients; without ``fcntl``, e.g. on Windows, there is no lock: True)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

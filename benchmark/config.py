@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -18,6 +19,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NOT_IN_RUN_KEY = (
     "paths", "data", "skip_done", "device", "train.progress", "train.log_every", "train.checkpoint_every",
     "method.class_images_dir",  # DreamBooth's class-image cache: a location
+    "report",  # how an experiment's table is drawn (conf/experiment/*.yaml), not what a run computes
     "method.cache_dir",  # Hollowed Net's activation cache: a location
 )  # fmt: skip
 
@@ -29,7 +31,16 @@ def method_config(cfg: DictConfig) -> MethodConfig:
         values = OmegaConf.to_container(cfg.method, resolve=True)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"method.{e.full_key or ''}: {e.msg}".replace("\n", " ")) from None
+        raise config_error(e, "method.") from None
+
+
+def config_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    """OmegaConf's complaint (unknown key, wrong type) as one line naming the key and the value."""
+    message = (e.msg or str(e)).splitlines()[0]
+    schema = getattr(e, "object_type", None)
+    if message.startswith("Key '") and dataclasses.is_dataclass(schema):
+        message = f"unknown key; allowed here: {', '.join(f.name for f in dataclasses.fields(schema))}"
+    return ConfigError(f"{prefix}{e.full_key or ''}: {message}")
 
 
 def resolve_device(name: str) -> torch.device:

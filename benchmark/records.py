@@ -52,10 +52,13 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CorruptRecord(f"corrupt record {path}: {e}") from e
-    if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
-        raise CorruptRecord(
-            f"corrupt record {path}: missing fields {[k for k in REQUIRED_FIELDS if k not in record]}"
-        )
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"corrupt record {path}: a JSON {type(record).__name__}, not an object")
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise CorruptRecord(f"corrupt record {path}: missing fields {missing}")
+    if record["status"] not in STATUSES:
+        raise CorruptRecord(f"corrupt record {path}: status {record['status']!r} not in {STATUSES}")
     return record
 
 

@@ -7,7 +7,9 @@ stock pipeline loads it, generation leaves images on disk, the scorer turns them
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,19 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from benchmark import data, models
-from benchmark.atomic import write_text_atomic
-from benchmark.config import flat, method_config, resolve_device, run_key, training_dtype
+from benchmark.atomic import exclusive_lock, write_json_atomic, write_text_atomic
+from benchmark.config import flat, resolve_device, run_key, training_dtype
 from benchmark.generate import eval_prompts, generate_images
-from benchmark.metrics import MetricModelsUnavailable, Scorer, check_weights_available
+from benchmark.metrics import MetricModelsUnavailable, Scorer
 from benchmark.profiling import TrainingMonitor
-from benchmark.records import RECORD_NAME, new_record, read_record, write_record
-from benchmark.train import Diverged, train
+from benchmark.records import RECORD_NAME, CorruptRecord, new_record, read_record, write_record
+from benchmark.schema import ValidRun, validate
+from benchmark.train import CHECKPOINT_NAME, Diverged, train
 from methods.base import ConfigError
 from methods.registry import method_class
 
 log = logging.getLogger(__name__)
 # Problems the user must fix (bad config, missing weights or data): raised, never recorded.
-USER_ERRORS = (ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable)
+USER_ERRORS = (
+    ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable, CorruptRecord,
+)  # fmt: skip
+BUSY = "busy"  # run()'s answer when another process holds the run: nothing is written
+LOCK_NAME = ".lock"  # held (flock) by the process running the run directory
+TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -43,22 +51,28 @@ def is_oom(error: BaseException) -> bool:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or skip, if already done) one configuration; always leaves a record.json."""
-    if cfg.get("mode", "personalize") == "real":
+    """Run (or skip, if already done) one configuration and leave a record.json. Bad input
+    raises before anything is loaded; a run another process holds is left to it (status busy)."""
+    checked = validate(cfg)  # every bad input fails here, before any model is loaded
+    if checked.cfg.mode == "real":
         return run_real_images(cfg)
-    method_cfg = method_config(cfg)  # bad input fails here, before any model is loaded
-    subject = data.get_subject(cfg.subject)
-    device = resolve_device(cfg.device)
     run_dir = run_dir_for(cfg)
-    if cfg.skip_done and (run_dir / RECORD_NAME).exists():
-        record = read_record(run_dir / RECORD_NAME)
+    with exclusive_lock(run_dir / LOCK_NAME) as held:
+        if not held:  # e.g. a second sweep into the same results dir: it moves on to its next run
+            log.warning("busy: another process is running %s; skipped here", run_dir)
+            return {"status": BUSY, "run_dir": str(run_dir)}
+        return run_locked(cfg, checked, run_dir)
+
+
+def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, Any]:
+    method_cfg, subject, device = checked.method, checked.subject, checked.device
+    if (run_dir / RECORD_NAME).exists():
+        record = read_record(run_dir / RECORD_NAME)  # a corrupt record is refused, with its path
         if record["status"] == "ok":
-            log.info("already done: %s", run_dir)
-            return record
-    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
-    image_paths = data.subject_image_paths(root, subject)
-    check_weights_available(cfg.eval)  # a missing metric model fails now, not after training
-    run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.skip_done:
+                log.info("already done: %s", run_dir)
+                return record
+            clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     base = {
@@ -66,12 +80,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name, "eval": cfg.eval.name, "device": str(device),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
     }  # fmt: skip
-    monitor = TrainingMonitor(device)
+    if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
+        torch.cuda.reset_peak_memory_stats(device)
+    # a few steps profiled for the memory breakdown (benchmark/profiling.py); 0 turns it off
+    monitor = TrainingMonitor(device, profile_steps=OmegaConf.select(cfg, "train.profile_steps", default=2))
     try:
-        fields = execute(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
+        fields = execute(cfg, method_cfg, subject, checked.image_paths, device, run_dir, monitor)
         record = new_record(**base, status="ok", **fields)
     except Diverged as e:
-        record = new_record(**base, status="diverged", error=str(e), diverged_step=e.step)
+        record = new_record(
+            **base, status="diverged", error=str(e), diverged_step=e.step, train_steps=e.step,
+            **monitor.summary(),
+        )  # fmt: skip
     except Exception as e:  # a failed run is a record, and a sweep goes on
         if isinstance(e, USER_ERRORS):
             raise
@@ -80,12 +100,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record = new_record(
             **base, status=status, error=f"{type(e).__name__}: {e}".splitlines()[0], **monitor.summary()
         )
+    release_memory(device)  # what a failed run held goes with its traceback: free it for the next job
     write_record(run_dir, record)
     log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
     return record
 
 
+def clear_outputs(run_dir: Path) -> None:
+    (run_dir / TRAINED_NAME).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "images", ignore_errors=True)
+
+
 def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
+    trained_path = run_dir / TRAINED_NAME
+    if trained_path.exists():  # killed after training: its artifact and record fields are on disk
+        log.info("training already done (%s): evaluating", trained_path)
+        trained = json.loads(trained_path.read_text())
+    else:
+        trained = train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
+    fields = dict(trained["fields"])
+    artifact_path = run_dir / trained["artifact"]
+    fields.update(evaluate(cfg, method_cfg, subject, image_paths, device, run_dir, artifact_path))
+    return fields
+
+
+def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
+    """Train (resuming from a checkpoint), save the artifact, then the training's record fields."""
     cls = method_class(cfg.method.name)
     images = data.load_images(image_paths, method_cfg.resolution)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
@@ -93,7 +133,7 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
     method.setup(components, subject)
     steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
     method.precompute(images, cfg.seed, steps)  # e.g. Hollowed Net's stage 1
-    monitor.loaded()  # the papers measure after quantization: setup counts as model load
+    monitor.loaded(components, method)  # the papers measure after quantization: setup counts as model load
     result = train(
         method, images, steps, method_cfg.batch_size, cfg.seed, run_dir, device,
         checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
@@ -104,13 +144,15 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
         "train_steps": result.steps, "train_seconds": result.seconds, "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from, "artifact_bytes": artifact_path.stat().st_size,
         "trainable_params": sum(t.numel() for t in method.state_dict().values()),
+        "forward_passes_per_step": None,  # ZO methods report theirs in record_extras
         **monitor.summary(), **method.record_extras(),
     }  # fmt: skip
     del method, components
     release_memory(device)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the artifact is what a user keeps
-    fields.update(evaluate(cfg, method_cfg, subject, image_paths, device, run_dir, artifact_path))
-    return fields
+    trained = {"artifact": artifact_path.name, "fields": fields}
+    write_json_atomic(run_dir / TRAINED_NAME, trained)
+    (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # the artifact is what a user keeps
+    return trained
 
 
 def evaluate(

@@ -3,13 +3,22 @@
 Randomness: step s draws everything (which images, noise, timesteps, ZO directions) from a
 CPU generator seeded with (seed, s). A resumed run therefore needs only the method's state
 and the step number to continue bit-identically.
+
+Faults: checkpoints are written atomically every ``checkpoint_every`` steps, so a kill costs at
+most that many steps; on SIGTERM or SIGINT the loop finishes its step, writes a checkpoint and
+raises :class:`TrainingInterrupted` (a second signal acts as usual). A NaN/inf loss raises
+:class:`Diverged` with the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +37,18 @@ class Diverged(RuntimeError):
         self.step, self.loss = step, loss
 
 
+class TrainingInterrupted(BaseException):
+    """SIGTERM/SIGINT during training: a checkpoint was written; the same command resumes.
+    A BaseException, like KeyboardInterrupt, so that a run does not record it as a failure."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} at step {step}: checkpoint {checkpoint} written; run the same command to resume"
+        )
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -40,9 +61,43 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def save_checkpoint(path: Path, step: int, method, seconds: float) -> None:
+def save_checkpoint(path: Path, step: int, method, seconds: float, loss: float | None = None) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "seconds": seconds, "method": method.checkpoint()}, tmp)
+        torch.save({"step": step, "seconds": seconds, "loss": loss, "method": method.checkpoint()}, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises many kinds; the file is what matters
+        raise RuntimeError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
+            "delete it to restart the run from step 0"
+        ) from None
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While inside, the first SIGTERM/SIGINT is noted in the yielded list instead of stopping
+    the process; the previous handlers come back at once, so a second signal acts as usual."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread may set handlers
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(signum, frame):
+        received.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(
@@ -61,33 +116,37 @@ def train(
     """Run ``steps`` steps of ``method`` on ``images`` (N,3,H,W in [-1,1], CPU), resuming from
     ``run_dir/checkpoint.pt`` if present."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
-    start, seconds_before = 0, 0.0
+    start, seconds_before, loss_value = 0, 0.0, None
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, device)
         method.restore(state["method"])
-        start, seconds_before = state["step"], state["seconds"]
+        start, seconds_before, loss_value = state["step"], state["seconds"], state.get("loss")
         log.info("resuming from step %d (%s)", start, ckpt_path)
     images = images.to(device)
-    loss_value = None
     t0 = time.perf_counter()
     bar = tqdm(
         range(start, steps), initial=start, total=steps, disable=not progress, desc=method.name, leave=False
     )
-    for step in bar:
-        generator = step_generator(seed, step)
-        index = torch.randint(len(images), (batch_size,), generator=generator)
-        logs = method.step(
-            {"pixel_values": images[index.to(device)], "generator": generator, "index": index}, step
-        )
-        loss_value = float(logs["loss"])
-        if not math.isfinite(loss_value):
-            raise Diverged(step, loss_value)
-        if monitor is not None:
-            monitor.step_done()
-        if progress:
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if log_every and (step + 1) % log_every == 0:
-            log.info("step %d/%d loss %.5f", step + 1, steps, loss_value)
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(ckpt_path, step + 1, method, seconds_before + time.perf_counter() - t0)
+    with stop_signals() as received:
+        for step in bar:
+            generator = step_generator(seed, step)
+            index = torch.randint(len(images), (batch_size,), generator=generator)
+            logs = method.step(
+                {"pixel_values": images[index.to(device)], "generator": generator, "index": index}, step
+            )
+            loss_value = float(logs["loss"])
+            if not math.isfinite(loss_value):
+                raise Diverged(step, loss_value)
+            if monitor is not None:
+                monitor.step_done()
+            if progress:
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if log_every and (step + 1) % log_every == 0:
+                log.info("step %d/%d loss %.5f", step + 1, steps, loss_value)
+            seconds = seconds_before + time.perf_counter() - t0
+            if received:  # SIGTERM/SIGINT: keep this step's work
+                save_checkpoint(ckpt_path, step + 1, method, seconds, loss_value)
+                raise TrainingInterrupted(received[0], step + 1, ckpt_path)
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(ckpt_path, step + 1, method, seconds, loss_value)
     return TrainResult(steps, seconds_before + time.perf_counter() - t0, loss_value, start)

@@ -65,7 +65,7 @@ class ZOODiPConfig(MethodConfig):
         require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
         check_estimator(self.estimator, self.n, self.mu)
         require(self.tau >= 2, f"method.tau={self.tau} must be >= 2 (history length for the PCA)")
-        require(0 <= self.nu < 1, f"method.nu={self.nu} must be in [0, 1)")
+        require(0 < self.nu < 1, f"method.nu={self.nu} must be in (0, 1)")
         check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
         require(
             0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,

@@ -1,0 +1,290 @@
+"""Typed schemas of the run configuration, and ``validate``: every bad input fails here, with one
+line naming the value and what is allowed, before any model is loaded.
+
+The composed Hydra config is merged into :class:`RunSchema` (OmegaConf structured config): an
+unknown key or a value of the wrong type is refused by OmegaConf, each section's
+``__post_init__`` checks its ranges, and ``cfg.method`` goes through the method's own
+``Config`` dataclass (``benchmark.config.method_config``). ``validate`` then checks what needs
+the disk: the subject's images, the metric weights and the placeholder token against the
+model's tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from benchmark import data
+from benchmark.config import config_error, method_config, resolve_device
+from methods.base import ConfigError, MethodConfig, require
+
+MODES = ("personalize", "real")
+MODEL_KINDS = ("hub", "tiny", "arch")
+DIFFUSERS_FOLDER = ("model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
+CLIP_SOURCES = ("open_clip", "random")
+DINO_SOURCES = ("timm", "random")
+
+
+def _is_null_or_at_least_1(value: int | None) -> bool:
+    return value is None or value >= 1
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, f"{key}={value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class DataSchema:
+    root: str | None = None
+    download: bool = True
+    cache_dir: str = MISSING
+
+
+@dataclass
+class PathsSchema:
+    results: str = "results"
+
+
+@dataclass
+class TrainSchema:
+    max_steps: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 50
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(
+            _is_null_or_at_least_1(self.max_steps),
+            f"train.max_steps={self.max_steps} must be >= 1, or null for the method's own step count",
+        )
+        require(
+            self.checkpoint_every >= 0,
+            f"train.checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)",
+        )
+        require(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0 (0: never)")
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    kind: str = MISSING
+    resolution: int = 512
+    num_train_timesteps: int = 1000
+    max_train_steps: int | None = None
+    init_seed: int = 0  # tiny, arch
+    hub_id: str | None = None  # hub
+    path: str | None = None  # hub: a local diffusers folder, wins over hub_id
+    revision: str | None = None  # hub
+    unet: dict[str, Any] | None = None  # tiny: overrides of benchmark.models.TINY_*
+    vae: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice("model.kind", self.kind, MODEL_KINDS)
+        require(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            f"model.resolution={self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)",
+        )
+        require(
+            self.num_train_timesteps >= 1,
+            f"model.num_train_timesteps={self.num_train_timesteps} must be >= 1",
+        )
+        require(
+            _is_null_or_at_least_1(self.max_train_steps),
+            f"model.max_train_steps={self.max_train_steps} must be >= 1, or null (no cap)",
+        )
+        if self.kind == "hub":
+            require(bool(self.path or self.hub_id), "model.kind=hub needs model.hub_id or model.path")
+            if self.path:
+                check_diffusers_folder(self.path)
+
+
+def check_diffusers_folder(path: str) -> None:
+    folder = Path(path).expanduser()
+    missing = [name for name in DIFFUSERS_FOLDER if not (folder / name).exists()]
+    require(
+        not missing,
+        f"model.path={path!r} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}); "
+        "pass the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+    )
+
+
+@dataclass
+class DinoInterSchema:
+    images: int = 50
+    prompt_index: int = 0
+
+
+@dataclass
+class ClipSchema:
+    source: str = MISSING
+    arch: str = MISSING
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    seed: int = 0  # random
+    model_cfg: dict[str, Any] | None = None  # random
+
+    def __post_init__(self) -> None:
+        _require_choice("eval.clip.source", self.source, CLIP_SOURCES)
+
+
+@dataclass
+class DinoSchema:
+    source: str = MISSING
+    arch: str = MISSING
+    checkpoint: str | None = None
+    image_size: int = 224
+    seed: int = 0  # random
+    model_kwargs: dict[str, Any] | None = None  # random
+
+    def __post_init__(self) -> None:
+        _require_choice("eval.dino.source", self.source, DINO_SOURCES)
+        require(self.image_size >= 1, f"eval.dino.image_size={self.image_size} must be >= 1")
+
+
+@dataclass
+class EvalSchema:
+    name: str = MISSING
+    images_per_prompt: int = MISSING
+    num_prompts: int = MISSING
+    num_inference_steps: int = MISSING
+    guidance_scale: float = MISSING
+    batch_size: int = MISSING
+    drop_class_noun_for_token_methods: bool = MISSING
+    dino_inter: DinoInterSchema = MISSING
+    clip: ClipSchema = MISSING
+    dino: DinoSchema = MISSING
+
+    def __post_init__(self) -> None:
+        n_prompts = len(data.OBJECT_PROMPTS)
+        require(self.images_per_prompt >= 1, f"eval.images_per_prompt={self.images_per_prompt} must be >= 1")
+        require(
+            1 <= self.num_prompts <= n_prompts,
+            f"eval.num_prompts={self.num_prompts} must be in 1..{n_prompts}",
+        )
+        require(
+            self.num_inference_steps >= 1, f"eval.num_inference_steps={self.num_inference_steps} must be >= 1"
+        )
+        require(self.guidance_scale >= 0, f"eval.guidance_scale={self.guidance_scale} must be >= 0")
+        require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        require(
+            self.dino_inter.images >= 2,
+            f"eval.dino_inter.images={self.dino_inter.images} must be >= 2 (DINO-inter compares pairs)",
+        )
+        require(
+            0 <= self.dino_inter.prompt_index < self.num_prompts,
+            f"eval.dino_inter.prompt_index={self.dino_inter.prompt_index} must be in "
+            f"0..{self.num_prompts - 1} (eval.num_prompts={self.num_prompts})",
+        )
+
+
+@dataclass
+class RunSchema:
+    mode: str = "personalize"
+    subject: str = "dog6"
+    seed: int = 0
+    device: str = "auto"
+    skip_done: bool = True
+    data: DataSchema = MISSING
+    paths: PathsSchema = MISSING
+    train: TrainSchema = MISSING
+    model: ModelSchema = MISSING
+    eval: EvalSchema = MISSING
+    method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
+    report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
+
+    def __post_init__(self) -> None:
+        _require_choice("mode", self.mode, MODES)
+        require(
+            self.subject in data.SUBJECTS,
+            f"subject={self.subject!r} is not a DreamBooth subject; "
+            f"choose one of: {', '.join(data.SUBJECTS)}",
+        )
+        require(self.seed >= 0, f"seed={self.seed} must be >= 0")
+
+
+@dataclass
+class ValidRun:
+    """What ``validate`` established: everything ``benchmark.run`` needs before loading a model."""
+
+    cfg: RunSchema
+    method: MethodConfig | None  # None in mode=real
+    subject: data.Subject
+    device: torch.device
+    image_paths: list[Path] = field(default_factory=list)
+
+
+def typed_config(cfg: DictConfig) -> RunSchema:
+    """``cfg`` merged into :class:`RunSchema`; ConfigError naming the key on any bad value."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunSchema), values))
+    except OmegaConfBaseException as e:
+        raise config_error(e) from None
+
+
+def validate(cfg: DictConfig) -> ValidRun:
+    """Check the whole run configuration and its inputs on disk; raise ConfigError (or
+    DatasetUnavailable / MetricModelsUnavailable) naming the first bad value. Loads no model."""
+    from benchmark.metrics import check_weights_available
+
+    run_cfg = typed_config(cfg)
+    method_cfg = None
+    if run_cfg.mode == "personalize":
+        method_cfg = method_config(cfg)
+        check_method_against_model(method_cfg, run_cfg.model)
+    device = resolve_device(run_cfg.device)
+    subject = data.get_subject(run_cfg.subject)
+    root = data.resolve_dataset_root(run_cfg.data.root, run_cfg.data.download, run_cfg.data.cache_dir)
+    try:
+        image_paths = data.subject_image_paths(root, subject)
+    except ValueError as e:  # no images, or an unreadable one: the message names the folder or file
+        raise ConfigError(str(e)) from None
+    check_weights_available(cfg.eval)
+    if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
+        check_placeholder_token(method_cfg.placeholder_token, run_cfg.model)
+    return ValidRun(run_cfg, method_cfg, subject, device, image_paths)
+
+
+def check_method_against_model(method_cfg: MethodConfig, model: ModelSchema) -> None:
+    """Rules that need both sections: the timestep window lies inside the model's schedule."""
+    if hasattr(method_cfg, "T_L") and hasattr(method_cfg, "T_U"):
+        T = model.num_train_timesteps
+        require(
+            0 <= method_cfg.T_L < method_cfg.T_U <= T,
+            f"method.T_L={method_cfg.T_L}, method.T_U={method_cfg.T_U}: need 0 <= T_L < T_U <= {T} "
+            f"(model.num_train_timesteps)",
+        )
+
+
+def check_placeholder_token(token: str, model: ModelSchema) -> None:
+    """A token method's new token must be new: an existing word would train (and overwrite) it."""
+    tokenizer = model_tokenizer(model)
+    if token in tokenizer.get_vocab() or len(tokenizer.encode(token, add_special_tokens=False)) == 1:
+        raise ConfigError(
+            f"method.placeholder_token={token!r} is already in the tokenizer's vocabulary; "
+            "pass a new one, e.g. method.placeholder_token='<my-subject>'"
+        )
+
+
+def model_tokenizer(model: ModelSchema):
+    """The model's tokenizer, without loading the model: its own files when they are on disk,
+    otherwise CLIP's BPE tokenizer rebuilt offline (the vocabulary of every SD 1.x/2.x model)."""
+    from transformers import CLIPTokenizer
+
+    from benchmark.tokenizer import clip_tokenizer
+
+    if model.kind == "hub":
+        source = str(Path(model.path).expanduser()) if model.path else model.hub_id
+        try:
+            return CLIPTokenizer.from_pretrained(
+                source, subfolder="tokenizer", revision=model.revision, local_files_only=True
+            )
+        except (OSError, ValueError):  # not cached: loading the model will fetch or explain
+            pass
+    return clip_tokenizer()
