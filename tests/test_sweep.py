@@ -1,0 +1,114 @@
+"""Sweeps: `python -m benchmark -m ...` skips finished runs, re-runs only what is missing, writes a
+failure record and goes on; benchmark.sweep plans the same run directories Hydra's jobs use; the
+SLURM launcher config composes without a cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from benchmark.records import RECORD_NAME, read_record
+from benchmark.sweep import count_states, job_overrides, plan_sweep, primary_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs `python -m benchmark` with TI's step raising for method.lr=0.001: an injected failure.
+INJECT_FAILURE = """
+import runpy, sys
+import methods.textual_inversion as ti
+real_step = ti.TextualInversion.step
+def step(self, batch, step):
+    if self.cfg.lr == 0.001:
+        raise RuntimeError("injected failure")
+    return real_step(self, batch, step)
+ti.TextualInversion.step = step
+sys.argv = ["benchmark", *sys.argv[1:]]
+runpy.run_module("benchmark", run_name="__main__", alter_sys=True)
+"""
+
+
+def tiny(results: Path, dataset_root: Path) -> list[str]:
+    return [
+        "model=tiny", f"data.root={dataset_root}", f"paths.results={results}",
+        "train.progress=false", "train.max_steps=2",
+    ]  # fmt: skip
+
+
+def sweep(*overrides: str, inject_failure: bool = False) -> subprocess.CompletedProcess:
+    head = [sys.executable, "-c", INJECT_FAILURE] if inject_failure else [sys.executable, "-m", "benchmark"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run([*head, "-m", *overrides], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def records(results: Path) -> dict[Path, dict]:
+    return {p.parent: read_record(p) for p in results.glob(f"runs/**/{RECORD_NAME}")}
+
+
+def test_sweep_jobs_are_the_product_and_the_command_line_wins():
+    jobs = job_overrides({"method": "ti,zoodip", "subject": "dog6"}, ["method=ti", "seed=0,1"])
+    assert jobs == [["method=ti", "subject=dog6", "seed=0"], ["method=ti", "subject=dog6", "seed=1"]]
+
+
+def test_rerun_runs_nothing_and_a_deleted_record_reruns_alone(tmp_path, dataset_root):
+    args = ["method=ti", "subject=dog6,cat", *tiny(tmp_path, dataset_root)]
+    first = sweep(*args)
+    found = records(tmp_path)
+    planned = plan_sweep(args)
+    assert {r.run_dir for r in planned} == set(found)  # the plan names the directories Hydra's jobs used
+    assert all(r["status"] == "ok" for r in found.values())
+    assert "sweep finished: 2/2 done" in first.stdout + first.stderr
+    stamps = {d: (d / RECORD_NAME).stat().st_mtime_ns for d in found}
+
+    again = sweep(*args)
+    output = again.stdout + again.stderr
+    assert "sweep of 2 runs: 2/2 done" in output
+    assert "ok: " not in output  # nothing ran
+    assert {d: (d / RECORD_NAME).stat().st_mtime_ns for d in found} == stamps
+
+    cat_dir = next(d for d, r in found.items() if r["subject"] == "cat")
+    (cat_dir / RECORD_NAME).unlink()
+    assert count_states(planned)["done"] == 1
+    third = sweep(*args)
+    assert (third.stdout + third.stderr).count("ok: ") == 1
+    after = records(tmp_path)
+    assert after[cat_dir]["status"] == "ok"
+    assert {d: (d / RECORD_NAME).stat().st_mtime_ns for d in found if d != cat_dir} == {
+        d: t for d, t in stamps.items() if d != cat_dir
+    }
+
+
+def test_a_failing_run_leaves_a_failure_record_and_the_sweep_completes(tmp_path, dataset_root):
+    args = ["method=ti", "subject=dog6", "method.lr=0.005,0.001", *tiny(tmp_path, dataset_root)]
+    done = sweep(*args, inject_failure=True)
+    by_lr = {r["method.lr"]: r for r in records(tmp_path).values()}
+    assert by_lr[0.005]["status"] == "ok"
+    assert by_lr[0.001]["status"] == "failed"
+    assert by_lr[0.001]["error"] == "RuntimeError: injected failure"
+    assert "sweep finished: 1/2 done, 0 running, 1 failed, 0 pending" in done.stdout + done.stderr
+
+    from benchmark.report import build_report  # the report shows the failure, it does not drop it
+
+    report = build_report(["experiment=table1", *args])
+    (row,) = report.table.to_dict("records")
+    assert (row["method"], row["runs"], row["ok"], row["not_ok"]) == ("ti", 2, 1, "1 failed")
+    assert row["clip_i"] == by_lr[0.005]["clip_i"]
+
+
+def test_slurm_launcher_config_composes_without_a_cluster():
+    job = subprocess.run(
+        [sys.executable, "-m", "benchmark", "--cfg", "job", "hydra/launcher=slurm", "experiment=table3"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert yaml.safe_load(job.stdout)["method"]["name"] == "zoodip"
+
+    launcher = primary_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert launcher.max_num_timeout > 0  # a timed-out job is requeued and resumes from its checkpoint
