@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import nox
 
 nox.options.default_venv_backend = "none"
@@ -21,3 +23,86 @@ def lint(session: nox.Session) -> None:
     session.run(
         "python", "-m", "ruff", "format", "--check", "--diff", "benchmark", "methods", "tests", "noxfile.py"
     )
+
+
+# One step of a method on SD1.5's architecture (random weights), in a fresh process so that
+# the peak RSS is this method's alone.
+_ARCH_STEP = """
+import pathlib, resource, sys, time, torch
+from hydra import compose, initialize_config_dir
+from benchmark import data, models
+from benchmark.config import method_config
+from benchmark.train import step_generator
+from methods.registry import method_class
+
+name, device = sys.argv[1], torch.device(sys.argv[2])
+with initialize_config_dir(config_dir=str(pathlib.Path("conf").resolve()), version_base="1.3"):
+    cfg = compose(config_name="config", overrides=["model=sd15_arch", f"method={name}"])
+method_cfg = method_config(cfg)
+t0 = time.perf_counter()
+components = models.load_components(cfg.model, device=device)
+method = method_class(name)(method_cfg)
+method.setup(components, data.get_subject("dog6"))
+t1 = time.perf_counter()
+size = method_cfg.resolution
+images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+loss = method.step({"pixel_values": images.to(device), "generator": step_generator(0, 0)}, 0)["loss"]
+t2 = time.perf_counter()
+rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(f"{name}: {method_cfg.resolution}px load+setup {t1 - t0:.1f} s, one step {t2 - t1:.1f} s, "
+      f"loss {float(loss):.4f}, peak RSS {rss_gib:.2f} GiB")
+"""
+
+
+@nox.session
+def arch_step(session: nox.Session) -> None:
+    """One training step of each gradient baseline with model=sd15_arch at 512 px (CPU by
+    default): `nox -s arch_step -- [device] [method ...]`. Prints seconds and peak RSS."""
+    args = list(session.posargs)
+    device = args.pop(0) if args and args[0].startswith(("cpu", "cuda")) else "cpu"
+    for name in args or ["dreambooth", "qlora", "peqa", "tuneqdm"]:
+        session.run(sys.executable, "-c", _ARCH_STEP, name, device, env={"HF_HUB_OFFLINE": "1"})
+
+
+# Memory (issue 6): the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
+MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
+MEMORY_CSV = "results/memory/sd15_predicted.csv"
+
+
+@nox.session
+def memory(session: nox.Session) -> None:
+    """Predicted peak training memory of every method at SD1.5 / 512 px / batch 1, on a CPU with
+    no weights (benchmark/memory_estimate.py): writes results/memory/sd15_predicted.csv next to
+    the paper's Table 1 and prints it. `nox -s memory -- method=ti,zoodip` for a subset."""
+    # Selective's first steps are all BP-low (its schedule starts there): ZO-high gets a row of its own.
+    runs = [session.posargs] if session.posargs else [
+        [f"method={MEMORY_METHODS}"], ["method=selective", "method.schedule=always_zo_high"],
+    ]  # fmt: skip
+    for overrides in runs:
+        session.run(
+            sys.executable, "-m", "benchmark.memory", "-m", "model=sd15_arch", f"csv={MEMORY_CSV}",
+            *overrides, env={"HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({MEMORY_CSV!r})")
+
+
+@nox.session
+def memory_gpu(session: nox.Session) -> None:
+    """Measured peaks on a CUDA GPU: each method trains 4 steps with model=sd15_arch (random
+    weights) and the allocator and NVML peaks join its row of results/memory/sd15_predicted.csv,
+    with the prediction's error. Needs a CUDA GPU and the project's packages (torch, diffusers,
+    transformers, peft, bitsandbytes, hydra-core, nvidia-ml-py); installs nothing.
+    `nox -s memory_gpu -- method=zoodip predict=true` to predict on that machine too."""
+    session.run(
+        sys.executable, "-c",
+        "import torch, diffusers, transformers, peft, bitsandbytes, hydra, pynvml, cma; "
+        "assert torch.cuda.is_available(), 'nox -s memory_gpu needs a CUDA GPU'",
+    )  # fmt: skip
+    overrides = list(session.posargs)
+    if not any(o.startswith("method=") for o in overrides):
+        overrides.append(f"method={MEMORY_METHODS}")
+    session.run(
+        sys.executable, "-m", "benchmark.memory", "-m", "model=sd15_arch", "measure=true", "predict=false",
+        f"csv={MEMORY_CSV}", *overrides, env={"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({MEMORY_CSV!r})")

@@ -82,8 +82,8 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
     }  # fmt: skip
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
-    # a few steps profiled for the memory breakdown (benchmark/profiling.py); 0 turns it off
-    monitor = TrainingMonitor(device, profile_steps=OmegaConf.select(cfg, "train.profile_steps", default=2))
+    # step 1 (the first with optimizer state) is profiled for the breakdown; +train.profile_steps=0: off
+    monitor = TrainingMonitor(device, profile_steps=OmegaConf.select(cfg, "train.profile_steps", default=1))
     try:
         fields = execute(cfg, method_cfg, subject, checked.image_paths, device, run_dir, monitor)
         record = new_record(**base, status="ok", **fields)

@@ -1,0 +1,520 @@
+"""Predict a method's peak training memory on the CUDA allocator, without a GPU or weights.
+
+How: the model is built under ``FakeTensorMode`` (fake CPU tensors carry shapes, dtypes and
+strides but no data; a fake "cuda" device does not work without a GPU, and ``meta`` tensors
+pick the math attention path, which over-counts), then the method's own ``setup()``, ``precompute()`` and two
+``step()`` calls run (two, so that optimizer state exists). A ``TorchDispatchMode`` sees every
+tensor an operator returns; a storage it has not seen is counted at creation, rounded up to the
+CUDA caching allocator's 512-byte blocks, and counted as freed once nothing but the tracker
+holds it (the tracker keeps each storage and reads its use count: a weakref finalizer on a
+storage's Python object is not reliable, the object can die while the storage lives).
+Parameters, buffers, gradients and optimizer state are tagged, so the peak is broken down by
+category and by phase (forward, backward, optimizer step and what follows it in the step).
+
+What the prediction is not: the CUDA context (a few hundred MB), the caching allocator's
+fragmentation and cached-but-free blocks (``reserved - allocated``), cuBLAS/cuDNN workspaces.
+It predicts ``torch.cuda.max_memory_allocated`` after setup, not nvidia-smi. Everything is
+counted as on the device, also what a method keeps on the host (e.g. Hollowed Net with
+``cache=host`` or offloaded encoders): an upper bound there.
+
+As on CUDA, torch optimizers and clip_grad_norm_ take their ``foreach`` kernels (whose
+temporaries span all parameters at once). Operators without fake inputs that draw from a
+generator or read real tensors run for real, so the step's random numbers (prompt picks,
+timesteps, CMA-ES samples) are real. Values read back from fake tensors (``.item()``,
+``.tolist()``, ``.numpy()``, e.g. losses handed to CMA-ES) get placeholders (0, 1.0 or True),
+counted in ``data_dependent_values``; sizes that depend on data (boolean masks) count at their
+upper bound, counted in ``data_dependent_shapes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import pkgutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+
+from benchmark.profiling import (
+    CATEGORIES,
+    model_tensors,
+    optimizer_state_tensors,
+    update_rules,
+    weight_category,
+)
+
+ALLOCATOR_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+PHASES = ("forward", "backward", "optimizer")
+# torch.tensor(python data) ends in lift_fresh: fake mode makes a new (fake) tensor, real mode
+# returns its input; on a GPU the constant is copied to the device. Counted in both modes.
+LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+NOT_INCLUDED = (
+    "prediction of torch.cuda.max_memory_allocated after setup; not included: the CUDA context, "
+    "allocator fragmentation and cached free blocks, cuBLAS/cuDNN workspaces"
+)
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator hands out for a request of ``nbytes``."""
+    return -(-nbytes // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
+
+
+def _has_storage(tensor: torch.Tensor) -> bool:
+    """Plain (and fake) tensors own a storage; sparse tensors and wrapper subclasses do not."""
+    return not (tensor.is_sparse or tensor.is_nested or is_traceable_wrapper_subclass(tensor))
+
+
+def _stays_real(args, kwargs) -> bool:
+    """Under fake tensors, an operator runs on real tensors when it has no fake input and either
+    real tensor inputs or a generator: numbers drawn from the step's CPU generator stay real
+    (prompt picks, timesteps, CMA-ES samples handed to numpy)."""
+    if any(isinstance(a, FakeTensor) for a in args):
+        return False
+    leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, torch.Generator))]
+    return bool(leaves) and not any(isinstance(a, FakeTensor) for a in leaves)
+
+
+def _kernel_storage_bytes(func, args, out: torch.Tensor) -> int | None:
+    """Where a real kernel's output storage is larger than its meta kernel says. mse_loss with a
+    reduction computes the elementwise loss and reduces it into the same buffer, so the 0-dim
+    loss keeps the whole buffer alive (measured on CPU)."""
+    if (
+        func is torch.ops.aten.mse_loss.default
+        and isinstance(out, FakeTensor)
+        and (len(args) < 3 or args[2] != 0)
+    ):
+        return torch.broadcast_shapes(args[0].shape, args[1].shape).numel() * out.element_size()
+    return None
+
+
+def _placeholder(tensor: torch.Tensor) -> bool | int | float:
+    if tensor.dtype == torch.bool:
+        return True
+    return 1.0 if tensor.is_floating_point() or tensor.is_complex() else 0
+
+
+@dataclasses.dataclass
+class _Storage:
+    storage: torch.UntypedStorage  # held by the tracker: use count 1 means nobody else holds it
+    nbytes: int
+    serial: int
+
+
+@dataclasses.dataclass
+class Peak:
+    """The live storages at a peak, as (serial counter, sweep counter) at that moment."""
+
+    bytes: int = 0
+    serial: int = 0
+    sweep: int = 0
+    step_start_serial: int = 0
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Live storage bytes of every tensor created while it is active, with peaks per phase.
+
+    Frees are found by sweeping: a storage whose only owner is the tracker is dead. A sweep
+    runs whenever the bytes of possibly-live storages exceed a peak, so every peak is exact.
+    Which storages were live at a peak is rebuilt afterwards from serial numbers (birth order)
+    and the sweep that found each death.
+    """
+
+    def __init__(self, fake: bool = False) -> None:
+        super().__init__()
+        self.fake = fake  # under FakeTensorMode: some operators run on real tensors (_stays_real)
+        self.storages: dict[int, _Storage] = {}  # by StorageImpl address, while alive
+        self.pinned: dict[int, _Storage] = {}  # the same for weights and optimizer state
+        self.bytes_of: dict[int, int] = {}  # serial -> allocator bytes (forever)
+        self.died_at_sweep: dict[int, int] = {}  # serial -> sweep that found it dead
+        self.tags: dict[int, str] = {}  # serial -> category
+        self.upper_bytes = 0  # bytes of tracked storages, some possibly dead
+        self.serial = self.sweeps = 0
+        self.step_start_serial = 0
+        self.peaks = {phase: Peak() for phase in PHASES}
+        self.in_optimizer = 0
+        self.after_optimizer = False
+        self.data_dependent_values = 0
+        self.data_dependent_shapes = 0
+        self.phases_seen: set[str] = set()  # phases in which a storage was created
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """backward inside autograd; optimizer inside an optimizer step and after it, until the
+        next backward or step (the update's tail, e.g. TI restoring the frozen rows); else forward."""
+        if torch._C._current_graph_task_id() != -1:
+            self.after_optimizer = False
+            return "backward"
+        return "optimizer" if self.in_optimizer or self.after_optimizer else "forward"
+
+    def sweep(self, everything: bool = False) -> int:
+        """Drop dead storages; returns the bytes now live. Weights and optimizer state
+        (pinned) are checked only when ``everything``: at step starts and at the end."""
+        self.sweeps += 1
+        use_count = torch._C._storage_Use_Count
+        for pool in (self.storages, self.pinned) if everything else (self.storages,):
+            for key in [k for k, s in pool.items() if use_count(s.storage._cdata) <= 1]:
+                dead = pool.pop(key)
+                self.upper_bytes -= dead.nbytes
+                self.died_at_sweep[dead.serial] = self.sweeps
+        return self.upper_bytes
+
+    def pin(self, tensor: torch.Tensor) -> None:
+        key = tensor.untyped_storage()._cdata
+        if key in self.storages:
+            self.pinned[key] = self.storages.pop(key)
+
+    def track(self, tensor: torch.Tensor, nbytes: int | None = None) -> int | None:
+        """Count ``tensor``'s storage (``nbytes`` if given) if new; returns its serial (None
+        for storage-less tensors)."""
+        if not _has_storage(tensor):
+            return None
+        storage = tensor.untyped_storage()
+        entry = self.storages.get(storage._cdata) or self.pinned.get(storage._cdata)
+        nbytes = allocator_bytes(self._concrete(storage.nbytes() if nbytes is None else nbytes))
+        if entry is not None:
+            if nbytes > entry.nbytes:  # grown in place (resize_): a new block replaces the old one
+                self.sweeps += 1
+                self.died_at_sweep[entry.serial] = self.sweeps
+                self.serial += 1
+                if entry.serial in self.tags:
+                    self.tags[self.serial] = self.tags[entry.serial]
+                self.upper_bytes += nbytes - entry.nbytes
+                entry.serial, entry.nbytes, self.bytes_of[self.serial] = self.serial, nbytes, nbytes
+                self._maybe_peak()
+            return entry.serial
+        self.serial += 1
+        self.storages[storage._cdata] = _Storage(storage, nbytes, self.serial)
+        self.bytes_of[self.serial] = nbytes
+        self.upper_bytes += nbytes
+        self._maybe_peak()
+        return self.serial
+
+    def _concrete(self, nbytes: int | torch.SymInt) -> int:
+        """A data-dependent size (e.g. of a boolean-mask selection) counts at its upper bound."""
+        if isinstance(nbytes, int):
+            return nbytes
+        self.data_dependent_shapes += 1
+        upper = nbytes.node.shape_env.bound_sympy(nbytes.node.expr).upper
+        if not upper.is_finite:
+            raise RuntimeError(f"a tensor's size {nbytes} depends on data and has no upper bound")
+        return int(upper)
+
+    def _maybe_peak(self) -> None:
+        self.phases_seen.add(self.phase)
+        peak = self.peaks[self.phase]
+        if self.upper_bytes > peak.bytes and self.sweep() > peak.bytes:
+            self.peaks[self.phase] = Peak(self.upper_bytes, self.serial, self.sweeps, self.step_start_serial)
+
+    def tag(self, tensor: torch.Tensor | None, category: str, overwrite: bool = True) -> None:
+        if tensor is None:
+            return
+        serial = self.track(tensor)
+        if serial is not None and (overwrite or serial not in self.tags):
+            self.tags[serial] = category
+            if category.startswith("weights") or category == "optimizer_state":
+                self.pin(tensor)
+
+    def leave_optimizer(self) -> None:
+        self.in_optimizer -= 1
+        self.after_optimizer = True
+
+    def start_step(self) -> None:
+        self.sweep(everything=True)
+        self.step_start_serial = self.serial + 1
+        self.after_optimizer = False
+
+    def reset_peaks(self) -> int:
+        """Peaks start again from the bytes live now (as torch.cuda.reset_peak_memory_stats)."""
+        live = self.sweep(everything=True)
+        self.step_start_serial = self.serial + 1  # nothing live now belongs to a step
+        self.peaks = {p: Peak(live, self.serial, self.sweeps, self.step_start_serial) for p in PHASES}
+        self.phases_seen.clear()
+        return live
+
+    # -- the dispatch hook ---------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            self.data_dependent_values += 1  # .item() of a fake tensor: no value exists
+            return _placeholder(args[0])
+        if self.fake and _stays_real(args, kwargs):
+            with unset_fake_temporarily():  # random numbers stay real (prompts, CMA-ES samples), and so on
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        outputs = (
+            [out]
+            if isinstance(out, torch.Tensor)
+            else [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        )
+        if outputs:
+            inputs = None
+            for tensor in outputs:
+                if not _has_storage(tensor):
+                    continue
+                key = tensor.untyped_storage()._cdata
+                if key in self.storages or key in self.pinned or func in LIFTS:
+                    self.track(tensor)  # maybe resized; a lifted constant would be copied to the GPU
+                    continue
+                if inputs is None:  # a view or in-place result of an untracked input is no allocation
+                    inputs = {
+                        t.untyped_storage()._cdata
+                        for t in tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor) and _has_storage(t)
+                    }
+                if key not in inputs:
+                    self.track(tensor, _kernel_storage_bytes(func, args, tensor))
+        return out
+
+    # -- the report ----------------------------------------------------------------------
+    def live_at(self, peak: Peak) -> list[int]:
+        return [
+            s
+            for s in self.bytes_of
+            if s <= peak.serial and self.died_at_sweep.get(s, peak.sweep + 1) > peak.sweep
+        ]
+
+    def breakdown(self, peak: Peak) -> dict[str, int]:
+        """Bytes per category at ``peak``: tagged storages by tag; untagged ones created
+        during the step of the peak are activations (and temporaries), older ones other."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for s in self.live_at(peak):
+            category = self.tags.get(s) or ("activations" if s >= peak.step_start_serial else "other")
+            out[category] += self.bytes_of[s]
+        return out
+
+
+@contextlib.contextmanager
+def tagging_hooks(tracker: LiveStorageTracker, params: list[torch.Tensor], method=None) -> Iterator[None]:
+    """Tag gradients as they are accumulated (or before any optimizer step), and optimizer
+    state after each optimizer step; mark the optimizer phase, also for a method's
+    hand-written optimizers (profiling.update_rules)."""
+
+    def before_step(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tracker.tag(p.grad, "gradients")
+        tracker.in_optimizer += 1
+
+    def after_step(optimizer, args, kwargs):
+        tracker.leave_optimizer()
+        for state in optimizer.state.values():
+            for value in tree_leaves(state):
+                if isinstance(value, torch.Tensor):
+                    tracker.tag(value, "optimizer_state", overwrite=False)
+
+    def as_optimizer_step(step):
+        def wrapped(*args, **kwargs):
+            tracker.in_optimizer += 1
+            try:
+                return step(*args, **kwargs)
+            finally:
+                tracker.leave_optimizer()
+                for tensor in optimizer_state_tensors(method):
+                    tracker.tag(tensor, "optimizer_state", overwrite=False)
+
+        return wrapped
+
+    handles = [
+        register_optimizer_step_pre_hook(before_step),
+        register_optimizer_step_post_hook(after_step),
+    ]
+    handles += [
+        p.register_post_accumulate_grad_hook(lambda p: tracker.tag(p.grad, "gradients"))
+        for p in params
+        if p.requires_grad and p.is_leaf
+    ]
+    rules = update_rules(method) if method is not None else []
+    for rule in rules:
+        rule.step = as_optimizer_step(rule.step)  # an instance attribute, removed below
+    for tensor in optimizer_state_tensors(method) if method is not None else []:
+        tracker.tag(tensor, "optimizer_state", overwrite=False)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for rule in rules:
+            del rule.step
+
+
+def _optimizer_modules() -> list[Any]:
+    import torch.optim
+
+    names = [f"torch.optim.{m.name}" for m in pkgutil.iter_modules(torch.optim.__path__)]
+    return [importlib.import_module(n) for n in names]
+
+
+@contextlib.contextmanager
+def cuda_optimizer_defaults() -> Iterator[None]:
+    """Torch optimizers pick ``foreach`` kernels, as they do on CUDA (on CPU they loop per tensor)."""
+
+    def foreach_default(params, differentiable, use_fused=False):
+        return False, not differentiable and not torch.jit.is_scripting()
+
+    patched = [m for m in _optimizer_modules() if hasattr(m, "_default_to_fused_or_foreach")]
+    saved = [m._default_to_fused_or_foreach for m in patched]
+    for m in patched:
+        m._default_to_fused_or_foreach = foreach_default
+    try:
+        yield
+    finally:
+        for m, original in zip(patched, saved):
+            m._default_to_fused_or_foreach = original
+
+
+@contextlib.contextmanager
+def _numpy_placeholders(tracker: LiveStorageTracker) -> Iterator[None]:
+    """``.numpy()`` of a fake tensor (e.g. losses handed to CMA-ES) gives placeholder values."""
+
+    def numpy(tensor, *, force=False):
+        tracker.data_dependent_values += tensor.numel()
+        with unset_fake_temporarily():
+            return torch.full(tuple(tensor.shape), _placeholder(tensor), dtype=tensor.dtype).numpy()
+
+    own = FakeTensor.__dict__.get("numpy")
+    FakeTensor.numpy = numpy
+    try:
+        yield
+    finally:
+        if own is None:
+            del FakeTensor.numpy
+        else:
+            FakeTensor.numpy = own
+
+
+@contextlib.contextmanager
+def _foreach_for_fake_tensors() -> Iterator[None]:
+    """Utilities that choose foreach kernels by tensor type (clip_grad_norm_) take fake tensors
+    for plain ones, as on CUDA."""
+    from torch.utils import _foreach_utils
+
+    _foreach_utils._foreach_supported_types.append(FakeTensor)
+    try:
+        yield
+    finally:
+        _foreach_utils._foreach_supported_types.remove(FakeTensor)
+
+
+@contextlib.contextmanager
+def _modules_convertible(mode: FakeTensorMode) -> Iterator[None]:
+    """``nn.Module.to`` swaps fake parameters, which fails while the fake mode's tensor memo
+    holds weak references to them; the memo only caches real->fake conversions."""
+    original = torch.utils.swap_tensors
+
+    def swap(t1, t2):
+        mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
+        return original(t1, t2)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
+@contextlib.contextmanager
+def tracking(fake: bool = True) -> Iterator[LiveStorageTracker]:
+    """An active tracker; with ``fake``, under fake tensors (and the patches they need). Torch
+    optimizers use CUDA's defaults either way."""
+    tracker = LiveStorageTracker(fake)
+    with contextlib.ExitStack() as stack:
+        if fake:
+            # The shape environment lets data-dependent shapes (boolean masks) through, as bounded symbols.
+            mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()))
+            stack.enter_context(_modules_convertible(mode))
+            stack.enter_context(_numpy_placeholders(tracker))
+            stack.enter_context(_foreach_for_fake_tensors())
+        stack.enter_context(cuda_optimizer_defaults())
+        stack.enter_context(tracker)
+        yield tracker
+        tracker.sweep(everything=True)
+
+
+@dataclasses.dataclass
+class Estimate:
+    method: str
+    model: str
+    resolution: int
+    batch_size: int
+    dtype: str
+    peak_bytes: int
+    breakdown: dict[str, int]
+    phase_peak_bytes: dict[str, int | None]
+    phase_breakdown: dict[str, dict[str, int] | None]
+    after_setup_bytes: int
+    data_dependent_values: int
+    data_dependent_shapes: int
+    steps: int
+    fake: bool
+    seconds: float
+    not_included: str = NOT_INCLUDED
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Estimate:
+    """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
+    (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
+    images (most DreamBooth subjects have 5); ``fake=False`` runs the same on real CPU tensors."""
+    from benchmark import data, models
+    from benchmark.config import method_config, training_dtype
+    from benchmark.train import step_generator
+    from methods.base import ConfigError
+    from methods.registry import method_class
+
+    method_cfg = method_config(cfg)
+    if models._kind(cfg.model) == "hub":
+        raise ConfigError(
+            f"model={cfg.model.name} has real weights; predict memory with its architecture alone, "
+            "e.g. model=sd15_arch"
+        )
+    dtype = training_dtype(method_cfg)
+    subject = data.get_subject(cfg.subject)
+    t0 = time.perf_counter()
+    with tracking(fake) as tracker:
+        components = models.load_components(cfg.model, "cpu", dtype)
+        method = method_class(method_cfg.name)(method_cfg)
+        method.setup(components, subject)
+        size, bsz = method_cfg.resolution, method_cfg.batch_size
+        images = torch.zeros(num_images, 3, size, size)  # the subject's images, on the device as in train()
+        method.precompute(images, int(cfg.seed), steps)  # e.g. Hollowed Net's stage 1: part of the load
+        weights, params = model_tensors(components, method)
+        for tensor in weights:
+            tracker.tag(tensor, weight_category(tensor.dtype), overwrite=False)
+        after_setup = tracker.reset_peaks()
+        with tagging_hooks(tracker, params, method):
+            for step in range(steps):
+                tracker.start_step()
+                generator = step_generator(int(cfg.seed), step)
+                index = torch.randint(num_images, (bsz,), generator=generator)
+                method.step({"pixel_values": images[index], "generator": generator, "index": index}, step)
+    peaks, seen = tracker.peaks, tracker.phases_seen  # a phase the method has not (no backward in ZO): None
+    top = max(PHASES, key=lambda p: peaks[p].bytes)
+    return Estimate(
+        method=method_cfg.name,
+        model=str(cfg.model.name),
+        resolution=method_cfg.resolution,
+        batch_size=method_cfg.batch_size,
+        dtype=str(dtype).removeprefix("torch."),
+        peak_bytes=peaks[top].bytes,
+        breakdown=tracker.breakdown(peaks[top]),
+        phase_peak_bytes={p: peaks[p].bytes if p in seen else None for p in PHASES},
+        phase_breakdown={p: tracker.breakdown(peaks[p]) if p in seen else None for p in PHASES},
+        after_setup_bytes=after_setup,
+        data_dependent_values=tracker.data_dependent_values,
+        data_dependent_shapes=tracker.data_dependent_shapes,
+        steps=steps,
+        fake=fake,
+        seconds=time.perf_counter() - t0,
+    )
