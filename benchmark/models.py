@@ -259,7 +259,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, DDPMScheduler]:
+def locate_weights(model_cfg) -> tuple[str, dict]:
+    """Where a hub-kind model loads from: (model.path or hub id, from_pretrained kwargs). Raises
+    WeightsUnavailable at once (one line, saying how to get them) if neither can serve."""
     path, hub_id, revision = _get(model_cfg, "path"), _get(model_cfg, "hub_id"), _get(model_cfg, "revision")
     if path:
         folder = Path(str(path)).expanduser()
@@ -270,14 +272,30 @@ def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, D
                 f"(expected model_index.json and {', '.join(s + '/' for s in SUBFOLDERS)}; "
                 f"missing {', '.join(missing)})"
             )
-        source, kwargs = str(folder), {}
-    else:  # without a network, use the Hub cache alone (no 20 s of retries)
-        source, kwargs = str(hub_id), {"revision": revision, "local_files_only": not _hub_reachable()}
-    try:
-        if not path:  # fail fast: one small file tells whether the Hub or its cache can serve us
-            from huggingface_hub import hf_hub_download
+        return str(folder), {}
+    # without a network, use the Hub cache alone (no 20 s of retries)
+    kwargs = {"revision": revision, "local_files_only": not _hub_reachable()}
+    try:  # one small file tells whether the Hub or its cache can serve us
+        from huggingface_hub import hf_hub_download
 
-            hf_hub_download(source, "model_index.json", **kwargs)
+        hf_hub_download(str(hub_id), "model_index.json", **kwargs)
+    except _hub_errors() as e:
+        raise _hub_unavailable(str(hub_id), e) from e
+    return str(hub_id), kwargs
+
+
+def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"cannot load Stable Diffusion weights {source!r} (no network/cache: {type(e).__name__}); "
+        f"download them once with `hf download {source} --include 'model_index.json' '*/*.json' "
+        "'*/*.txt' 'text_encoder/model.safetensors' '*/diffusion_pytorch_model.safetensors' "
+        "--local-dir <dir>` and pass model.path=<local diffusers folder>"
+    )
+
+
+def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, DDPMScheduler]:
+    source, kwargs = locate_weights(model_cfg)
+    try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         text_encoder = CLIPTextModel.from_pretrained(
@@ -287,16 +305,11 @@ def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, D
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     except _hub_errors() as e:
-        if path:
+        if _get(model_cfg, "path"):
             raise WeightsUnavailable(
                 f"cannot load Stable Diffusion weights from model.path={source!r} ({type(e).__name__})"
             ) from e
-        raise WeightsUnavailable(
-            f"cannot load Stable Diffusion weights {source!r} (no network/cache: {type(e).__name__}); "
-            f"download them once with `hf download {source} --include 'model_index.json' '*/*.json' "
-            "'*/*.txt' 'text_encoder/model.safetensors' '*/diffusion_pytorch_model.safetensors' "
-            "--local-dir <dir>` and pass model.path=<local diffusers folder>"
-        ) from e
+        raise _hub_unavailable(source, e) from e
     networks = Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype))
     return tokenizer, networks, scheduler
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from benchmark import data
+from benchmark import data, models
 from benchmark.config import config_error, method_config, resolve_device
 from methods.base import ConfigError, MethodConfig, require
 
@@ -245,6 +245,8 @@ def validate(cfg: DictConfig) -> ValidRun:
         image_paths = data.subject_image_paths(root, subject)
     except ValueError as e:  # no images, or an unreadable one: the message names the folder or file
         raise ConfigError(str(e)) from None
+    if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":
+        models.locate_weights(cfg.model)  # no weights: one line saying how to get them, now
     check_weights_available(cfg.eval)
     if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
         check_placeholder_token(method_cfg.placeholder_token, run_cfg.model)

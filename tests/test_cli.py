@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from benchmark.records import REQUIRED_FIELDS
@@ -64,3 +65,18 @@ def test_real_mode_scores_the_real_images(tiny_cfg):
     assert record["method"] == "real" and record["status"] == "ok"
     assert 0 < record["clip_i"] < 1 and 0 < record["dino"] < 1
     assert record["n_images"] == len(list((Path(tiny_cfg().data.root) / "cat").glob("*.jpg")))
+
+
+def test_real_model_without_weights_fails_at_once_saying_how_to_get_them(tmp_path, dataset_root, monkeypatch):
+    import huggingface_hub.constants
+
+    from benchmark import models
+    from tests.conftest import compose
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("tried to load a model"))
+    cfg = compose(["method=ti", f"data.root={dataset_root}", f"paths.results={tmp_path}"])  # model=sd15
+    with pytest.raises(models.WeightsUnavailable, match="model.path=") as error:
+        run(cfg)
+    assert "\n" not in str(error.value)
