@@ -30,12 +30,12 @@ import cma
 import numpy as np
 import torch
 
-from methods.base import Method, MethodConfig, require
+from methods.base import MethodConfig, require
 from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks
-from methods.textual_inversion import add_placeholder_token
 from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.token_method import TokenMethod
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -86,24 +86,16 @@ class StepNormal:
         return torch.randn(shape, generator=self.generator, dtype=torch.float64).numpy()
 
 
-class GradientFreeTI(Method):
+class GradientFreeTI(TokenMethod):
     name = "gfti"
     Config = GFTIConfig
-    artifact_filename = "learned_embeds.safetensors"
-    token_only_prompts = True
-
-    def subject_phrase(self, subject) -> str:
-        return self.cfg.placeholder_token
 
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
         vocabulary = components.text_encoder.get_input_embeddings().weight
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
         self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
-        words = subject.class_noun if cfg.initializer == "class" else cfg.initializer
-        self.token_id = add_placeholder_token(
-            components.tokenizer, components.text_encoder, cfg.placeholder_token, words
-        )
+        self.token_id = self.add_token(components, subject)
         quantize_networks(components, cfg.quantize)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
         self.initial_token = self.embeddings[self.token_id].detach().double().clone()
@@ -169,4 +161,4 @@ class GradientFreeTI(Method):
 
     def apply(self, pipeline, artifact) -> None:
         quantize_networks(pipeline, self.cfg.quantize)
-        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)
+        super().apply(pipeline, artifact)

@@ -12,10 +12,11 @@ import dataclasses
 
 import torch
 
-from methods.base import ConfigError, Method, MethodConfig, require
+from methods.base import MethodConfig, require
 from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.token_method import TokenMethod
 
 
 @dataclasses.dataclass
@@ -35,41 +36,13 @@ class TIConfig(MethodConfig):
         check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
 
 
-def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
-    """Add ``token`` to the vocabulary, initialised to the mean embedding of ``initializer_words``
-    (the diffusers example requires one initializer token; a multi-token class noun such as
-    "stuffed animal" uses the mean of its tokens). Returns the new token id."""
-    existing_word = len(tokenizer.encode(token, add_special_tokens=False)) == 1
-    if existing_word or tokenizer.add_tokens(token) != 1:
-        raise ConfigError(
-            f"placeholder token {token!r} is already in the tokenizer's vocabulary; "
-            "pass a new one, e.g. method.placeholder_token='<my-subject>'"
-        )
-    init_ids = tokenizer.encode(initializer_words, add_special_tokens=False)
-    require(len(init_ids) > 0, f"initializer {initializer_words!r} encodes to no token")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[token_id] = weight[init_ids].mean(dim=0)
-    return token_id
-
-
-class TextualInversion(Method):
+class TextualInversion(TokenMethod):
     name = "ti"
     Config = TIConfig
-    artifact_filename = "learned_embeds.safetensors"
-    token_only_prompts = True
-
-    def subject_phrase(self, subject) -> str:
-        return self.cfg.placeholder_token
 
     def setup(self, components, subject) -> None:
         self.c = components
-        words = subject.class_noun if self.cfg.initializer == "class" else self.cfg.initializer
-        self.token_id = add_placeholder_token(
-            components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
-        )
+        self.token_id = self.add_token(components, subject)
         self.embeddings = components.text_encoder.get_input_embeddings().weight
         self.embeddings.requires_grad_(True)
         self.original_embeddings = self.embeddings.detach().clone()
@@ -102,6 +75,3 @@ class TextualInversion(Method):
     def state_dict(self):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}
         return {self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach()}
-
-    def apply(self, pipeline, artifact) -> None:
-        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)

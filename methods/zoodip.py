@@ -21,13 +21,13 @@ import dataclasses
 
 import torch
 
-from methods.base import Method, MethodConfig, require
+from methods.base import MethodConfig, require
 from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.textual_inversion import add_placeholder_token
 from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.token_method import TokenMethod
 from methods.zo import check_estimator, estimate_gradient, forward_passes
 from methods.zo_adam import ZOAdam
 
@@ -74,21 +74,13 @@ class ZOODiPConfig(MethodConfig):
         require(self.adam_eps > 0, f"method.adam_eps={self.adam_eps} must be > 0")
 
 
-class ZOODiP(Method):
+class ZOODiP(TokenMethod):
     name = "zoodip"
     Config = ZOODiPConfig
-    artifact_filename = "learned_embeds.safetensors"
-    token_only_prompts = True
-
-    def subject_phrase(self, subject) -> str:
-        return self.cfg.placeholder_token
 
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
-        words = subject.class_noun if cfg.initializer == "class" else cfg.initializer
-        self.token_id = add_placeholder_token(
-            components.tokenizer, components.text_encoder, cfg.placeholder_token, words
-        )
+        self.token_id = self.add_token(components, subject)
         self.quantized_layers = quantize_networks(components, cfg.quantize)
         self.quantized_weight_fraction = quantized_fraction(components)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
@@ -163,4 +155,4 @@ class ZOODiP(Method):
     def apply(self, pipeline, artifact) -> None:
         if self.cfg.quantize_at_inference:
             quantize_networks(pipeline, self.cfg.quantize)
-        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)
+        super().apply(pipeline, artifact)

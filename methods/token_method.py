@@ -1,0 +1,48 @@
+"""Shared by the methods that learn one new token (TI, GF-TI, ZOODiP): the token is added to
+the vocabulary, prompts name the subject by the token alone, and the artifact is a diffusers
+textual-inversion file ({token: (1, dim)}) that `load_textual_inversion` reads."""
+
+from __future__ import annotations
+
+import torch
+
+from methods.base import ConfigError, Method, require
+
+
+def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
+    """Add ``token`` to the vocabulary, initialised to the mean embedding of ``initializer_words``
+    (the diffusers example requires one initializer token; a multi-token class noun such as
+    "stuffed animal" uses the mean of its tokens). Returns the new token id."""
+    existing_word = len(tokenizer.encode(token, add_special_tokens=False)) == 1
+    if existing_word or tokenizer.add_tokens(token) != 1:
+        raise ConfigError(
+            f"placeholder token {token!r} is already in the tokenizer's vocabulary; "
+            "pass a new one, e.g. method.placeholder_token='<my-subject>'"
+        )
+    init_ids = tokenizer.encode(initializer_words, add_special_tokens=False)
+    require(len(init_ids) > 0, f"initializer {initializer_words!r} encodes to no token")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = weight[init_ids].mean(dim=0)
+    return token_id
+
+
+class TokenMethod(Method):
+    """Needs ``cfg.placeholder_token`` and ``cfg.initializer`` ("class" = the subject's class noun)."""
+
+    artifact_filename = "learned_embeds.safetensors"
+    token_only_prompts = True
+
+    def subject_phrase(self, subject) -> str:
+        return self.cfg.placeholder_token
+
+    def add_token(self, components, subject) -> int:
+        words = subject.class_noun if self.cfg.initializer == "class" else self.cfg.initializer
+        return add_placeholder_token(
+            components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
+        )
+
+    def apply(self, pipeline, artifact) -> None:
+        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)
