@@ -24,13 +24,23 @@ timesteps, CMA-ES samples) are real. Values read back from fake tensors (``.item
 ``.tolist()``, ``.numpy()``, e.g. losses handed to CMA-ES) get placeholders (0, 1.0 or True),
 counted in ``data_dependent_values``; sizes that depend on data (boolean masks) count at their
 upper bound, counted in ``data_dependent_shapes``.
+
+bitsandbytes' 4-bit weights (QLoRA) are predicted with bitsandbytes' own code: its operators
+(quantize_4bit, dequantize_4bit, gemm_4bit, ...) have fake kernels that allocate what the CUDA
+kernels return, and a ``Params4bit`` of fake data is made a fake tensor (``_bitsandbytes_fake``).
+The 4-bit weights count with their quantization state (per-block absmax, with double
+quantization its 8-bit codes and their fp32 absmax, the code tables, the offset). Not included:
+the dequantized weight gemm_4bit's CUDA kernel may make and free inside one operator (at most
+one layer's weight in the compute dtype).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
+import importlib.util
 import pkgutil
 import time
 from collections.abc import Iterator
@@ -422,6 +432,82 @@ def _modules_convertible(mode: FakeTensorMode) -> Iterator[None]:
         torch.utils.swap_tensors = original
 
 
+def _as_fake_subclass(fake: FakeTensor, cls: type, attributes: dict[str, Any]) -> FakeTensor:
+    """``fake`` itself, now of ``cls``'s fake subclass and with ``attributes``."""
+    fake.__class__ = _fake_subclass(cls)
+    fake.__dict__.update(attributes)
+    return fake
+
+
+@functools.cache
+def _fake_subclass(cls: type) -> type:
+    """``cls`` (a tensor subclass such as Params4bit) that is also a FakeTensor: its methods
+    first, fake dispatch underneath. ``detach`` keeps the class and attributes, as
+    ``nn.Parameter`` requires (``Module.to`` swaps fake parameters for Parameters of them)."""
+    if issubclass(cls, FakeTensor):
+        return cls
+
+    def detach(self):
+        return _as_fake_subclass(torch.Tensor.detach(self), cls, vars(self))
+
+    return type(f"Fake{cls.__name__}", (cls, FakeTensor), {"detach": detach})
+
+
+@contextlib.contextmanager
+def _bitsandbytes_fake() -> Iterator[None]:
+    """bitsandbytes' Params4bit (QLoRA's 4-bit weight) is made by ``Tensor._make_subclass``,
+    which refuses fake data. While a Params4bit is made, that call returns an alias of the fake
+    data whose class is both Params4bit and FakeTensor; quantizing it then runs bitsandbytes'
+    own code on the fake kernels bitsandbytes registers. The code table bitsandbytes caches for
+    double quantization is made (of placeholders) under fake tensors: the cache is put back."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield
+        return
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Params4bit
+
+    original_new = Params4bit.__dict__["__new__"]
+    new = original_new.__func__ if isinstance(original_new, staticmethod) else original_new
+    make_subclass = torch.Tensor._make_subclass
+
+    def make_fake_subclass(cls, data, requires_grad=False, *args, **kwargs):
+        if not isinstance(data, FakeTensor):  # e.g. FakeTensor.__new__ itself
+            return make_subclass(cls, data, requires_grad, *args, **kwargs)
+        return _as_fake_subclass(torch.Tensor.detach(data).requires_grad_(requires_grad), cls, {})
+
+    def fake_aware_new(cls, data=None, requires_grad=False, *args, **kwargs):
+        torch.Tensor._make_subclass = make_fake_subclass
+        try:
+            return new(cls, data, requires_grad, *args, **kwargs)
+        finally:
+            torch.Tensor._make_subclass = make_subclass
+
+    cached_maps = dict(bnb_functional.name2qmap)
+    Params4bit.__new__ = staticmethod(fake_aware_new)
+    try:
+        yield
+    finally:
+        Params4bit.__new__ = original_new
+        bnb_functional.name2qmap.clear()
+        bnb_functional.name2qmap.update(cached_maps)
+
+
+def quant_state_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of the quantization states (bitsandbytes' QuantState: absmax, code, offset,
+    the nested state) that ``tensors`` (4-bit weights among them) carry."""
+    out, states = [], [getattr(t, "quant_state", None) for t in tensors]
+    while states:
+        state = states.pop()
+        if state is None:
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif hasattr(value, "absmax"):  # the nested QuantState of double quantization
+                states.append(value)
+    return out
+
+
 @contextlib.contextmanager
 def tracking(fake: bool = True) -> Iterator[LiveStorageTracker]:
     """An active tracker; with ``fake``, under fake tensors (and the patches they need). Torch
@@ -434,6 +520,7 @@ def tracking(fake: bool = True) -> Iterator[LiveStorageTracker]:
             stack.enter_context(_modules_convertible(mode))
             stack.enter_context(_numpy_placeholders(tracker))
             stack.enter_context(_foreach_for_fake_tensors())
+            stack.enter_context(_bitsandbytes_fake())
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(tracker)
         yield tracker
@@ -492,6 +579,8 @@ def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Est
         weights, params = model_tensors(components, method)
         for tensor in weights:
             tracker.tag(tensor, weight_category(tensor.dtype), overwrite=False)
+        for tensor in quant_state_tensors(weights):
+            tracker.tag(tensor, "weights_4bit", overwrite=False)
         after_setup = tracker.reset_peaks()
         with tagging_hooks(tracker, params, method):
             for step in range(steps):

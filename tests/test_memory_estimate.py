@@ -103,21 +103,49 @@ def test_zoodip_prediction_has_no_backward_and_no_gradients(tiny_cfg):
     assert 0 < est.breakdown["optimizer_state"] <= 2 * 512  # ZO-Adam's two moments of one token
 
 
-KNOWN_TO_FAIL = {
-    # bitsandbytes' Params4bit is a tensor subclass made with _make_subclass, which refuses fake tensors
-    "qlora": "bitsandbytes' Params4bit cannot wrap a fake tensor",
-}
+def real_4bit_weight_bytes(unet) -> int:
+    """Allocator bytes of what bitsandbytes stores for a U-Net's 4-bit layers: each packed
+    weight and its QuantState (absmax, code table, and with double quantization the offset and
+    the nested state's absmax and code table), one block-rounded allocation per storage."""
+    from bitsandbytes.nn import Linear4bit
+
+    storages = {}
+    for module in unet.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = module.weight.quant_state
+        tensors = [module.weight, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+        for t in tensors:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert storages
+    return sum(allocator_bytes(n) for n in storages.values())
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_TO_FAIL[m], strict=True))
-        if m in KNOWN_TO_FAIL
-        else m
-        for m in sorted(METHODS)
-    ],
-)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_qlora_prediction_counts_the_4bit_weights_bitsandbytes_stores(tiny_cfg, double_quant):
+    """The prediction runs bitsandbytes' quantization on fake tensors: its 4-bit weights must
+    cost what a real (CPU) quantization of the same U-Net stores."""
+    import bitsandbytes.functional as bnb_functional
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from benchmark import data, models
+    from benchmark.config import method_config, training_dtype
+    from methods.qlora import QLoRA
+
+    cfg = tiny_cfg("method=qlora", f"method.double_quant={double_quant}")
+    est = estimate(cfg)
+    method = QLoRA(method_config(cfg))
+    components = models.load_components(cfg.model, "cpu", training_dtype(method.cfg))
+    method.setup(components, data.get_subject(cfg.subject))
+    assert est.breakdown["weights_4bit"] == real_4bit_weight_bytes(components.unet)
+    # the code table bitsandbytes caches during the prediction was fake: it is not left behind
+    assert not any(isinstance(v, FakeTensor) for v in bnb_functional.name2qmap.values())
+    assert est.phase_breakdown["forward"]["weights_4bit"] == est.breakdown["weights_4bit"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_runs_under_fake_tensors(tiny_cfg, method):
     est = estimate(tiny_cfg(f"method={method}"))
     assert est.peak_bytes >= est.after_setup_bytes > 0
