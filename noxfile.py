@@ -1,5 +1,5 @@
-"""Developer sessions. They run in the environment nox is started from (install once:
-`bash .ci/install`, then `.venv/bin/nox -s <session>`), so no session reinstalls torch."""
+"""Developer sessions. They run in the Python that runs nox (install once: `bash .ci/install`,
+then `.venv/bin/nox -s <session>`), so no session reinstalls torch."""
 
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ nox.options.sessions = ["lint", "tests"]
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (CPU, tiny models, ../shared/dreambooth images)."""
-    session.run("python", "-m", "pytest", "-n", "2", "-q", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "-n", "2", "-q", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.run("python", "-m", "ruff", "check", "benchmark", "methods", "tests", "noxfile.py")
-    session.run(
-        "python", "-m", "ruff", "format", "--check", "--diff", "benchmark", "methods", "tests", "noxfile.py"
-    )
+    paths = ["benchmark", "methods", "tests", "noxfile.py"]
+    session.run(sys.executable, "-m", "ruff", "check", *paths)
+    session.run(sys.executable, "-m", "ruff", "format", "--check", "--diff", *paths)
 
 
 # One step of a method on SD1.5's architecture (random weights), in a fresh process so that
