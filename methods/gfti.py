@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 from methods.base import MethodConfig, require
-from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
-from methods.prompts import sample_prompts
+from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks
-from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.timesteps import check_timestep_bounds
 from methods.token_method import TokenMethod
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -111,16 +110,9 @@ class GradientFreeTI(TokenMethod):
         self.embeddings[self.token_id] = token.to(self.embeddings.dtype)
 
     def step(self, batch, step):
-        c, cfg, g = self.c, self.cfg, batch["generator"]
-        bsz = batch["pixel_values"].shape[0]
+        c, g = self.c, batch["generator"]
         with torch.no_grad():
-            latents = encode_latents(c.vae, batch["pixel_values"], g)
-            t = sample_timesteps(
-                cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
-                alphas_cumprod=c.noise_scheduler.alphas_cumprod,
-            )  # fmt: skip
-            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-            ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+            z_t, t, target, ids = self.denoising_inputs(batch)
             self.randn.generator = g
             try:
                 candidates = self.es.ask()

@@ -13,9 +13,8 @@ import dataclasses
 import torch
 
 from methods.base import MethodConfig, require
-from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
-from methods.prompts import sample_prompts
-from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.diffusion import denoising_loss
+from methods.timesteps import check_timestep_bounds
 from methods.token_method import TokenMethod
 
 
@@ -55,14 +54,8 @@ class TextualInversion(TokenMethod):
         return {"token_embedding": self.embeddings}
 
     def step(self, batch, step):
-        c, cfg, g = self.c, self.cfg, batch["generator"]
-        bsz = batch["pixel_values"].shape[0]
-        latents = encode_latents(c.vae, batch["pixel_values"], g)
-        t = sample_timesteps(
-            cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U
-        )
-        z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-        ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+        c = self.c
+        z_t, t, target, ids = self.denoising_inputs(batch)
         hidden = c.text_encoder(ids)[0]
         loss = denoising_loss(c.unet, z_t, t, hidden, target)
         loss.backward()

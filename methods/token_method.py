@@ -7,6 +7,9 @@ from __future__ import annotations
 import torch
 
 from methods.base import ConfigError, Method, require
+from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.prompts import sample_prompts
+from methods.timesteps import sample_timesteps
 
 
 def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
@@ -43,6 +46,22 @@ class TokenMethod(Method):
         return add_placeholder_token(
             components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
         )
+
+    def denoising_inputs(self, batch):
+        """(z_t, t, target, prompt ids) of one step: latents of the batch's images, timesteps from
+        ``cfg.timesteps``, noise, and ImageNet-style prompts with the token, all drawn from the
+        step's generator in this order. Needs ``self.c`` (the components) set in ``setup``."""
+        c, cfg, g = self.c, self.cfg, batch["generator"]
+        bsz = batch["pixel_values"].shape[0]
+        with torch.no_grad():
+            latents = encode_latents(c.vae, batch["pixel_values"], g)
+            t = sample_timesteps(
+                cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
+                alphas_cumprod=c.noise_scheduler.alphas_cumprod,
+            )  # fmt: skip
+            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
+        ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+        return z_t, t, target, ids
 
     def apply(self, pipeline, artifact) -> None:
         pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)

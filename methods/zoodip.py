@@ -22,11 +22,10 @@ import dataclasses
 import torch
 
 from methods.base import MethodConfig, require
-from methods.diffusion import denoising_loss, encode_latents, noisy_latents, token_ids
-from methods.prompts import sample_prompts
+from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.timesteps import check_timestep_bounds
 from methods.token_method import TokenMethod
 from methods.zo import check_estimator, estimate_gradient, forward_passes
 from methods.zo_adam import ZOAdam
@@ -98,15 +97,8 @@ class ZOODiP(TokenMethod):
 
     def step(self, batch, step):
         c, cfg, g = self.c, self.cfg, batch["generator"]
-        bsz = batch["pixel_values"].shape[0]
         with torch.no_grad():
-            latents = encode_latents(c.vae, batch["pixel_values"], g)
-            t = sample_timesteps(
-                cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
-                alphas_cumprod=c.noise_scheduler.alphas_cumprod,
-            )  # fmt: skip
-            z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-            ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+            z_t, t, target, ids = self.denoising_inputs(batch)
 
             def loss_fn() -> torch.Tensor:
                 self._write_token()
