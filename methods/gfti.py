@@ -30,40 +30,25 @@ import cma
 import numpy as np
 import torch
 
-from methods.base import MethodConfig, require
+from methods.base import require
 from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks
-from methods.timesteps import check_timestep_bounds
-from methods.token_method import TokenMethod
-
-PRECISIONS = ("fp32", "fp16", "bf16")
+from methods.token_method import TokenConfig, TokenMethod
 
 
 @dataclasses.dataclass
-class GFTIConfig(MethodConfig):
-    precision: str = "fp32"
+class GFTIConfig(TokenConfig):
     quantize: str = "none"
-    placeholder_token: str = "<sks>"
-    initializer: str = "class"
     subspace_dim: int = 256
     popsize: int = 20
     sigma: float = 1.0
-    timesteps: str = "uniform"
-    T_L: int = 500
-    T_U: int = 900
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            self.precision in PRECISIONS,
-            f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
-        )
         check_quantize(self.quantize)
-        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
         require(self.subspace_dim >= 1, f"method.subspace_dim={self.subspace_dim} must be >= 1")
         require(self.popsize >= 2, f"method.popsize={self.popsize} must be >= 2 (CMA-ES ranks candidates)")
         require(self.sigma > 0, f"method.sigma={self.sigma} must be > 0")
-        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
 
 
 def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:

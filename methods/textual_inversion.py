@@ -12,27 +12,17 @@ import dataclasses
 
 import torch
 
-from methods.base import MethodConfig, require
+from methods.base import require
 from methods.diffusion import denoising_loss
-from methods.timesteps import check_timestep_bounds
-from methods.token_method import TokenMethod
+from methods.token_method import TokenConfig, TokenMethod
 
 
 @dataclasses.dataclass
-class TIConfig(MethodConfig):
-    precision: str = "fp32"
-    placeholder_token: str = "<sks>"
-    initializer: str = "class"
-    timesteps: str = "uniform"
-    T_L: int = 500
-    T_U: int = 900
-
+class TIConfig(TokenConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         # The paper's TI baseline is FP32; AdamW on fp16 embedding rows diverges.
         require(self.precision == "fp32", f"method.precision={self.precision!r}; TI trains in fp32 only")
-        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
-        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
 
 
 class TextualInversion(TokenMethod):

@@ -4,12 +4,14 @@ textual-inversion file ({token: (1, dim)}) that `load_textual_inversion` reads."
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from methods.base import ConfigError, Method, require
+from methods.base import ConfigError, Method, MethodConfig, require
 from methods.diffusion import encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
-from methods.timesteps import sample_timesteps
+from methods.timesteps import check_timestep_bounds, sample_timesteps
 
 
 def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
@@ -30,6 +32,30 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words
     with torch.no_grad():
         weight[token_id] = weight[init_ids].mean(dim=0)
     return token_id
+
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclasses.dataclass
+class TokenConfig(MethodConfig):
+    """Knobs every token method has; each adds its own."""
+
+    precision: str = "fp32"
+    placeholder_token: str = "<sks>"
+    initializer: str = "class"  # the subject's class noun, or any word(s)
+    timesteps: str = "uniform"
+    T_L: int = 500
+    T_U: int = 900
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.precision in PRECISIONS,
+            f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
+        )
+        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
+        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
 
 
 class TokenMethod(Method):

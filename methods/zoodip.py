@@ -21,25 +21,21 @@ import dataclasses
 
 import torch
 
-from methods.base import MethodConfig, require
+from methods.base import require
 from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.timesteps import check_timestep_bounds
-from methods.token_method import TokenMethod
+from methods.token_method import TokenConfig, TokenMethod
 from methods.zo import check_estimator, estimate_gradient, forward_passes
 from methods.zo_adam import ZOAdam
 
-PRECISIONS = ("fp16", "bf16", "fp32")
-
 
 @dataclasses.dataclass
-class ZOODiPConfig(MethodConfig):
+class ZOODiPConfig(TokenConfig):
     precision: str = "fp16"
+    timesteps: str = "puts"
     quantize: str = "int8"
     quantize_at_inference: bool = True
-    placeholder_token: str = "<sks>"
-    initializer: str = "class"
     estimator: str = "rge"
     n: int = 2
     mu: float = 1e-3
@@ -47,25 +43,16 @@ class ZOODiPConfig(MethodConfig):
     sg: bool = True
     tau: int = 128
     nu: float = 1e-3
-    timesteps: str = "puts"
-    T_L: int = 500
-    T_U: int = 900
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(
-            self.precision in PRECISIONS,
-            f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
-        )
         check_quantize(self.quantize)
-        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
         check_estimator(self.estimator, self.n, self.mu)
         require(self.tau >= 2, f"method.tau={self.tau} must be >= 2 (history length for the PCA)")
         require(0 < self.nu < 1, f"method.nu={self.nu} must be in (0, 1)")
-        check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
         require(
             0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
             f"method.beta1={self.beta1}, beta2={self.beta2}: need [0, 1)",
