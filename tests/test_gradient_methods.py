@@ -200,8 +200,9 @@ def test_dreambooth_prior_preservation_generates_and_caches_class_images(
     )
     cfg = tiny_cfg(*overrides)
     method, components, images = _setup(cfg, dataset_root)
-    cached = sorted((tmp_path / "class_images" / "dog").glob("*.png"))
-    assert [p.name for p in cached] == ["00000.png", "00001.png"]
+    (folder,) = (tmp_path / "class_images" / "dog").iterdir()  # one settings key
+    assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png", "00001.png"]
+    assert json.loads((folder / "settings.json").read_text())["prompt"] == "a photo of dog"
     assert method.class_pixels.shape == (2, 3, 64, 64) and method.class_pixels.dtype == torch.uint8
 
     g = torch.Generator().manual_seed(0)
@@ -215,6 +216,28 @@ def test_dreambooth_prior_preservation_generates_and_caches_class_images(
     monkeypatch.setattr(benchmark.models, "build_pipeline", lambda *_: pytest.fail("regenerated"))
     again, _, _ = _setup(cfg, dataset_root)  # reads the cache
     assert torch.equal(again.class_pixels, method.class_pixels)
+
+
+def test_dreambooth_class_image_cache_is_keyed_by_weights_and_settings(tiny_cfg, dataset_root, tmp_path):
+    """Another guidance scale, or other base weights under the same model name, must not reuse
+    the cached class images."""
+    overrides = (
+        "method=dreambooth",
+        "method.prior_preservation=true",
+        "method.num_class_images=1",
+        "method.class_inference_steps=1",
+        f"method.class_images_dir={tmp_path}",
+    )
+    _setup(tiny_cfg(*overrides), dataset_root)
+    _setup(tiny_cfg(*overrides, "method.class_guidance_scale=1.0"), dataset_root)
+    cfg = tiny_cfg(*overrides)
+    components = models.load_components(cfg.model)
+    with torch.no_grad():
+        components.unet.conv_in.weight.add_(1.0)  # a fine-tuned base with the same name
+    from methods.dreambooth import class_images
+
+    class_images(components, "dog", method_config(cfg))
+    assert len(list((tmp_path / "dog").iterdir())) == 3
 
 
 @pytest.mark.parametrize(
