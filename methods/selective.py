@@ -157,11 +157,16 @@ class Selective(LoRA):
 
     def record_extras(self):
         cfg = self.cfg
+        zo_passes = forward_passes(cfg.estimator, cfg.n)
+        steps = self.counts["bp_low"] + self.counts["zo_high"]
+        # the mean over the steps run: a BP-low step is one forward pass (and a backward)
+        mean_passes = (self.counts["bp_low"] + zo_passes * self.counts["zo_high"]) / steps if steps else None
         return {
             **super().record_extras(),
+            "forward_passes_per_step": mean_passes,
             "bp_low_steps": self.counts["bp_low"],
             "zo_high_steps": self.counts["zo_high"],
-            "zo_forward_passes_per_step": forward_passes(cfg.estimator, cfg.n),
+            "zo_forward_passes_per_step": zo_passes,
             "low_resolution_px": cfg.low_resolution,
             "high_resolution_px": cfg.high_resolution,
         }

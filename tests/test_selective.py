@@ -147,6 +147,8 @@ def test_record_counts_add_up_to_the_steps(tiny_cfg):
     assert record["status"] == "ok", record["error"]
     assert record["bp_low_steps"] + record["zo_high_steps"] == record["train_steps"] == 4
     assert record["zo_forward_passes_per_step"] == 3 and record["low_resolution_px"] == 32
+    bp, zo = record["bp_low_steps"], record["zo_high_steps"]
+    assert record["forward_passes_per_step"] == pytest.approx((bp + 3 * zo) / 4)
     assert record["clip_i"] is not None and record["artifact_bytes"] > 0
 
 
