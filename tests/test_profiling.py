@@ -100,3 +100,113 @@ def test_records_carry_every_figure(tiny_cfg):
         assert record[key] > 0, key
     assert record["artifact_bytes"] > 0
     assert record["forward_passes_per_step"] == 3  # n = 2 perturbations + the unperturbed loss
+
+
+# -- the CUDA and NVML bookkeeping, against a scripted allocator and driver --------------------
+
+GiB = 2**30
+
+
+class ScriptedGpu:
+    """torch.cuda's memory functions and nvidia-ml-py's answers for one process on one device:
+    ``alloc`` / ``free`` move PyTorch's allocator; the driver sees the allocator's reserved
+    bytes plus the CUDA context (and another process's memory on the device)."""
+
+    def __init__(self, context: int, other_process: int, process_visible: bool = True):
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        self.context, self.other_process, self.process_visible = context, other_process, process_visible
+        self.uuids: list[str] = []
+
+    def alloc(self, nbytes: int) -> None:
+        self.allocated += nbytes
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def free(self, nbytes: int) -> None:
+        self.allocated -= nbytes  # the allocator keeps it reserved (cached)
+
+    def install(self, monkeypatch) -> None:
+        import os
+        import sys
+        import types
+
+        cuda = {
+            "current_device": lambda: 0,
+            "synchronize": lambda device=None: None,
+            "max_memory_allocated": lambda device=None: self.peak_allocated,
+            "max_memory_reserved": lambda device=None: self.peak_reserved,
+            "memory_reserved": lambda device=None: self.reserved,
+            "empty_cache": lambda: setattr(self, "reserved", self.allocated),
+            "reset_peak_memory_stats": lambda device=None: self.__dict__.update(
+                peak_allocated=self.allocated, peak_reserved=self.reserved
+            ),
+            "get_device_properties": lambda device: types.SimpleNamespace(uuid="0d1e-2f"),
+        }
+        for name, fn in cuda.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+        mine = lambda: self.reserved + self.context  # noqa: E731
+        processes = lambda handle: [  # noqa: E731
+            types.SimpleNamespace(pid=os.getpid() if self.process_visible else -1, usedGpuMemory=mine()),
+            types.SimpleNamespace(pid=-2, usedGpuMemory=self.other_process),
+        ]
+        nvml = types.SimpleNamespace(
+            nvmlInit=lambda: None,
+            nvmlDeviceGetHandleByUUID=lambda uuid: self.uuids.append(uuid) or "handle",
+            nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=mine() + self.other_process),
+            nvmlDeviceGetComputeRunningProcesses=processes,
+        )
+        monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the NVML sampler thread never saw the state"
+        time.sleep(0.005)
+
+
+def scripted_training(gpu: ScriptedGpu, monkeypatch) -> dict:
+    """Load (10 GiB weights, 4 GiB of load-time buffers freed again), then 3 steps that each
+    hold 3 GiB of activations, sampled by the NVML thread while they are alive."""
+    gpu.install(monkeypatch)
+    monitor = TrainingMonitor("cuda", warmup_steps=0, profile_steps=0)
+    gpu.alloc(10 * GiB)
+    gpu.alloc(4 * GiB)
+    gpu.free(4 * GiB)
+    monitor.loaded()
+    assert monitor.nvml.available
+    for _ in range(3):
+        gpu.alloc(3 * GiB)
+        if gpu.process_visible:
+            wait_for(lambda: monitor.nvml.process_peak == 13 * GiB + gpu.context)
+        else:
+            wait_for(lambda: monitor.nvml.device_peak == 13 * GiB + gpu.context + gpu.other_process)
+        gpu.free(3 * GiB)
+        monitor.step_done()
+    return monitor.summary()
+
+
+def test_cuda_peaks_are_reset_after_load_and_nvml_adds_the_context(monkeypatch):
+    gpu = ScriptedGpu(context=GiB // 2, other_process=GiB)
+    summary = scripted_training(gpu, monkeypatch)
+    assert gpu.uuids == ["GPU-0d1e-2f"]  # torch's bare UUID, in NVML's spelling
+    assert summary["peak_allocated_bytes"] == 13 * GiB  # weights + activations, not the load
+    assert summary["peak_reserved_bytes"] == 13 * GiB  # the load's cache was given back first
+    assert summary["peak_allocated_with_load_bytes"] == 14 * GiB
+    assert summary["peak_reserved_with_load_bytes"] == 14 * GiB
+    assert summary["nvml_process_peak_bytes"] == 13 * GiB + GiB // 2
+    assert summary["nvml_device_peak_bytes"] == 13 * GiB + GiB // 2 + GiB  # the other process too
+    assert summary["cuda_context_bytes"] == GiB // 2
+    assert summary["it_per_s"] > 0
+
+
+def test_nvml_without_this_process_keeps_the_device_figure_only(monkeypatch):
+    """In a container's PID namespace NVML lists no process of ours: None, never 0."""
+    gpu = ScriptedGpu(context=GiB // 2, other_process=GiB, process_visible=False)
+    summary = scripted_training(gpu, monkeypatch)
+    assert summary["nvml_process_peak_bytes"] is None and summary["cuda_context_bytes"] is None
+    assert summary["nvml_device_peak_bytes"] == 13 * GiB + GiB // 2 + GiB
+    assert summary["peak_allocated_bytes"] == 13 * GiB
