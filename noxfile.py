@@ -68,21 +68,29 @@ MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selectiv
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
 
 
+def memory_runs(session: nox.Session, *fixed: str) -> None:
+    """`python -m benchmark.memory -m` over every method (or the session's overrides), into
+    MEMORY_CSV, then the table."""
+    # Selective's first steps are all BP-low (its schedule starts there): ZO-high gets a row of its own.
+    runs = [session.posargs] if any(o.startswith("method=") for o in session.posargs) else [
+        [f"method={MEMORY_METHODS}", *session.posargs],
+        ["method=selective", "method.schedule=always_zo_high", *session.posargs],
+    ]  # fmt: skip
+    for overrides in runs:
+        session.run(
+            sys.executable, "-m", "benchmark.memory", "-m", "model=sd15_arch", f"csv={MEMORY_CSV}",
+            *fixed, *overrides, env={"HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    csv = next((o.split("=", 1)[1] for o in session.posargs if o.startswith("csv=")), MEMORY_CSV)
+    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({csv!r})")
+
+
 @nox.session
 def memory(session: nox.Session) -> None:
     """Predicted peak training memory of every method at SD1.5 / 512 px / batch 1, on a CPU with
     no weights (benchmark/memory_estimate.py): writes results/memory/sd15_predicted.csv next to
     the paper's Table 1 and prints it. `nox -s memory -- method=ti,zoodip` for a subset."""
-    # Selective's first steps are all BP-low (its schedule starts there): ZO-high gets a row of its own.
-    runs = [session.posargs] if session.posargs else [
-        [f"method={MEMORY_METHODS}"], ["method=selective", "method.schedule=always_zo_high"],
-    ]  # fmt: skip
-    for overrides in runs:
-        session.run(
-            sys.executable, "-m", "benchmark.memory", "-m", "model=sd15_arch", f"csv={MEMORY_CSV}",
-            *overrides, env={"HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({MEMORY_CSV!r})")
+    memory_runs(session)
 
 
 @nox.session
@@ -97,11 +105,4 @@ def memory_gpu(session: nox.Session) -> None:
         "import torch, diffusers, transformers, peft, bitsandbytes, hydra, pynvml, cma; "
         "assert torch.cuda.is_available(), 'nox -s memory_gpu needs a CUDA GPU'",
     )  # fmt: skip
-    overrides = list(session.posargs)
-    if not any(o.startswith("method=") for o in overrides):
-        overrides.append(f"method={MEMORY_METHODS}")
-    session.run(
-        sys.executable, "-m", "benchmark.memory", "-m", "model=sd15_arch", "measure=true", "predict=false",
-        f"csv={MEMORY_CSV}", *overrides, env={"HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({MEMORY_CSV!r})")
+    memory_runs(session, "measure=true", "predict=false")

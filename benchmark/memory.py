@@ -98,9 +98,15 @@ def csv_row(keys: dict[str, Any], est: Estimate | None, measured: dict[str, Any]
         nvml = measured.get("nvml_process_peak_bytes") or measured.get("nvml_device_peak_bytes")
         row["measured_nvml_peak_gb"] = None if nvml is None else round(nvml / GB, 3)
         row.update({f"measured_{k}": v for k, v in measured.items()})
-        if est is not None and peak:
-            row["predicted_error_percent"] = round(100 * (est.peak_bytes - peak) / peak, 1)
     return row
+
+
+def prediction_error_percent(row: dict[str, Any]) -> float | None:
+    """(predicted - measured allocator peak) / measured, in percent; None without both."""
+    predicted, measured = row.get("predicted_peak_bytes"), row.get("measured_peak_allocated_bytes")
+    if predicted is None or pd.isna(predicted) or measured is None or pd.isna(measured) or not measured:
+        return None
+    return round(100 * (float(predicted) - float(measured)) / float(measured), 1)
 
 
 def upsert_csv(path: Path, row: dict[str, Any]) -> pd.DataFrame:
@@ -112,6 +118,8 @@ def upsert_csv(path: Path, row: dict[str, Any]) -> pd.DataFrame:
     same = (table[list(ROW_KEYS)].astype(object).fillna("").astype(str) == wanted).all(axis=1)
     old = table[same].iloc[0].to_dict() if same.any() else {}
     merged = {**old, **{k: v for k, v in row.items() if v is not None or k not in old or k == "error"}}
+    # a measure-only run (nox -s memory_gpu: predict=false) meets the row's earlier prediction here
+    merged["predicted_error_percent"] = prediction_error_percent(merged)
     table = pd.concat([table[~same], pd.DataFrame([merged])], ignore_index=True)
     write_text_atomic(path, table.to_csv(index=False))
     return table

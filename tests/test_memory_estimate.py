@@ -181,3 +181,24 @@ def test_cli_prints_one_json_object_per_configuration(tmp_path, capsys):
     table = pd.read_csv(csv)
     assert table.loc[0, "predicted_peak_bytes"] == row["peak_bytes"]
     assert table.loc[0, "paper_memory_gb"] == 6.75  # results/paper/table1.csv, row TI
+
+
+def test_a_measure_only_run_meets_the_earlier_prediction_in_the_csv(tmp_path):
+    """nox -s memory writes predictions; nox -s memory_gpu (predict=false) later adds the
+    measured peaks to the same rows, and the error column compares the two."""
+    from benchmark.memory import csv_row, upsert_csv
+
+    csv = tmp_path / "sd15.csv"
+    keys = {"method": "zoodip", "variant": "", "model": "sd15_arch", "resolution": 512, "batch_size": 1}
+    other = {**keys, "method": "ti"}
+    upsert_csv(csv, {**keys, "predicted_peak_bytes": 1_500_000_000, "error": None})
+    upsert_csv(csv, {**other, "predicted_peak_bytes": 6_000_000_000, "error": None})
+    measured = dict.fromkeys(("peak_reserved_bytes", "nvml_device_peak_bytes", "cuda_context_bytes"))
+    measured.update(peak_allocated_bytes=1_200_000_000, nvml_process_peak_bytes=2_000_000_000, it_per_s=3.0)
+    table = upsert_csv(csv, {**csv_row(keys, None, measured), "error": None})
+    assert len(table) == 2
+    row = pd.read_csv(csv).set_index("method").loc["zoodip"]
+    assert row["predicted_peak_bytes"] == 1_500_000_000  # kept from the prediction
+    assert row["measured_peak_allocated_gb"] == 1.2 and row["measured_nvml_peak_gb"] == 2.0
+    assert row["predicted_error_percent"] == 25.0  # (1.5 - 1.2) / 1.2
+    assert pd.isna(pd.read_csv(csv).set_index("method").loc["ti", "predicted_error_percent"])
