@@ -26,10 +26,16 @@ class ScaleTuningConfig(UNetFinetuneConfig):
         require(self.bits in (4, 8), f"method.bits={self.bits}; choose 8 (INT8) or 4 (INT4)")
 
 
-def quantize_unet(unet, cfg: ScaleTuningConfig):
-    """All U-Net Linear/Conv2d layers -> QuantizedLayer; returns them by name."""
+def quantize_unet(unet, cfg: ScaleTuningConfig, scale_dtype: torch.dtype | None = None):
+    """All U-Net Linear/Conv2d layers -> QuantizedLayer; returns them by name. The scales are
+    fp32 unless ``scale_dtype`` is given: a pipeline passes its own dtype, so that an fp16
+    U-Net stays fp16 throughout (diffusers reads ``unet.dtype`` off its parameters)."""
     quantize_model(unet, bits=cfg.bits, symmetric=cfg.symmetric)
-    return quantized_layers(unet)
+    layers = quantized_layers(unet)
+    if scale_dtype is not None:
+        for layer in layers.values():
+            layer.scale = torch.nn.Parameter(layer.scale.detach().to(scale_dtype), requires_grad=False)
+    return layers
 
 
 def check_artifact_keys(artifact, expected: set[str], method: str) -> None:
@@ -56,7 +62,7 @@ class PEQA(UNetFinetune):
         return {k: v.detach() for k, v in self.params.items()}
 
     def apply(self, pipeline, artifact) -> None:
-        layers = quantize_unet(pipeline.unet, self.cfg)
+        layers = quantize_unet(pipeline.unet, self.cfg, scale_dtype=pipeline.unet.dtype)
         check_artifact_keys(artifact, {f"{name}.scale" for name in layers}, "PEQA")
         with torch.no_grad():
             for name, layer in layers.items():

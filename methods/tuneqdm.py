@@ -72,7 +72,9 @@ class TimestepScaledLayer(nn.Module):
         in_channels = base.weight_shape[1] * (base.groups if base.is_conv else 1)
         self.delta_out = nn.Parameter(base.scale.detach().clone().repeat(n, 1))
         self.delta_in = (
-            nn.Parameter(torch.ones(n, in_channels, device=base.scale.device)) if with_delta_in else None
+            nn.Parameter(torch.ones(n, in_channels, device=base.scale.device, dtype=base.scale.dtype))
+            if with_delta_in
+            else None
         )
 
     def _per_sample(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,11 +97,14 @@ class TimestepScaledLayer(nn.Module):
         return self.base.add_bias(y * self._per_sample(ratio, y).to(y.dtype))
 
 
-def timestep_scaled_unet(unet, cfg: TuneQDMConfig) -> dict[str, TimestepScaledLayer]:
-    """Quantize ``unet``, wrap every quantized layer with scale sets, install the pre-hook."""
+def timestep_scaled_unet(
+    unet, cfg: TuneQDMConfig, scale_dtype: torch.dtype | None = None
+) -> dict[str, TimestepScaledLayer]:
+    """Quantize ``unet``, wrap every quantized layer with scale sets (fp32, or ``scale_dtype``
+    as in ``quantize_unet``), install the pre-hook."""
     sets = TimestepSets(cfg.timestep_sets, cfg.num_train_timesteps)
     layers = {}
-    for name, base in quantize_unet(unet, cfg).items():
+    for name, base in quantize_unet(unet, cfg, scale_dtype).items():
         layer = TimestepScaledLayer(base, sets, cfg.train_delta_in)
         parent_name, _, attr = name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, attr, layer)
@@ -132,7 +137,7 @@ class TuneQDM(UNetFinetune):
         return {k: v.detach() for k, v in self.params.items()}
 
     def apply(self, pipeline, artifact) -> None:
-        tensors = scale_tensors(timestep_scaled_unet(pipeline.unet, self.cfg))
+        tensors = scale_tensors(timestep_scaled_unet(pipeline.unet, self.cfg, pipeline.unet.dtype))
         check_artifact_keys(artifact, set(tensors), "TuneQDM")
         with torch.no_grad():
             for key, tensor in tensors.items():
