@@ -104,7 +104,7 @@ def csv_row(keys: dict[str, Any], est: Estimate | None, measured: dict[str, Any]
 def prediction_error_percent(row: dict[str, Any]) -> float | None:
     """(predicted - measured allocator peak) / measured, in percent; None without both."""
     predicted, measured = row.get("predicted_peak_bytes"), row.get("measured_peak_allocated_bytes")
-    if predicted is None or pd.isna(predicted) or measured is None or pd.isna(measured) or not measured:
+    if pd.isna(predicted) or pd.isna(measured) or not measured:  # pd.isna(None) is True
         return None
     return round(100 * (float(predicted) - float(measured)) / float(measured), 1)
 

@@ -30,12 +30,8 @@ def quantize_unet(unet, cfg: ScaleTuningConfig, scale_dtype: torch.dtype | None 
     """All U-Net Linear/Conv2d layers -> QuantizedLayer; returns them by name. The scales are
     fp32 unless ``scale_dtype`` is given: a pipeline passes its own dtype, so that an fp16
     U-Net stays fp16 throughout (diffusers reads ``unet.dtype`` off its parameters)."""
-    quantize_model(unet, bits=cfg.bits, symmetric=cfg.symmetric)
-    layers = quantized_layers(unet)
-    if scale_dtype is not None:
-        for layer in layers.values():
-            layer.scale = torch.nn.Parameter(layer.scale.detach().to(scale_dtype), requires_grad=False)
-    return layers
+    quantize_model(unet, bits=cfg.bits, symmetric=cfg.symmetric, scale_dtype=scale_dtype)
+    return quantized_layers(unet)
 
 
 def check_artifact_keys(artifact, expected: set[str], method: str) -> None:

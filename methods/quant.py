@@ -91,9 +91,16 @@ class _QuantizedOp(torch.autograd.Function):
 
 class QuantizedLayer(nn.Module):
     """A frozen integer Linear/Conv2d with a per-output-channel ``scale`` (an nn.Parameter,
-    frozen unless a method trains it) and the original (frozen) ``bias``."""
+    frozen unless a method trains it; fp32 unless ``scale_dtype`` is given) and the original
+    (frozen) ``bias``."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, bits: int = 8, symmetric: bool = True):
+    def __init__(
+        self,
+        layer: nn.Linear | nn.Conv2d,
+        bits: int = 8,
+        symmetric: bool = True,
+        scale_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}; quantization supports 4 or 8 bits")
@@ -118,7 +125,7 @@ class QuantizedLayer(nn.Module):
             qweight = _pack_nibbles(integer + (8 if symmetric else 0))
         self.register_buffer("qweight", qweight.to(device))
         self.register_buffer("zero_point", None if zero_point is None else zero_point.to(device))
-        self.scale = nn.Parameter(scale.to(device), requires_grad=False)
+        self.scale = nn.Parameter(scale.to(device, scale_dtype), requires_grad=False)
         self.bias = (
             None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         )
@@ -194,6 +201,7 @@ def quantize_model(
     bits: int = 8,
     symmetric: bool = True,
     skip: Callable[[str, nn.Module], bool] | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> int:
     """Replace every nn.Linear / nn.Conv2d inside ``module`` (not ``module`` itself) in place by
     a QuantizedLayer; ``skip(qualified_name, layer)`` -> True keeps a layer as it is.
@@ -206,7 +214,7 @@ def quantize_model(
     for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, QuantizedLayer(child, bits=bits, symmetric=symmetric))
+        setattr(parent, attr, QuantizedLayer(child, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype))
     return len(targets)
 
 

@@ -38,10 +38,7 @@ def quantize_frozen(module: torch.nn.Module, mode: str, dtype: torch.dtype | Non
         return 0
     if dtype is None:
         dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    count = quantize_model(module, bits=bits, symmetric=True)
-    for layer in quantized_layers(module).values():
-        layer.scale = torch.nn.Parameter(layer.scale.detach().to(dtype), requires_grad=False)
-    return count
+    return quantize_model(module, bits=bits, symmetric=True, scale_dtype=dtype)
 
 
 def quantize_networks(networks, mode: str) -> dict[str, int]:
