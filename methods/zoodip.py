@@ -27,7 +27,7 @@ from methods.quantized_model import check_quantize, quantize_networks, quantized
 from methods.subspace import SubspaceGradient
 from methods.token_method import TokenConfig, TokenMethod
 from methods.zo import check_estimator, estimate_gradient, forward_passes
-from methods.zo_adam import ZOAdam
+from methods.zo_adam import STATE_DTYPES, ZOAdam
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class ZOODiPConfig(TokenConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-3
+    adam_state_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +59,10 @@ class ZOODiPConfig(TokenConfig):
             f"method.beta1={self.beta1}, beta2={self.beta2}: need [0, 1)",
         )
         require(self.adam_eps > 0, f"method.adam_eps={self.adam_eps} must be > 0")
+        require(
+            self.adam_state_dtype in STATE_DTYPES,
+            f"method.adam_state_dtype={self.adam_state_dtype!r}; choose one of: {', '.join(STATE_DTYPES)}",
+        )
 
 
 class ZOODiP(TokenMethod):
@@ -74,7 +79,7 @@ class ZOODiP(TokenMethod):
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
         )
-        self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+        self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.adam_state_dtype)
 
     def trainable_parameters(self):
         return {"token_embedding": self.token}
