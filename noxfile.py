@@ -127,7 +127,8 @@ def mean_step(state_dtype, lr, scale, steps=200):
 print("gradient std | step fp16/fp32 (lr 5e-3) | official (fp16, lr 1e-2) / ours (fp32, lr 5e-3)")
 for scale in (1e-4, 1e-3, 3e-3, 1e-2, 1e-1):
     ours = mean_step("fp32", 5e-3, scale)
-    print(f"{scale:12.0e} | {mean_step('fp16', 5e-3, scale) / ours:24.2f} | {mean_step('fp16', 1e-2, scale) / ours:.2f}")
+    fp16, official = mean_step("fp16", 5e-3, scale), mean_step("fp16", 1e-2, scale)
+    print(f"{scale:12.0e} | {fp16 / ours:24.2f} | {official / ours:.2f}")
 """
 
 
