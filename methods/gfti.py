@@ -39,13 +39,15 @@ from methods.token_method import TokenConfig, TokenMethod
 @dataclasses.dataclass
 class GFTIConfig(TokenConfig):
     quantize: str = "none"
+    quantize_scope: str = "all"
+    int4_scheme: str = "affine_group128"
     subspace_dim: int = 256
     popsize: int = 20
     sigma: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_quantize(self.quantize)
+        check_quantize(self.quantize, self.int4_scheme, self.quantize_scope)
         require(self.subspace_dim >= 1, f"method.subspace_dim={self.subspace_dim} must be >= 1")
         require(self.popsize >= 2, f"method.popsize={self.popsize} must be >= 2 (CMA-ES ranks candidates)")
         require(self.sigma > 0, f"method.sigma={self.sigma} must be > 0")
@@ -80,7 +82,7 @@ class GradientFreeTI(TokenMethod):
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
         self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
         self.token_id = self.add_token(components, subject)
-        quantize_networks(components, cfg.quantize)
+        quantize_networks(components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
         self.initial_token = self.embeddings[self.token_id].detach().double().clone()
         self.randn = StepNormal()
@@ -137,5 +139,5 @@ class GradientFreeTI(TokenMethod):
         }
 
     def apply(self, pipeline, artifact) -> None:
-        quantize_networks(pipeline, self.cfg.quantize)
+        quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)
         super().apply(pipeline, artifact)

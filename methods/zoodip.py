@@ -35,6 +35,8 @@ class ZOODiPConfig(TokenConfig):
     precision: str = "fp16"
     timesteps: str = "puts"
     quantize: str = "int8"
+    quantize_scope: str = "all"
+    int4_scheme: str = "affine_group128"
     quantize_at_inference: bool = True
     estimator: str = "rge"
     n: int = 2
@@ -50,7 +52,7 @@ class ZOODiPConfig(TokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_quantize(self.quantize)
+        check_quantize(self.quantize, self.int4_scheme, self.quantize_scope)
         check_estimator(self.estimator, self.n, self.mu)
         require(self.tau >= 2, f"method.tau={self.tau} must be >= 2 (history length for the PCA)")
         require(0 < self.nu < 1, f"method.nu={self.nu} must be in (0, 1)")
@@ -72,7 +74,9 @@ class ZOODiP(TokenMethod):
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
         self.token_id = self.add_token(components, subject)
-        self.quantized_layers = quantize_networks(components, cfg.quantize)
+        self.quantized_layers = quantize_networks(
+            components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme
+        )
         self.quantized_weight_fraction = quantized_fraction(components)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
         self.token = self.embeddings[self.token_id].detach().float().clone()
@@ -138,5 +142,5 @@ class ZOODiP(TokenMethod):
 
     def apply(self, pipeline, artifact) -> None:
         if self.cfg.quantize_at_inference:
-            quantize_networks(pipeline, self.cfg.quantize)
+            quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)
         super().apply(pipeline, artifact)
