@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +49,12 @@ class MethodConfig:
     resolution: int = 512
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # lr=inf would diverge at step 1: no knob may be inf or nan
+            value = getattr(self, f.name)
+            require(
+                not isinstance(value, float) or math.isfinite(value),
+                f"method.{f.name}={value} must be a finite number",
+            )
         require(self.steps >= 1, f"method.steps={self.steps} must be >= 1")
         require(self.lr >= 0, f"method.lr={self.lr} must be >= 0")
         require(self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
-import cma
 import numpy as np
 import torch
 
@@ -85,6 +84,8 @@ class GradientFreeTI(TokenMethod):
         self.initial_token = self.embeddings[self.token_id].detach().double().clone()
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
+        import cma  # here, not at the top: it loads matplotlib, and validation must not wait for it
+
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.subspace_dim), cfg.sigma, options)
 
     def token_from(self, x) -> torch.Tensor:
