@@ -10,13 +10,16 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from methods.base import ConfigError, MethodConfig
+from methods.errors import ConfigError
 from methods.registry import method_class
+
+if TYPE_CHECKING:
+    from methods.base import MethodConfig
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOCK_NAME = ".lock"  # held (flock) by the process running the run directory

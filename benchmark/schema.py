@@ -313,8 +313,11 @@ class Checker:
     """Runs the checks of a run config in order. ``collect=False`` (``validate``): raise the first
     problem. ``collect=True`` (a sweep): note every problem, one line each, and carry on."""
 
-    def __init__(self, collect: bool, disk: DiskChecks | None = None, check_device: bool = True):
+    def __init__(
+        self, collect: bool, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+    ):
         self.collect, self.disk, self.check_device = collect, disk or DiskChecks(), check_device
+        self.inputs = inputs  # False: the values alone, not the images, weights and tokenizer
         self.found: list[str] = []
 
     def attempt(self, check, *args) -> Any:
@@ -337,6 +340,9 @@ class Checker:
             self.attempt(check_method_against_model, method_cfg, run_cfg.model)
         device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
+        if not self.inputs:
+            subject = data.get_subject(run_cfg.subject)
+            return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
         if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":  # weights first: the big download
             key = ("weights", OmegaConf.to_yaml(cfg.model, resolve=True))
             self.attempt(self.disk.once, key, models.locate_weights, cfg.model)
@@ -364,9 +370,11 @@ def validate(cfg: DictConfig) -> ValidRun:
     return Checker(collect=False).run(cfg)
 
 
-def problems(cfg: DictConfig, disk: DiskChecks | None = None, check_device: bool = True) -> list[str]:
+def problems(
+    cfg: DictConfig, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+) -> list[str]:
     """Every bad value of a run config, one line each (empty: the run can start)."""
-    checker = Checker(collect=True, disk=disk, check_device=check_device)
+    checker = Checker(collect=True, disk=disk, check_device=check_device, inputs=inputs)
     checker.run(cfg)
     return checker.found
 

@@ -154,12 +154,13 @@ def is_group_override(override: Override) -> bool:
 Check = Callable[[DictConfig], list[str]]  # a composed job -> its problems, one line each
 
 
-def run_checks(check_device: bool = True) -> Check:
-    """benchmark.schema.problems, with the disk checks shared by all jobs of a sweep."""
+def run_checks(check_device: bool = True, inputs: bool = True) -> Check:
+    """benchmark.schema.problems, with the disk checks shared by all jobs of a sweep; without
+    ``inputs``, the values alone (a status query or a report needs no images, weights or GPU)."""
     from benchmark.schema import DiskChecks, problems
 
     disk = DiskChecks()
-    return lambda cfg: problems(cfg, disk, check_device)
+    return lambda cfg: problems(cfg, disk, check_device, inputs)
 
 
 def plan_jobs(
@@ -229,15 +230,18 @@ def primary_config(arguments: Sequence[str], config_name: str = "config") -> Dic
 
 
 def plan_sweep(
-    arguments: Sequence[str], config_name: str = "config", check: Check | None | str = "run"
+    arguments: Sequence[str], config_name: str = "config", check: Check | None | str = "values"
 ) -> list[PlannedRun]:
     """Every run of `python -m benchmark -m <arguments>`, with the directory its record lands in;
-    every job validated first (InvalidSweep: bad input, one line per value) by ``check``: "run"
-    (benchmark.schema; a job for another machine, SLURM, is not checked against this machine's
-    devices), another Check, or None (compose only)."""
+    every job validated first (InvalidSweep: bad input, one line per value) by ``check``:
+    "values" (the config values: enough to plan, report or count), "run" (also the images, weights
+    and device a run needs; a job for another machine, SLURM, is not checked against this
+    machine's devices), another Check, or None (compose only)."""
     primary = primary_config(arguments, config_name)
     params = primary.hydra.sweeper.params
-    if check == "run":
+    if check == "values":
+        check = run_checks(check_device=False, inputs=False)
+    elif check == "run":
         local = "basic_launcher" in str(OmegaConf.select(primary, "hydra.launcher._target_", default=""))
         check = run_checks(check_device=local)
     jobs = job_overrides(OmegaConf.to_container(params) if params else None, arguments)

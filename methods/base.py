@@ -27,15 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmark.atomic import atomic_path
+from methods.errors import ConfigError, require
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the value and what is allowed."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+__all__ = ["ConfigError", "Method", "MethodConfig", "require"]
 
 
 @dataclasses.dataclass
