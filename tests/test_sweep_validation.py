@@ -5,6 +5,7 @@ line per bad value and writes nothing; a corrupt record is listed, not fatal; th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,12 @@ def test_the_main_job_reports_missing_weights_before_fetching_the_dataset(tmp_pa
 def test_hydra_output_folders_are_ignored_by_git():
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/hydra/2026-01-01_00-00-00/x"], cwd=REPO)
     assert ignored.returncode == 0
+
+
+def test_readme_lists_the_subjects_and_the_versions_ci_installs():
+    readme = (REPO / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in data.SUBJECTS)
+    assert "source .venv/bin/activate" in readme
+    install = (REPO / ".ci" / "install").read_text()
+    for package, version in re.findall(r'"(torch|torchvision)==([0-9.]+)"', install):
+        assert f"{package} {version}" in readme, package
