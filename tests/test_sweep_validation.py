@@ -161,8 +161,8 @@ def imported_after(code: str) -> list[str]:
     """The heavy libraries imported by ``code`` run in a fresh interpreter (SystemExit caught)."""
     script = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nprint(' '.join(sys.modules))"
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0 and "benchmark" in done.stdout.split(), done.stderr[-3000:]
-    modules = set(done.stdout.split())
+    modules = set(done.stdout.splitlines()[-1].split())  # the last line: --help prints above it
+    assert done.returncode == 0 and "benchmark" in modules, done.stderr[-3000:]
     return [m for m in ("torch", *HEAVY) if m in modules]
 
 
