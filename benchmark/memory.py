@@ -247,6 +247,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from benchmark.preflight import exit_on_bad_input
+    from benchmark.sweep import Check
 
-    exit_on_bad_input(sys.argv[1:], "memory", bad_values)
+    exit_on_bad_input(sys.argv[1:], "memory", Check(values=bad_values))
     main()
