@@ -2,9 +2,10 @@
 
 Bad input exits 2 with one line per bad value and writes nothing (Hydra has not made its
 ``hydra/<time>/`` folder yet): a name Hydra does not know, a key without ``+``, a syntax error,
-an unwritable results folder, and, for a sweep (``-m``), every value of every job, before the
-first job trains. ``--help``, ``--hydra-help``, ``--info`` and ``--experimental-rerun`` go straight to Hydra;
-``--cfg`` is only composed. Nothing here imports diffusers or transformers.
+an unwritable results folder, a corrupt record, and, for a sweep (``-m``), every value of every
+job, before the first job trains. ``--help``, ``--hydra-help``, ``--info`` and
+``--experimental-rerun`` go straight to Hydra; ``--cfg`` is only composed. Nothing here imports
+diffusers or transformers until every value has passed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from benchmark.sweep import (
     plan_sweep,
     run_checks,
     run_state,
-)  # fmt: skip
+)
 
 
 def hydra_arguments(argv: Sequence[str]):
@@ -49,7 +50,7 @@ def problems(argv: Sequence[str], config_name: str = "config", check: Check | st
             runs = plan_single(args.overrides, config_name, run_checks() if check == "run" else check)
     except InvalidSweep as e:
         return e.lines()
-    return [] if args.cfg else corrupt_records(runs)
+    return corrupt_records(runs) if check == "run" and not args.cfg else []
 
 
 def plan_single(overrides: Sequence[str], config_name: str, check: Check | None) -> list[PlannedRun]:
