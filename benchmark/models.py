@@ -362,6 +362,14 @@ def build_pipeline(components: Components) -> StableDiffusionPipeline:
     return pipeline
 
 
+def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Cast every floating tensor of the pipeline's networks to ``dtype``; integer tensors
+    (quantized codes, zero points) stay as they are."""
+    for module in (pipeline.text_encoder, pipeline.vae, pipeline.unet):
+        _freeze(module, dtype)
+    return pipeline
+
+
 def load_pipeline(model_cfg, device="cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """A pipeline with the original (unpersonalized) weights."""
     return build_pipeline(load_components(model_cfg, device, dtype))

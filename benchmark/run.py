@@ -155,9 +155,8 @@ def evaluate(
 ) -> dict[str, Any]:
     artifact = load_file(str(artifact_path))
     generation_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipeline = models.load_pipeline(cfg.model, device=device, dtype=generation_dtype)
     method = method_class(cfg.method.name)(method_cfg)
-    method.apply(pipeline, artifact)
+    pipeline = personalized_pipeline(cfg.model, method, artifact, device, generation_dtype)
     prompts = eval_prompts(subject, method, cfg.eval)
     already_generated = len(list((run_dir / "images").glob("p*_*.png")))  # by a process that was killed
     t0 = time.perf_counter()
@@ -184,6 +183,14 @@ def evaluate(
         "generation_seconds": generation_seconds,  # this process's share only, as it_per_s after a resume
         "generation_resumed_from_image": already_generated or None,  # images on disk when it started
     }  # fmt: skip
+
+
+def personalized_pipeline(model_cfg, method, artifact, device, dtype: torch.dtype):
+    """A stock pipeline with ``artifact`` applied, in ``dtype``. It is loaded in the dtype the
+    method's ``apply`` needs (fp32 for methods that re-quantize the base) and cast afterwards."""
+    pipeline = models.load_pipeline(model_cfg, device=device, dtype=method.apply_weights_dtype() or dtype)
+    method.apply(pipeline, artifact)
+    return models.cast_pipeline(pipeline, dtype)
 
 
 def run_real_images(cfg: DictConfig) -> dict[str, Any]:

@@ -93,6 +93,14 @@ class Method(abc.ABC):
         """How prompts name the subject: "<tok>" for token methods, "sks dog" otherwise."""
 
     # -- defaults the harness uses -----------------------------------------------------
+    def apply_weights_dtype(self) -> torch.dtype | None:
+        """The dtype the stock pipeline's weights must have when ``apply`` runs; None: the
+        generation dtype. A method that re-quantizes the base model (PEQA, TuneQDM, QLoRA on
+        NF4) asks for fp32, so that it quantizes the weights it was trained on (fp16 weights
+        round to different integer codes); the harness then casts the pipeline to the
+        generation dtype (``benchmark.models.cast_pipeline``)."""
+        return None
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named trainable tensors (checkpointed; counted in the record)."""
         return {}
