@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
-import cma
 import numpy as np
 import torch
 
@@ -110,6 +109,8 @@ class GradientFreeTI(TokenMethod):
         self.initial_token = self.embeddings[self.token_id].detach().double().clone()
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
+        import cma  # here, not at the top: it loads matplotlib, and validation must not wait for it
+
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.subspace_dim), cfg.sigma, options)
         self.best_x = np.zeros(self.subspace_dim)  # official: the best candidate of the last generation
         self.num_images = 0  # official: set by precompute
