@@ -72,9 +72,12 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_key(cfg: DictConfig) -> str:
     """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
+    return f"seed{cfg.seed}-{config_digest(cfg)}"
+
+
+def config_digest(cfg: DictConfig) -> str:
     values = flat(OmegaConf.to_container(cfg, resolve=True))
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
-    digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"seed{cfg.seed}-{digest}"
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
