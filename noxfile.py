@@ -63,6 +63,22 @@ def arch_step(session: nox.Session) -> None:
         session.run(sys.executable, "-c", _ARCH_STEP, name, device, env={"HF_HUB_OFFLINE": "1"})
 
 
+REPORTS = ("table1", "fig1", "table4", "fig7", "fig8")
+
+
+@nox.session
+def paper(session: nox.Session) -> None:
+    """Every report's tables and figures in one PDF (pdflatex; `bash .ci/setup.d/10-report-tools.sh`):
+    `nox -s paper -- [overrides]` reports table1, fig1, table4, fig7 and fig8 from the records
+    under paths.results (default results/; missing runs are counted, not run), then compiles
+    <paths.results>/pdf/paper.pdf."""
+    overrides = list(session.posargs)
+    results = next((o.split("=", 1)[1] for o in overrides if o.startswith("paths.results=")), "results")
+    for name in REPORTS:
+        session.run(sys.executable, "-m", "benchmark.report", f"experiment={name}", *overrides)
+    session.run(sys.executable, "-m", "benchmark.paper", f"results={results}")
+
+
 # Memory (issue 6): the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
 MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
