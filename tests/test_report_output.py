@@ -97,7 +97,7 @@ def test_table1_latex_has_the_papers_columns_display_names_and_no_ci_on_constant
     assert "(n=2)" in zoodip[5]  # two subjects: n, not a CI
     assert "gfti" not in tex and "dreambooth" not in tex
     paper_line = lines[lines.index(next(line for line in lines if line.startswith("ZOODiP &"))) + 1]
-    assert r"\textit{paper}" in paper_line and "0.772" in paper_line  # ZOODiP Table 1's CLIP-I
+    assert r"\quad paper" in paper_line and "0.772" in paper_line  # ZOODiP Table 1's CLIP-I
     real = next(line for line in lines if line.startswith("Real images"))
     assert "0.900" in real and "0.885" in lines[lines.index(real) + 1]  # DreamBooth paper's value
 
