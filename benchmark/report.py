@@ -46,6 +46,8 @@ MIN_UNITS_FOR_CI = 5
 # nvidia-smi figure; CUDA's peak reserved memory including the model load comes closest where
 # NVML cannot see the process. A predicted peak (benchmark.memory_estimate) or, on a CPU, the
 # profiler's peak of live tensors (the breakdown's total) only where nothing was measured on a GPU.
+# Config values a row shows even before its runs have records (Table 1's Quant. column)
+PLANNED_FIELDS = ("method.quantize", "method.bits")
 MEMORY_FIELDS = (
     "nvml_process_peak_bytes", "peak_reserved_with_load_bytes", "peak_reserved_bytes",
     "predicted_peak_bytes", "breakdown_peak_bytes",
@@ -179,7 +181,8 @@ def runs_frame(planned: Sequence[PlannedRun], rows: Sequence[str], results_dir: 
         record = by_dir.get(str(run.run_dir.resolve()), {})
         state = record.get("status", "missing")
         out.append(
-            {**record, **{key: run.value(key) for key in rows}, "subject": run.value("subject"),
+            {**{key: run.value(key) for key in PLANNED_FIELDS}, **record,
+             **{key: run.value(key) for key in rows}, "subject": run.value("subject"),
              "seed": run.value("seed"), "state": state, "path": str(run.run_dir)}
         )  # fmt: skip
     frame = pd.DataFrame(out)
@@ -281,7 +284,7 @@ def reference_report(arguments: Sequence[str], spec: dict[str, Any], results: Pa
         return None
     real_args = [a for a in arguments if not a.startswith("mode=")] + ["mode=real"]
     planned = list({r.run_dir: r for r in plan_sweep(real_args)}.values())  # one per subject
-    runs = runs_frame(planned, [], results).assign(method="real")
+    runs = runs_frame(planned, [], results).drop(columns=list(PLANNED_FIELDS)).assign(method="real")
     real_spec = {**spec, "rows": ["method"], "paper": REAL_PAPER, "grid": None}
     table = summarize(runs, real_spec, load_paper(REAL_PAPER, ["method"]))
     return Report("real", real_spec, out_dir, runs, table)
