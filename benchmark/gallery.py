@@ -117,6 +117,9 @@ def subject_section(report: Report, subject: str, page_dir: Path, thumbs: Path) 
             by_prompt.setdefault(png.name.split("_")[0], png)  # the prompt's first image
         rows.append((row_name(report, entry), run, by_prompt, scored.get("images", {})))
     columns = sorted({p for _, _, by_prompt, _ in rows for p in by_prompt})
+    templates = data.get_subject(subject).prompt_templates  # runs without scores.json: the CLIP-T text
+    for p in columns:
+        prompts.setdefault(p, templates[int(p[1:])].format(data.get_subject(subject).class_noun))
     head = "".join(f"<th>{html.escape(prompts.get(p, p))}</th>" for p in columns)
     out += [
         "<h2>generated (first image of each prompt, first seed)</h2>",

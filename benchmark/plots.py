@@ -88,6 +88,10 @@ def memory_breakdown(report, out_dir: Path) -> list[Path]:
             values = parts[name].fillna(0).to_numpy()
             ax.bar(labels, values, bottom=bottom, label=name.replace("_", " "), color=colors(i))
             bottom += values
+    finished = report.table.set_index("method")["ok"].reindex(keys).fillna(0)
+    for i, ok in enumerate(finished):  # a method without a finished run: said, not an empty slot
+        if ok == 0:
+            ax.text(i, 0, "no finished run", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
     ax.set_ylabel("training memory (GB)")
     ax.set_title("Memory breakdown (batch 1)", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
@@ -102,7 +106,8 @@ def place_labels(ax, points: list[tuple[float, float, str, str]]) -> None:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]
-    taken = []
+    inside = ax.get_window_extent(renderer)
+    taken = [legend.get_window_extent(renderer)] if (legend := ax.get_legend()) else []
     offsets = [(dx * r, dy * r) for r in (6, 14, 24, 36) for dx, dy in
                ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1.3), (0, -1.3))]  # fmt: skip
     for x, y, text, color in points:
@@ -112,7 +117,10 @@ def place_labels(ax, points: list[tuple[float, float, str, str]]) -> None:
                                 va="bottom" if dy >= 0 else "top")  # fmt: skip
             box = label.get_window_extent(renderer).expanded(1.05, 1.15)
             hits_point = any(box.contains(*c) for c in centres)
-            if not hits_point and not any(box.overlaps(t) for t in taken):
+            within = (
+                inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            )
+            if within and not hits_point and not any(box.overlaps(t) for t in taken):
                 taken.append(box)
                 break
             label.remove()
@@ -139,6 +147,7 @@ def memory_vs_score(report, out_dir: Path) -> list[Path]:
                 ax.scatter(px, py, facecolors="none", edgecolors=color, s=30)
                 points.append((px, py, f"{name} (paper)", color))
         ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.12)  # room for the labels inside the axes
         ax.set_xlabel("training memory (GB, log scale)")
         ax.set_ylabel(METRICS[metric].label)
         ax.plot([], [], "o", color="grey", label="ours (95 % CI where n ≥ 5)")
