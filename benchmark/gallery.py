@@ -77,7 +77,15 @@ def figure(image: Path, page_dir: Path, thumbs: Path, caption: str = "") -> str:
     )
 
 
+def has_images(report: Report) -> bool:
+    ok = report.runs[report.runs["state"] == "ok"]
+    return any((Path(path) / "images").is_dir() for path in ok["path"])
+
+
 def real_images(run_dir: Path, subject: str) -> list[Path]:
+    """The subject's images from the dataset the run used (its config.yaml); none if unknown."""
+    if not (run_dir / "config.yaml").exists():
+        return []
     cfg = OmegaConf.load(run_dir / "config.yaml")
     root = data.resolve_dataset_root(cfg.data.root, False, cfg.data.cache_dir)
     return data.subject_image_paths(root, subject)

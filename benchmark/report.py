@@ -502,7 +502,7 @@ def write_report(report: Report) -> list[Path]:
     tables = [report.table] + ([report.reference.table] if report.reference is not None else [])
     write_text_atomic(paths[2], pd.concat(tables, ignore_index=True).to_csv(index=False))
     paths += plots.draw(report, out_dir)
-    if (report.runs["state"] == "ok").any():
+    if gallery.has_images(report):
         paths.append(gallery.write_gallery(report))
     report.files = paths
     return paths
