@@ -21,15 +21,15 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 GRADIENT_FREE = {"gfti", "zoodip"}  # ZOODiP Table 1's "Grad-free" column
 
-# Swept keys in the papers' notation: (plain text / matplotlib mathtext, LaTeX)
+# Swept keys in the papers' notation: (matplotlib mathtext, also LaTeX; plain text for markdown)
 AXES: dict[str, tuple[str, str]] = {
     "method": ("Method", "Method"),
-    "method.tau": (r"$\tau$", r"$\tau$"),
-    "method.nu": (r"$\nu$", r"$\nu$"),
-    "method.T_L": (r"$T_L$", r"$T_L$"),
-    "method.T_U": (r"$T_U$", r"$T_U$"),
-    "method.n": (r"$n$", r"$n$"),
-    "method.mu": (r"$\mu$", r"$\mu$"),
+    "method.tau": (r"$\tau$", "τ"),
+    "method.nu": (r"$\nu$", "ν"),
+    "method.T_L": (r"$T_L$", "T_L"),
+    "method.T_U": (r"$T_U$", "T_U"),
+    "method.n": (r"$n$", "n"),
+    "method.mu": (r"$\mu$", "μ"),
     "method.fraction": ("fraction removed", "fraction removed"),
     "method.rank": ("LoRA rank", "LoRA rank"),
     "method.estimator": ("estimator", "estimator"),
@@ -47,10 +47,11 @@ def method_color(key: Any) -> str:
     return METHODS.get(str(key), ("", "#444444"))[1]
 
 
-def axis_label(key: str, latex: bool = False) -> str:
-    """`method.tau` -> τ; an unknown key loses its `method.` prefix."""
+def axis_label(key: str, text: bool = False) -> str:
+    """`method.tau` -> $\\tau$ (figures and LaTeX) or τ (``text``: markdown); an unknown key
+    loses its `method.` prefix."""
     if key in AXES:
-        return AXES[key][int(latex)]
+        return AXES[key][int(text)]
     return key.removeprefix("method.")
 
 

@@ -22,7 +22,16 @@ from benchmark.display import axis_label
 from benchmark.report import METRICS, number, pivot
 
 MIN_SPAN_DIGITS = 20  # a colour scale spans at least 20 units of the last printed digit
-EMPTY = {"failed": ("#bbbbbb", "//"), "missing": ("white", "..")}  # face colour, hatch
+EMPTY = {
+    "failed": ("#bbbbbb", "//"),
+    "missing": ("white", ".."),
+    "not in paper": ("#eeeeee", ""),
+}  # face, hatch
+EXPLAINED = {
+    "failed": "every run of the cell failed (see table.md)",
+    "missing": "no record yet",
+    "not in paper": "the paper has no value for this cell",
+}
 
 
 def cell_states(report) -> pd.DataFrame:
@@ -65,8 +74,8 @@ def draw_panel(ax, grid: pd.DataFrame, states: pd.DataFrame, cmap, norm, digits,
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         if math.isnan(v):
-            state = states.iat[i, j] if states is not None else "missing"
-            state = state if state in EMPTY else "missing"
+            state = states.iat[i, j] if states is not None else "not in paper"
+            state = state if state in EMPTY else "not in paper"
             face, hatch = EMPTY[state]
             ax.add_patch(
                 Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=face, hatch=hatch, edgecolor="#555555", lw=0)
@@ -121,7 +130,10 @@ def heatmap(report, out_dir) -> list:
             bound = np.nanmax(np.abs(diff.to_numpy(dtype=float)), initial=0.0)
             bound = max(bound, MIN_SPAN_DIGITS / 2 * 10.0 ** -(digits or 3))
             diverging = Normalize(-bound, bound)
-            image = draw_panel(place[2], diff, states, plt.get_cmap("RdBu_r"), diverging, digits, signed=True)
+            no_paper = states.where(states != "ok", "not in paper")  # ours is there: the paper's is not
+            image = draw_panel(
+                place[2], diff, no_paper, plt.get_cmap("RdBu_r"), diverging, digits, signed=True
+            )
             place[2].set_title(f"{label}: ours − paper", fontsize=9)
             fig.colorbar(image, ax=place[2], shrink=0.85)
         elif any(with_paper):
@@ -132,10 +144,10 @@ def heatmap(report, out_dir) -> list:
             ax.set_xlabel(axis_label(grid_spec["columns"]))
             ax.set_ylabel(axis_label(grid_spec["index"]))
     fig.suptitle(f"{spec.get('title', report.name)}\n{subtitle(report)}", fontsize=9)
+    shown = [s for s in EMPTY if s != "not in paper" or any(with_paper)]
     fig.legend(
-        handles=[Patch(facecolor=f, hatch=h, edgecolor="#555555", label=f"{s}: " + (
-            "every run of the cell failed (see table.md)" if s == "failed" else "no record yet"))
-            for s, (f, h) in EMPTY.items()],
-        loc="outside lower center", ncol=2, fontsize=7, frameon=False,
+        handles=[Patch(facecolor=EMPTY[s][0], hatch=EMPTY[s][1], edgecolor="#555555", label=f"{s}: {EXPLAINED[s]}")
+                 for s in shown],
+        loc="outside lower center", ncol=len(shown), fontsize=7, frameon=False,
     )  # fmt: skip
     return save(fig, out_dir / "heatmap", layout=False)

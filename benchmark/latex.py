@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.display import GRADIENT_FREE, axis_label, quantization
+from benchmark.display import AXES, GRADIENT_FREE, axis_label, quantization
 from benchmark.report import (
     CI_LEVEL,
     FEWER_SUBJECTS_MARK,
@@ -70,7 +70,7 @@ def grey(cells: list[str]) -> str:
 def table_tex(report: Report, reference: Report | None = None) -> str:
     """The main table; ``reference``: the "Real images" upper bound, below a rule."""
     rows = report.spec["rows"]
-    head = [", ".join(axis_label(r, latex=True) for r in rows)]
+    head = [", ".join(axis_label(r) if r in AXES else latex_escape(axis_label(r)) for r in rows)]
     if method_columns(report):
         head += ["Quant.", "Grad-free"]
     head += [metric_head(m) for m in report.spec["metrics"]]
@@ -115,7 +115,7 @@ def caption(report: Report) -> str:
 def grid_tex(report: Report, metric: str, cells: pd.DataFrame) -> str:
     """One metric over the experiment's grid (e.g. Table 4's tau x nu), cells 'ours (paper)'."""
     grid = report.spec["grid"]
-    corner = f"{axis_label(grid['index'], True)} \\textbackslash{{}} {axis_label(grid['columns'], True)}"
+    corner = f"{axis_label(grid['index'])} \\textbackslash{{}} {axis_label(grid['columns'])}"
     head = " & ".join([corner, *(latex_escape(c) for c in cells.columns)]) + r" \\"
     body = [
         " & ".join([latex_escape(i), *(latex_escape(v).replace("—", "--") for v in row)]) + r" \\"

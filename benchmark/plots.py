@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -192,6 +193,7 @@ def istar_histogram(report, out_dir: Path) -> list[Path]:
         ax.set_xlim(0, 1)
         ax.set_xlabel(r"$i^*/\tau$ (share of directions kept)")
         ax.set_ylabel("recomputations")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(f"{subject}: {len(values)} recomputations", fontsize=9)
     fig.suptitle(
         rf"{report.spec.get('title', report.name)}  ($\tau$ = {', '.join(map(str, taus))}, "

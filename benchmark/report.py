@@ -331,7 +331,7 @@ def display_table(report: Report) -> pd.DataFrame:
 
     has_paper = any(c.endswith("_paper") for c in report.table.columns)
     entries = report.table.to_dict("records")
-    heading = ", ".join(axis_label(r) for r in report.spec["rows"])
+    heading = ", ".join(axis_label(r, text=True) for r in report.spec["rows"])
     out = pd.DataFrame({heading: [row_name(report, e) for e in entries]})
     for m in report.spec["metrics"]:
         label, digits = METRICS[m].label, METRICS[m].digits
@@ -351,7 +351,12 @@ def display_grid(report: Report, metric: str) -> pd.DataFrame:
     if f"{metric}_paper" in report.table:
         paper = pivot(report.table, report.spec["grid"], f"{metric}_paper")
         cells = cells + paper.map(lambda v: f" ({number(v, digits)})")
-    return cells
+    from benchmark.display import axis_label
+
+    grid_spec = report.spec["grid"]
+    return cells.rename_axis(
+        index=axis_label(grid_spec["index"], text=True), columns=axis_label(grid_spec["columns"], text=True)
+    )
 
 
 def grid_frame(cells: pd.DataFrame) -> pd.DataFrame:
@@ -424,7 +429,7 @@ def flat_axes(report: Report) -> list[str]:
         measured = table[metric].dropna()
         if len(measured) < 2 or measured.nunique() > 1:
             continue
-        axes = ", ".join(axis_label(r) for r in report.spec["rows"])
+        axes = ", ".join(axis_label(r, text=True) for r in report.spec["rows"])
         value = number(measured.iloc[0], None)
         label = METRICS[metric].label
         line = f"every {label} value over {axes} is the same ({value}): the swept axis had no effect."
