@@ -145,9 +145,9 @@ def heatmap(report, out_dir) -> list:
             ax.set_ylabel(axis_label(grid_spec["index"]))
     fig.suptitle(f"{spec.get('title', report.name)}\n{subtitle(report)}", fontsize=9)
     shown = [s for s in EMPTY if s != "not in paper" or any(with_paper)]
-    fig.legend(
-        handles=[Patch(facecolor=EMPTY[s][0], hatch=EMPTY[s][1], edgecolor="#555555", label=f"{s}: {EXPLAINED[s]}")
-                 for s in shown],
-        loc="outside lower center", ncol=len(shown), fontsize=7, frameon=False,
-    )  # fmt: skip
+    handles = [
+        Patch(facecolor=EMPTY[s][0], hatch=EMPTY[s][1], edgecolor="#555555", label=f"{s}: {EXPLAINED[s]}")
+        for s in shown
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(shown), fontsize=7, frameon=False)
     return save(fig, out_dir / "heatmap", layout=False)
