@@ -421,18 +421,23 @@ def provenance(report: Report) -> list[str]:
 
 
 def flat_axes(report: Report) -> list[str]:
-    """A swept axis whose cells are all equal for a metric: say so, with the likely reason."""
+    """A swept axis whose cells all read the same for a metric (at the table's precision): say
+    so, with the spread and the likely reason."""
     from benchmark.display import axis_label
 
     table, out = report.table, []
     for metric in report.spec["metrics"]:
-        measured = table[metric].dropna()
-        if len(measured) < 2 or measured.nunique() > 1:
+        measured, digits = table[metric].dropna(), METRICS[metric].digits
+        shown = measured.round(digits) if digits is not None else measured
+        if len(measured) < 2 or shown.nunique() > 1:
             continue
         axes = ", ".join(axis_label(r, text=True) for r in report.spec["rows"])
-        value = number(measured.iloc[0], None)
+        value, spread = number(measured.iloc[0], digits), number(measured.max() - measured.min(), None)
         label = METRICS[metric].label
-        line = f"every {label} value over {axes} is the same ({value}): the swept axis had no effect."
+        line = (
+            f"every {label} cell over {axes} reads {value} (spread {spread}): "
+            "the swept axis had no visible effect."
+        )
         steps = pd.to_numeric(report.runs.get("train_steps", pd.Series(dtype=float)), errors="coerce").max()
         if "method.tau" in report.spec["rows"] and table["method.tau"].min() >= steps:
             tau = table["method.tau"].min()
