@@ -34,7 +34,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("SLURM sweep of %d jobs; logs in %s/.submitit/<job id>/", len(job_overrides), sweep_dir)
+        log.info("SLURM sweep of %d jobs; logs in %s/.submitit/<id>_<task>/", len(job_overrides), sweep_dir)
         state = Singleton.get_state()
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
         job_params = [
