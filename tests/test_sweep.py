@@ -109,6 +109,11 @@ def test_slurm_launcher_config_composes_without_a_cluster():
     assert yaml.safe_load(job.stdout)["method"]["name"] == "zoodip"
 
     launcher = primary_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.benchmark_slurm.launcher.SlurmLauncher"
+    from hydra.core.plugins import Plugins  # Hydra instantiates only the launchers it discovers
+    from hydra.plugins.launcher import Launcher
+
+    found = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)]
+    assert launcher._target_ in found
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
     assert launcher.max_num_timeout > 0  # a timed-out job is requeued and resumes from its checkpoint

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
@@ -37,6 +37,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         log.info("SLURM sweep of %d jobs; logs in %s/.submitit/<id>_<task>/", len(job_overrides), sweep_dir)
         state = Singleton.get_state()
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
+        for n, overrides in zip(numbers, job_overrides):
+            log.info("\t#%d : %s", n, " ".join(filter_overrides(overrides)))
         job_params = [
             (list(overrides), "hydra.sweep.dir", n, f"job_id_for_{n}", state)
             for n, overrides in zip(numbers, job_overrides)
