@@ -9,9 +9,9 @@ only); this module holds what it uses.
   it forever). `QueueWatcher` says once that accounting is off and asks `squeue` from then on
   (finished jobs stay in squeue for the cluster's MinJobAge; a job no longer listed is over).
 - The end of a sweep. A job that ends without a result (cancelled, killed, out of requeues) or
-  whose run refused its input is one warning line naming the job, its overrides and its log, after
-  every job has returned; plain submitit raises at the first such job with its whole log while
-  the others still run. Hydra then exits 1 with that line.
+  whose run refused its input is one warning line naming the job and its overrides (and its log),
+  after every job has returned, then one summary line with which Hydra exits 1; plain submitit
+  raises at the first such job with its whole log while the others still run.
 
 The jobs themselves run Hydra's own job code (`BaseSubmititLauncher.__call__`): a job that hits
 its time limit is checkpointed by submitit (SIGUSR2 `signal_delay_s` before the limit), requeued
@@ -89,24 +89,40 @@ class QueueWatchedJob(SlurmJob):
     watcher = QueueWatcher(delay_s=60)  # squeue at most a minute apart (submitit's sacct: 10 minutes)
 
 
-def job_return(job: Any, overrides: Sequence[str]) -> JobReturn:
-    """The job's JobReturn once it is over; a failure becomes a one-line JobFailed (logged)."""
+def job_returns(jobs: Sequence[Any], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+    """Every job's JobReturn once all are over: one warning line per failed or lost job, and one
+    JobFailed summary that Hydra prints at the end (exit status 1)."""
+    returns, failures = [], 0
+    for job, overrides in zip(jobs, job_overrides):
+        result, failure = job_outcome(job, overrides)
+        if failure:
+            log.warning(failure)
+            failures += 1
+        returns.append(result)
+    if failures:
+        summary = JobFailed(
+            f"{failures} of {len(returns)} SLURM jobs failed or ended without a result (listed above); "
+            "the same command runs them again, from their checkpoints where they have one"
+        )
+        for result in returns:
+            if result.status == JobStatus.FAILED:
+                result.return_value = summary
+    return returns
+
+
+def job_outcome(job: Any, overrides: Sequence[str]) -> tuple[JobReturn, str | None]:
+    """The job's JobReturn (waiting for it), and a line saying what went wrong, if anything did."""
     import submitit
 
     what = f"SLURM job {job.job_id} ({' '.join(filter_overrides(overrides))})"
+    failed = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
     try:
         result: JobReturn = job.results()[0]
     except submitit.core.utils.UncompletedJobError:
-        failure = f"{what} ended without a result (state {job.state}); log: {job.paths.stderr}"
-        result = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+        return failed, f"{what} ended without a result (state {job.state}); log: {job.paths.stderr}"
     except submitit.core.utils.FailedJobError:
-        failure = f"{what} crashed; log: {job.paths.stderr}"
-        result = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
-    else:
-        if result.status != JobStatus.FAILED:
-            return result
-        error = result._return_value
-        failure = f"{what} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    log.warning(failure)
-    result.return_value = JobFailed(failure)
-    return result
+        return failed, f"{what} crashed; log: {job.paths.stderr}"
+    if result.status != JobStatus.FAILED:
+        return result, None
+    error = result._return_value
+    return result, f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"

@@ -185,6 +185,7 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     assert refusal in by_model["sd15"]["error"]
     (failure,) = [line for line in output.splitlines() if "SLURM job" in line and " failed: " in line]
     assert "model=sd15" in failure and refusal in failure
+    assert output.count("1 of 2 SLURM jobs failed or ended without a result") == 1
     assert "1/2 done" in subprocess.run(
         [sys.executable, "-m", "benchmark.sweep", *LAUNCHER, *args],
         cwd=REPO, env=ENV, capture_output=True, text=True,
@@ -307,3 +308,46 @@ def test_without_accounting_the_watcher_says_so_once_and_follows_squeue(tmp_path
     queue.write_text("7_0|COMPLETED|vm\n")
     watcher.update()
     assert watcher.is_done("7_0", mode="cache")
+
+
+class FakeJob:
+    """What job_returns reads of a submitit job: id, state, log path, results()."""
+
+    def __init__(self, job_id: str, outcome, state: str = "COMPLETED"):
+        self.job_id, self.state, self.outcome = job_id, state, outcome
+        self.paths = type("Paths", (), {"stderr": Path(f"/logs/{job_id}_0_log.err")})()
+
+    def results(self):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return [self.outcome]
+
+
+def test_job_returns_lists_each_failed_or_lost_job_once_then_one_summary(caplog):
+    """No cluster needed: the end of a sweep, from jobs as submitit reports them."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    from benchmark.slurm import JobFailed, job_returns
+    from methods.base import ConfigError
+
+    ok = JobReturn(overrides=["seed=0"], status=JobStatus.COMPLETED, _return_value={"status": "ok"})
+    error = ConfigError("seed: bad\nmore")
+    refused = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=error)
+    jobs = [
+        FakeJob("5_0", ok),
+        FakeJob("5_1", refused),
+        FakeJob("5_2", UncompletedJobError("no result\nlong log"), state="CANCELLED"),
+    ]
+    overrides = [["seed=0"], ["seed=1"], ["seed=2"]]
+    with caplog.at_level("INFO", logger="benchmark.slurm"):
+        returns = job_returns(jobs, overrides)
+    assert [r.getMessage() for r in caplog.records] == [
+        "SLURM job 5_1 (seed=1) failed: ConfigError: seed: bad",
+        "SLURM job 5_2 (seed=2) ended without a result (state CANCELLED); log: /logs/5_2_0_log.err",
+    ]
+    assert returns[0].return_value == {"status": "ok"}
+    assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.FAILED]
+    assert returns[2].overrides == ["seed=2"]
+    with pytest.raises(JobFailed, match="^2 of 3 SLURM jobs failed or ended without a result"):
+        _ = returns[1].return_value  # what Hydra's sweeper raises, and prints as one line

@@ -50,8 +50,13 @@ stop() {  # the daemon whose pid file is $1
     fi
 }
 if [ "$changed" = 1 ]; then stop /run/slurmd.pid; stop /run/slurmctld.pid; fi
-running /run/slurmctld.pid || slurmctld
-running /run/slurmd.pid || slurmd
+failed() {  # the daemon's own words, for the CI log
+    echo "slurm: $1 did not start; the end of /var/log/slurm/$1.log:" >&2
+    tail -n 15 "/var/log/slurm/$1.log" >&2 || true
+    exit 1
+}
+running /run/slurmctld.pid || slurmctld || failed slurmctld
+running /run/slurmd.pid || slurmd || failed slurmd
 
 # ready: the controller answers and the node is idle (or already running jobs)
 for _ in $(seq 120); do
@@ -62,5 +67,6 @@ for _ in $(seq 120); do
     esac
     sleep 0.5
 done
-echo "slurm: node $host not ready after 60 s (state: ${state:-none}); see /var/log/slurm/" >&2
+echo "slurm: node $host not ready after 60 s (state: ${state:-none})" >&2
+tail -n 5 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
 exit 1

@@ -21,7 +21,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from benchmark.slurm import QueueWatchedJob, job_return
+        from benchmark.slurm import QueueWatchedJob, job_returns
 
         assert self.config is not None
         params = dict(self.params)
@@ -49,4 +49,4 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             for job in executor.map_array(self, *zip(*job_params))
         ]
         log.info("submitted: SLURM job %s", jobs[0].job_id.split("_")[0] if jobs else "-")
-        return [job_return(job, overrides) for job, overrides in zip(jobs, job_overrides)]
+        return job_returns(jobs, job_overrides)
