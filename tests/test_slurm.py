@@ -210,7 +210,11 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(
     elapsed = job_field(job_id, "RunTime").split(":")  # [D-]HH:MM:SS
     minutes = int(elapsed[-3].split("-")[-1]) * 60 + int(elapsed[-2]) + 2
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
-    wait_for(lambda: int(job_field(job_id, "Restarts")) >= 1, "the requeue", timeout_s=300)
+
+    def requeued() -> bool:  # and pending again: only then does StartTime stick
+        return int(job_field(job_id, "Restarts")) >= 1 and job_field(job_id, "JobState") == "PENDING"
+
+    wait_for(requeued, "the requeue", timeout_s=300)
     # the requeued job gets its time back, and may start now (SLURM holds a requeued job for 2 min)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"], check=True)
     output = finish(sweep)
