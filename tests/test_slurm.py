@@ -168,11 +168,15 @@ def test_a_2x2_sweep_runs_as_four_jobs_and_reports_four_done(slurm, tmp_path, da
 
 
 def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tmp_path, dataset_root):
-    """One job of the sweep gets a weights folder that does not exist where it runs."""
+    """One job of the sweep gets a weights folder that looks complete where the sweep is submitted
+    (so the preflight lets it through) but holds no weights where the job loads them."""
     results = tmp_path / "results"
-    missing = tmp_path / "no-such-weights"
+    broken = tmp_path / "sd15-without-weights"
+    for name in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"):
+        (broken / name).mkdir(parents=True)
+    (broken / "model_index.json").write_text("{}")
     args = [
-        "method=ti", "subject=dog6", "model=tiny,sd15", f"++model.path={missing}", "eval=smoke",
+        "method=ti", "subject=dog6", "model=tiny,sd15", f"++model.path={broken}", "eval=smoke",
         "train.max_steps=2", *tiny(results, dataset_root),
     ]  # fmt: skip
     args.remove("model=tiny")  # the sweep chooses the model
@@ -181,7 +185,7 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     by_model = {r["model"]: r for r in records(results).values()}
     assert by_model["tiny"]["status"] == "ok"
     assert by_model["sd15"]["status"] == "failed"
-    refusal = f"model.path='{missing}' is not a diffusers Stable Diffusion folder"
+    refusal = f"cannot load Stable Diffusion weights from model.path='{broken}'"
     assert refusal in by_model["sd15"]["error"]
     (failure,) = [line for line in output.splitlines() if "SLURM job" in line and " failed: " in line]
     assert "model=sd15" in failure and refusal in failure
