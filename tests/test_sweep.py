@@ -149,4 +149,4 @@ def test_a_refused_job_of_a_sweep_leaves_a_failed_record_but_never_replaces_an_o
     with pytest.raises(CorruptRecord):
         record_refusal(cfg, error)
     assert path.read_text() == "{"
-    assert record_refusal(cfg, CorruptRecord(f"corrupt record {path}")) is None
+    assert record_refusal(cfg, CorruptRecord(path, "not JSON")) is None
