@@ -252,8 +252,9 @@ def test_a_cancelled_job_is_the_only_one_the_next_sweep_trains_and_it_resumes(
     subprocess.run(["scancel", cancelled], check=True)
     output = finish(sweep, expect_rc=1)
     assert_readable(output)
-    lost = [line for line in output.splitlines() if "ended without a result" in line]
-    assert len(lost) == 1 and cancelled in lost[0] and "CANCELLED" in lost[0]
+    lost = [line for line in output.splitlines() if "ended without a result (state" in line]
+    assert len(lost) == 1 and f"SLURM job {cancelled} " in lost[0] and "(state CANCELLED)" in lost[0]
+    assert output.count("1 of 2 SLURM jobs failed or ended without a result") == 1
 
     before = records(results)
     assert cancelled_dir not in before
