@@ -80,6 +80,9 @@ BAD_INPUTS = [
     _method_case("selective", "method.rank=0", expect="rank=0"),
     _method_case("hollowed", "method.fraction=1.0", expect="fraction=1.0"),
     _method_case("hollowed", "method.fraction=-0.1", expect="fraction=-0.1"),
+    _method_case("ti", "method.data.flip_p=1.5", expect="flip_p=1.5"),
+    _method_case("lora", "method.data.sampling=shuffle", expect="sampling='shuffle'"),
+    _method_case("zoodip", "method.data.repeats=0", expect="repeats=0"),
 ]
 
 
