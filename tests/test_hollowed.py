@@ -170,8 +170,8 @@ def _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, scope, k=3):
     method.precompute(images, 0, k + 1)
     train(method, images, k, 1, 0, tmp_path / scope, CPU, progress=False)
     full = models.load_components(cfg.model).unet  # the original U-Net, same base weights
-    live_params = method.prepare(SimpleNamespace(unet=full), None)  # the same LoRA layout
-    assert live_params.keys() == method.params.keys()
+    live_params = method.prepare(SimpleNamespace(unet=full), None)  # + zero LoRA on removed layers
+    assert set(method.params) <= set(live_params)
     with torch.no_grad():
         for name, p in method.params.items():
             live_params[name].copy_(p)
@@ -201,7 +201,7 @@ def test_all_scope_trains_against_stale_activations(tiny_cfg, dataset_root, tmp_
     """lora_scope=all (the ablation): LoRA on kept down layers changes what crosses the cut, which
     the cache does not see, so the two losses part (what the exact test would catch)."""
     cached, live, transferred = _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, "all")
-    assert abs(float(cached - live)) > 1e-3 * float(live)
+    assert abs(float(cached - live)) > 1e-4 * float(live)  # fp32 rounding is ~1e-7 relative
     torch.testing.assert_close(live, transferred, rtol=1e-5, atol=0)
 
 
