@@ -162,6 +162,8 @@ def test_record_counts_add_up_to_the_steps(tiny_cfg):
         ("method.estimator=adam", "'adam'"),
         ("method.n=0", "method.n=0"),
         ("method.gamma=0", "method.gamma=0"),
+        ("method.zo_optimizer=lion", "method.zo_optimizer='lion'"),
+        ("method.zo_adam_eps=0", "method.zo_adam_eps=0"),
     ],
 )
 def test_bad_selective_config_is_refused(tiny_cfg, override, message):
