@@ -3,6 +3,7 @@ then `.venv/bin/nox -s <session>`), so no session reinstalls torch."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import nox
@@ -122,6 +123,17 @@ def memory_gpu(session: nox.Session) -> None:
         "assert torch.cuda.is_available(), 'nox -s memory_gpu needs a CUDA GPU'",
     )  # fmt: skip
     memory_runs(session, "measure=true", "predict=false")
+
+
+@nox.session
+def calibrate_selective(session: nox.Session) -> None:
+    """Selective BP-low / ZO-high: mean held-out loss descent per step of each step kind (and
+    each ZO-high candidate) from one BP-low-adapted start (benchmark/calibrate_selective.py).
+    Tiny model on CPU by default: `nox -s calibrate_selective -- [--adapt N] [--steps K] [overrides]`."""
+    args = list(session.posargs)
+    if not any(a.startswith("data.root=") for a in args):
+        args.append(f"data.root={os.environ.get('DREAMBOOTH_DATASET', '../shared/dreambooth/dataset')}")
+    session.run(sys.executable, "-m", "benchmark.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 # Item 7 of issue 12: how far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours

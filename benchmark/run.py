@@ -78,11 +78,7 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
             clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    base = {
-        "method": cfg.method.name, "subject": subject.name, "seed": cfg.seed, "run_key": run_dir.name,
-        "model": cfg.model.name, "eval": cfg.eval.name, "device": str(device),
-        **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
-    }  # fmt: skip
+    base = record_base(cfg, run_dir, subject.name, str(device))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
     # step 1 (the first with optimizer state) is profiled for the breakdown; +train.profile_steps=0: off
@@ -107,6 +103,33 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
     write_record(run_dir, record)
     log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
     return record
+
+
+def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> dict[str, Any]:
+    return {
+        "method": cfg.method.name, "subject": subject, "seed": cfg.seed, "run_key": run_dir.name,
+        "model": cfg.model.name, "eval": cfg.eval.name, "device": device,
+        **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
+    }  # fmt: skip
+
+
+def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
+    """A sweep's job whose input is refused (say model.path missing where the job runs) leaves a
+    failed record, so that `benchmark.sweep` and the report count it and the next sweep retries
+    it. An ok record is kept; a corrupt one is left for the user to look at. Returns its path."""
+    if isinstance(error, CorruptRecord) or OmegaConf.select(cfg, "mode") != "personalize":
+        return None
+    try:
+        run_dir = run_dir_for(cfg)
+        base = record_base(cfg, run_dir, str(cfg.subject), str(cfg.device))
+    except Exception:  # the config itself does not resolve: no run directory to speak of
+        return None
+    with exclusive_lock(run_dir / LOCK_NAME) as held:
+        record_path = run_dir / RECORD_NAME
+        if not held or (record_path.exists() and read_record(record_path)["status"] == "ok"):
+            return None
+        error_line = f"{type(error).__name__}: {error}".splitlines()[0]
+        return write_record(run_dir, new_record(**base, status="failed", error=error_line))
 
 
 def clear_outputs(run_dir: Path) -> None:
