@@ -23,7 +23,7 @@ from benchmark import data, models
 from benchmark.config import config_error, method_config, resolve_device
 from methods.base import ConfigError, MethodConfig, require
 
-MODES = ("personalize", "real")
+MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
 DIFFUSERS_FOLDER = ("model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CLIP_SOURCES = ("open_clip", "random")
@@ -197,6 +197,7 @@ class RunSchema:
     eval: EvalSchema = MISSING
     method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
     report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
+    recovery: Any = None  # mode=recovery: checked against benchmark.recovery.RecoveryConfig
 
     def __post_init__(self) -> None:
         _require_choice("mode", self.mode, MODES)
@@ -235,9 +236,13 @@ def validate(cfg: DictConfig) -> ValidRun:
 
     run_cfg = typed_config(cfg)
     method_cfg = None
-    if run_cfg.mode == "personalize":
+    if run_cfg.mode in ("personalize", "recovery"):
         method_cfg = method_config(cfg)
         check_method_against_model(method_cfg, run_cfg.model)
+    if run_cfg.mode == "recovery":
+        from benchmark.recovery_run import recovery_config
+
+        recovery_config(cfg)
     device = resolve_device(run_cfg.device)
     subject = data.get_subject(run_cfg.subject)
     root = data.resolve_dataset_root(run_cfg.data.root, run_cfg.data.download, run_cfg.data.cache_dir)
@@ -245,9 +250,10 @@ def validate(cfg: DictConfig) -> ValidRun:
         image_paths = data.subject_image_paths(root, subject)
     except ValueError as e:  # no images, or an unreadable one: the message names the folder or file
         raise ConfigError(str(e)) from None
-    if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":
+    if run_cfg.mode != "real" and run_cfg.model.kind == "hub":
         models.locate_weights(cfg.model)  # no weights: one line saying how to get them, now
-    check_weights_available(cfg.eval)
+    if run_cfg.mode != "recovery":  # recovery scores by denoising loss: no CLIP/DINO weights
+        check_weights_available(cfg.eval)
     if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
         check_placeholder_token(method_cfg.placeholder_token, run_cfg.model)
     return ValidRun(run_cfg, method_cfg, subject, device, image_paths)
