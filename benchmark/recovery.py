@@ -160,26 +160,36 @@ def generate(pipeline, prompt: str, count: int, resolution: int, seed: int, rc: 
 
 
 @torch.no_grad()
-def heldout_loss(pipeline, images: torch.Tensor, prompt: str, seed: int, rc: RecoveryConfig) -> float:
-    """Mean denoising loss over ``rc.heldout_draws`` draws of (image, VAE sample, t uniform in
-    [0, T), noise), the same draws for every model scored with the same seed (common random
-    numbers: differences between models are not drowned by the draws' noise)."""
+def heldout_scores(pipeline, images, prompt: str, seed: int, rc) -> tuple[float, torch.Tensor]:
+    """(mean denoising loss, the noise predictions) over ``rc.heldout_draws`` draws of (image,
+    VAE sample, t uniform in [0, T), noise): the same draws for every model scored with the same
+    seed (common random numbers: differences between models are not drowned by the draws' noise)."""
     unet, device = pipeline.unet, pipeline.unet.device
     scheduler = pipeline_noise_scheduler(pipeline)
     g = torch.Generator().manual_seed(seed * 1_000_003 + 555_555)
-    ids = token_ids(pipeline.tokenizer, [prompt], device)
-    hidden = pipeline.text_encoder(ids)[0]
-    total, done = 0.0, 0
-    while done < rc.heldout_draws:
-        bsz = min(rc.draw_batch, rc.heldout_draws - done)
+    hidden = pipeline.text_encoder(token_ids(pipeline.tokenizer, [prompt], device))[0]
+    total, predictions = 0.0, []
+    while sum(len(p) for p in predictions) < rc.heldout_draws:
+        bsz = min(rc.draw_batch, rc.heldout_draws - sum(len(p) for p in predictions))
         index = torch.randint(len(images), (bsz,), generator=g)
         latents = encode_latents(pipeline.vae, images[index].to(device), g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=g)
         z_t, target = noisy_latents(scheduler, latents, t, g)
         pred = unet(z_t.to(unet.dtype), t.to(device), hidden.expand(bsz, -1, -1).to(unet.dtype)).sample
         total += float(torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="sum"))
-        done += bsz
-    return total / (rc.heldout_draws * latents[0].numel())
+        predictions.append(pred.float().cpu())
+    predictions = torch.cat(predictions)
+    return total / predictions.numel(), predictions
+
+
+def heldout_loss(pipeline, images, prompt: str, seed: int, rc: RecoveryConfig) -> float:
+    return heldout_scores(pipeline, images, prompt, seed, rc)[0]
+
+
+def prediction_distance(predictions: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean squared distance of a model's noise predictions to the teacher's on the same draws:
+    0 at the teacher whatever the weights (the known optimum of this score)."""
+    return float((predictions.double() - teacher.double()).pow(2).mean())
 
 
 def pipeline_noise_scheduler(pipeline):

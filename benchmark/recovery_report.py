@@ -27,6 +27,7 @@ COLUMNS = (
     ("gap", "gap L_init − L_teacher", "recovery_gap", 5),
     ("gap_closed", "gap closed", "recovery_gap_closed", 3),
     ("loss_change", "L_end − L_init", "loss_change", 5),
+    ("prediction_distance", "‖ε − ε_teacher‖² / start's", "recovery_prediction_distance", 3),
     ("token_cosine", "token cos to teacher", "recovery_token_cosine", 3),
     ("token_distance", "token dist / start dist", "recovery_token_distance", 3),
 )
@@ -76,7 +77,9 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     lines += [
         "",
         "Means over seeds, [95 % bootstrap CI over seeds]. Gap closed = (L_init − L)/(L_init − L_teacher) "
-        "on held-out draws, over the seeds whose gap is positive only (— where none is).",
+        "on held-out draws, over the seeds whose gap is positive only (— where none is); "
+        "‖ε − ε_teacher‖²: the noise predictions' distance to the teacher's on the same draws "
+        "(1 = start, 0 = teacher).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -91,9 +94,10 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
     panels = (
         ("curve_loss", "held-out loss − start", True),
         ("curve_gap_closed", "gap closed (seeds with gap > 0)", False),
+        ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False),
         ("curve_token_distance", "token distance / start distance", False),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
     ok = runs[runs["state"] == "ok"]
     for ax, (field, label, relative) in zip(axes, panels):
         for arm, group in ok.groupby(ROW, sort=False):

@@ -29,9 +29,10 @@ from benchmark.recovery import (
     draw_teacher,
     gap_closed,
     generate,
-    heldout_loss,
+    heldout_scores,
     install,
     load_snapshot,
+    prediction_distance,
     save_snapshot,
     save_tensors,
     snapshot_path,
@@ -132,19 +133,26 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
     heldout = load_file(str(run_dir / IMAGES_NAME))["heldout"]
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
-    def loss_with(artifact) -> float:
+    def scores_with(artifact) -> tuple[float, torch.Tensor]:
         pipeline = models.load_pipeline(cfg.model, device=device, dtype=dtype)
         install(pipeline, method_class(cfg.method.name)(method_cfg), kind, artifact)
-        return heldout_loss(pipeline, heldout, prompt, cfg.seed, rc)
+        return heldout_scores(pipeline, heldout, prompt, cfg.seed, rc)
 
     steps = curve_steps(trained["fields"]["train_steps"], rc.curve_points)
     initial = load_snapshot(run_dir, 0)
-    loss_initial, loss_teacher = loss_with(initial), loss_with(teacher)
+    (loss_initial, pred_initial), (loss_teacher, pred_teacher) = scores_with(initial), scores_with(teacher)
+    distance_initial = prediction_distance(pred_initial, pred_teacher)
     points = []
     for step in steps:
         artifact = load_snapshot(run_dir, step)
-        loss = loss_initial if step == 0 else loss_with(artifact)
-        point = {"step": step, "loss": loss, "gap_closed": gap_closed(loss, loss_initial, loss_teacher)}
+        loss, pred = (loss_initial, pred_initial) if step == 0 else scores_with(artifact)
+        point = {
+            "step": step, "loss": loss, "gap_closed": gap_closed(loss, loss_initial, loss_teacher),
+            # ||eps_S - eps_T||^2 / ||eps_init - eps_T||^2: 1 at the start, 0 at the teacher
+            "prediction_distance": (
+                prediction_distance(pred, pred_teacher) / distance_initial if distance_initial > 0 else None
+            ),
+        }  # fmt: skip
         if kind == "token":
             point.update(token_scores(artifact, initial, teacher))
         points.append(point)

@@ -122,6 +122,7 @@ def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, arm):
     assert {len(record[k]) for k in record if k.startswith("curve_")} == {3}
     assert record["recovery_gap"] == record["recovery_loss_initial"] - record["recovery_loss_teacher"]
     assert record["curve_loss"][0] == record["recovery_loss_initial"]
+    assert record["curve_prediction_distance"][0] == 1.0  # the start, relative to itself
     assert record["recovery_loss"] == record["curve_loss"][-1]
     expected = gap_closed(
         record["recovery_loss"], record["recovery_loss_initial"], record["recovery_loss_teacher"]
