@@ -40,8 +40,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     table = []
     for arm in dict.fromkeys(runs[ROW]):
         member = ok[ok[ROW] == arm]
-        entry = {"arm": arm, "method": runs.loc[runs[ROW] == arm, "method"].dropna().iloc[0]
-                 if runs.loc[runs[ROW] == arm, "method"].notna().any() else None}  # fmt: skip
+        methods = runs.loc[runs[ROW] == arm, "method"].dropna() if "method" in runs else []
+        entry = {"arm": arm, "method": methods.iloc[0] if len(methods) else None}
         entry["runs"] = int((runs[ROW] == arm).sum())
         entry["ok"] = len(member)
         entry["positive_gap"] = int((member.get("recovery_gap", pd.Series(dtype=float)) > 0).sum())
