@@ -68,7 +68,7 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     for _, row in table.iterrows():
         cells = [
             str(row["arm"]),
-            str(row["method"]),
+            row["method"] if isinstance(row["method"], str) else "—",  # — : no run of this arm yet
             f"{row['ok']} / {row['runs']}",
             str(row["positive_gap"]),
         ]
