@@ -115,7 +115,8 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("training step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -153,7 +153,8 @@ def test_report_draws_the_table_and_the_curves(tiny_cfg, capsys):
 
     cfg = tiny_cfg(*SMALL, "+experiment/recovery=ti")
     assert run(cfg)["status"] == "ok"
-    args = [*SMALL, "+experiment/recovery=ti", "seed=0", "model=tiny", f"paths.results={cfg.paths.results}"]
+    args = [*SMALL, "+experiment/recovery=ti", "seed=0", "model=tiny", f"data.root={cfg.data.root}"]
+    args.append(f"paths.results={cfg.paths.results}")
     assert report_main(args) == 0
     out = Path(cfg.paths.results) / "recovery"
     table = (out / "table.md").read_text()
