@@ -3,6 +3,7 @@ then `.venv/bin/nox -s <session>`), so no session reinstalls torch."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import nox
@@ -63,6 +64,22 @@ def arch_step(session: nox.Session) -> None:
         session.run(sys.executable, "-c", _ARCH_STEP, name, device, env={"HF_HUB_OFFLINE": "1"})
 
 
+REPORTS = ("table1", "fig1", "table4", "fig7", "fig8")
+
+
+@nox.session
+def paper(session: nox.Session) -> None:
+    """Every report's tables and figures in one PDF (pdflatex; `bash .ci/setup.d/10-report-tools.sh`):
+    `nox -s paper -- [overrides]` reports table1, fig1, table4, fig7 and fig8 from the records
+    under paths.results (default results/; missing runs are counted, not run), then compiles
+    <paths.results>/pdf/paper.pdf."""
+    overrides = list(session.posargs)
+    results = next((o.split("=", 1)[1] for o in overrides if o.startswith("paths.results=")), "results")
+    for name in REPORTS:
+        session.run(sys.executable, "-m", "benchmark.report", f"experiment={name}", *overrides)
+    session.run(sys.executable, "-m", "benchmark.paper", f"results={results}")
+
+
 # Memory (issue 6): the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
 MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
@@ -117,6 +134,17 @@ def recovery(session: nox.Session) -> None:
     overrides = ["experiment=recovery", *session.posargs]
     session.run(sys.executable, "-m", "benchmark", "-m", *overrides, env={"HF_HUB_OFFLINE": "1"})
     session.run(sys.executable, "-m", "benchmark.report", *overrides)
+
+
+@nox.session
+def calibrate_selective(session: nox.Session) -> None:
+    """Selective BP-low / ZO-high: mean held-out loss descent per step of each step kind (and
+    each ZO-high candidate) from one BP-low-adapted start (benchmark/calibrate_selective.py).
+    Tiny model on CPU by default: `nox -s calibrate_selective -- [--adapt N] [--steps K] [overrides]`."""
+    args = list(session.posargs)
+    if not any(a.startswith("data.root=") for a in args):
+        args.append(f"data.root={os.environ.get('DREAMBOOTH_DATASET', '../shared/dreambooth/dataset')}")
+    session.run(sys.executable, "-m", "benchmark.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 # Item 7 of issue 12: how far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours

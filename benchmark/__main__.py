@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from benchmark.run import USER_ERRORS, run
+    from benchmark.run import USER_ERRORS, record_refusal, run
     from benchmark.train import TrainingInterrupted
 
     try:
@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:  # the message says what is wrong and how to fix it: no traceback
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_refusal(cfg, e)  # the sweep's status and report count this job as failed
             raise  # Hydra marks this job failed, runs the sweep's other jobs, then exits with it
         sys.exit(2)
     except TrainingInterrupted as e:

@@ -87,15 +87,27 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_key(cfg: DictConfig) -> str:
     """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
+    return f"seed{cfg.seed}-{config_digest(cfg)}"
+
+
+def config_digest(cfg: DictConfig) -> str:
     values = flat(OmegaConf.to_container(cfg, resolve=True))
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
     if kept.get("data.root") is not None:  # the same folder however it is spelled
         kept["data.root"] = str(Path(kept["data.root"]).expanduser().resolve())
-    digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"seed{cfg.seed}-{digest}"
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.get("mode") == "real":
+        return real_run_dir(cfg)
     return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)
+
+
+def real_run_dir(cfg: DictConfig) -> Path:
+    """mode=real scores the subject's images against each other: nothing random, no method, no
+    model, so the key is the subject and the evaluation protocol alone (no seed)."""
+    key = config_digest(OmegaConf.create({"subject": cfg.subject, "eval": cfg.eval}))
+    return Path(cfg.paths.results) / "runs" / "real" / cfg.subject / f"real-{key}"

@@ -556,6 +556,7 @@ def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Est
     images (most DreamBooth subjects have 5); ``fake=False`` runs the same on real CPU tensors."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
+    from benchmark.sampling import training_batch
     from benchmark.train import step_generator
     from methods.base import ConfigError
     from methods.registry import method_class
@@ -586,8 +587,8 @@ def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Est
             for step in range(steps):
                 tracker.start_step()
                 generator = step_generator(int(cfg.seed), step)
-                index = torch.randint(num_images, (bsz,), generator=generator)
-                method.step({"pixel_values": images[index], "generator": generator, "index": index}, step)
+                batch = training_batch(images, method_cfg.data, int(cfg.seed), step, bsz, generator)
+                method.step(batch, step)
     peaks, seen = tracker.peaks, tracker.phases_seen  # a phase the method has not (no backward in ZO): None
     top = max(PHASES, key=lambda p: peaks[p].bytes)
     return Estimate(

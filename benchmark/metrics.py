@@ -32,6 +32,7 @@ class Scores:
     dino: float
     dino_inter: float | None
     n_images: int
+    per_image: dict[str, list[float] | None] | None = None  # clip_t, clip_i, dino of each generated image
 
 
 class MetricModelsUnavailable(RuntimeError):
@@ -105,9 +106,11 @@ class Scorer:
         if texts is not None and len(texts) != len(generated):
             raise ValueError(f"{len(texts)} texts for {len(generated)} generated images")
         gen_clip, real_clip = self.clip_image_features(generated), self.clip_image_features(real)
-        clip_t = None
+        clip_t = per_image_clip_t = None
         if texts is not None:
-            clip_t = (self.clip_text_features(texts).double() * gen_clip.double()).sum(-1).mean().item()
+            per_image_clip_t = (self.clip_text_features(texts).double() * gen_clip.double()).sum(-1)
+            clip_t = per_image_clip_t.mean().item()
+        gen_dino, real_dino = self.dino_features(generated), self.dino_features(real)
         dino_inter = None
         if inter_groups:
             groups = [self.dino_features(group) for group in inter_groups]
@@ -116,9 +119,14 @@ class Scorer:
         return Scores(
             clip_t=clip_t,
             clip_i=mean_pairwise_cosine(gen_clip, real_clip),
-            dino=mean_pairwise_cosine(self.dino_features(generated), self.dino_features(real)),
+            dino=mean_pairwise_cosine(gen_dino, real_dino),
             dino_inter=dino_inter,
             n_images=len(generated),
+            per_image={  # the gallery's per-image scores; their means are the scores above
+                "clip_t": None if per_image_clip_t is None else per_image_clip_t.tolist(),
+                "clip_i": (gen_clip.double() @ real_clip.double().T).mean(1).tolist(),
+                "dino": (gen_dino.double() @ real_dino.double().T).mean(1).tolist(),
+            },
         )
 
     def score_real(self, real) -> Scores:

@@ -1,12 +1,16 @@
-"""The report's figures (PNG), drawn from a built ``benchmark.report.Report``.
+"""The report's figures, each as PDF (vector, for the paper) and PNG, drawn from a built
+``benchmark.report.Report``. Methods keep one display name and colour (benchmark.display).
 
-- ``heatmap``: each metric over the experiment's grid (Table 4's tau x nu, Fig. 7's T_L x T_U).
-- ``memory_breakdown``: ZOODiP Fig. 1a: stacked bars of training memory per row (weights by
-  dtype, gradients, optimizer state, activations, other: the record's ``breakdown_*_bytes``).
-- ``memory_vs_score``: ZOODiP Fig. 1b: training memory against CLIP-I and CLIP-T, ours filled,
-  the paper's hollow.
+- ``heatmap``: every metric over the experiment's grid in one figure (benchmark.heatmaps).
+- ``memory_breakdown``: ZOODiP Fig. 1a: stacked bars of training memory per method (weights by
+  dtype, gradients, optimizer state, activations, other: the record's ``breakdown_*_bytes``),
+  for the methods ``report.breakdown_rows`` names (the paper's five) or every row.
+- ``memory_vs_score``: ZOODiP Fig. 1b: training memory against CLIP-I and CLIP-T, ours filled
+  with 95 % CI error bars, the paper's hollow, each labelled by its method without collisions.
 - ``versus_rows``: every metric against the one row value (Hollowed Net Fig. 5: fraction removed),
   mean with its 95 % CI band.
+- ``istar_histogram``: ZOODiP Fig. 8: the Subspace Gradient's kept share i*/tau at every
+  recomputation, one histogram per subject.
 """
 
 from __future__ import annotations
@@ -18,44 +22,40 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmark.display import axis_label, method_color, method_name, value_label  # noqa: E402
 from benchmark.profiling import CATEGORIES  # noqa: E402
-from benchmark.report import METRICS, number, row_keys  # noqa: E402
+from benchmark.report import METRICS, row_keys  # noqa: E402
+
+PNG_DPI = 200
 
 
 def row_labels(report) -> list[str]:
     rows = report.spec["rows"]
-    return [", ".join(str(v) for v in values) for values in report.table[rows].itertuples(index=False)]
+    return [
+        ", ".join(value_label(r, v) for r, v in zip(rows, values))
+        for values in report.table[rows].itertuples(index=False)
+    ]
 
 
-def save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def save(fig, stem: Path, layout: bool = True) -> list[Path]:
+    """``stem``.pdf (vector) and ``stem``.png."""
+    if layout:
+        fig.tight_layout()
+    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    fig.savefig(paths[0])
+    fig.savefig(paths[1], dpi=PNG_DPI)
     plt.close(fig)
-    return path
+    return paths
 
 
 def heatmap(report, out_dir: Path) -> list[Path]:
-    paths = []
-    for metric, grid in report.grids.items():
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.6 * grid.shape[0]))
-        values = grid.to_numpy(dtype=float)
-        image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
-        middle = np.nanmean(values) if np.isfinite(values).any() else 0.0
-        for (i, j), v in np.ndenumerate(values):
-            text = "n/a" if math.isnan(v) else number(v, METRICS[metric].digits)
-            dark = math.isnan(v) or v < middle  # viridis is dark at its low end
-            ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=8)
-        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
-        ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
-        ax.set_xlabel(str(grid.columns.name))
-        ax.set_ylabel(str(grid.index.name))
-        ax.set_title(METRICS[metric].label)
-        fig.colorbar(image, ax=ax)
-        paths.append(save(fig, out_dir / f"heatmap_{metric}.png"))
-    return paths
+    from benchmark.heatmaps import heatmap as draw_heatmap
+
+    return draw_heatmap(report, out_dir)
 
 
 def breakdown_gb(report) -> pd.DataFrame:
@@ -74,53 +74,89 @@ def breakdown_gb(report) -> pd.DataFrame:
 
 def memory_breakdown(report, out_dir: Path) -> list[Path]:
     parts = breakdown_gb(report)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(report.table), 4))
-    labels = row_labels(report)
+    shown = report.spec.get("breakdown_rows") or list(report.table["method"])
+    keys = [k for k in shown if k in set(report.table["method"])]
+    labels = [method_name(k) for k in keys]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(keys), 3.6))
     if parts.empty:  # no breakdown recorded: the total alone
-        ax.bar(
-            labels, report.table["memory_gb"].fillna(0), color="grey", label="total (no breakdown recorded)"
-        )
+        totals = report.table.set_index("method")["memory_gb"].reindex(keys).fillna(0)
+        ax.bar(labels, totals, color="grey", label="total (no breakdown recorded)")
     else:
+        parts = parts.reindex(labels)
         bottom = np.zeros(len(parts))
-        for name in parts.columns:
+        colors = plt.get_cmap("tab10")
+        for i, name in enumerate(parts.columns):
             values = parts[name].fillna(0).to_numpy()
-            ax.bar(labels, values, bottom=bottom, label=name)
+            ax.bar(labels, values, bottom=bottom, label=name.replace("_", " "), color=colors(i))
             bottom += values
+    finished = report.table.set_index("method")["ok"].reindex(keys).fillna(0)
+    for i, ok in enumerate(finished):  # a method without a finished run: said, not an empty slot
+        if ok == 0:
+            ax.text(i, 0, "no finished run", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
     ax.set_ylabel("training memory (GB)")
-    ax.set_title("Memory breakdown")
-    ax.legend(fontsize=7)
-    ax.tick_params(axis="x", rotation=30)
-    return [save(fig, out_dir / "memory_breakdown.png")]
+    ax.set_title("Memory breakdown (batch 1)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    ax.tick_params(axis="x", rotation=20)
+    return save(fig, out_dir / "memory_breakdown")
+
+
+def place_labels(ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label each (x, y, text, colour) next to its point, trying offsets around it until the
+    label overlaps no point and no label placed before (greedy, in display coordinates)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]
+    inside = ax.get_window_extent(renderer)
+    taken = [legend.get_window_extent(renderer)] if (legend := ax.get_legend()) else []
+    offsets = [(dx * r, dy * r) for r in (6, 14, 24, 36) for dx, dy in
+               ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1.3), (0, -1.3))]  # fmt: skip
+    for x, y, text, color in points:
+        for dx, dy in offsets:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                                color=color, ha="left" if dx >= 0 else "right",
+                                va="bottom" if dy >= 0 else "top")  # fmt: skip
+            box = label.get_window_extent(renderer).expanded(1.05, 1.15)
+            hits_point = any(box.contains(*c) for c in centres)
+            within = (
+                inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            )
+            if within and not hits_point and not any(box.overlaps(t) for t in taken):
+                taken.append(box)
+                break
+            label.remove()
+        else:  # nowhere free: the first offset, drawn anyway
+            ax.annotate(text, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=7, color=color)
 
 
 def memory_vs_score(report, out_dir: Path) -> list[Path]:
-    table, labels = report.table, row_labels(report)
+    table = report.table
     scores = [m for m in ("clip_i", "clip_t") if m in table]
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], scores):
-        ax.scatter(table["memory_gb"], table[metric], label="ours")
-        if f"{metric}_paper" in table and "memory_gb_paper" in table:
-            ax.scatter(
-                table["memory_gb_paper"],
-                table[f"{metric}_paper"],
-                facecolors="none",
-                edgecolors="k",
-                label="paper",
-            )
-        for kind, suffix in (("ours", ""), ("paper", "_paper")):
-            xs, ys = table.get(f"memory_gb{suffix}"), table.get(f"{metric}{suffix}")
-            if xs is None or ys is None:
-                continue
-            for x, y, label in zip(xs, ys, labels):
-                if not (math.isnan(x) or math.isnan(y)):
-                    color = "black" if kind == "ours" else "grey"
-                    ax.annotate(
-                        label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points", color=color
-                    )
-        ax.set_xlabel("training memory (GB)")
-        ax.set_ylabel(metric.replace("_", "-").upper())
-        ax.legend(fontsize=7)
-    return [save(fig, out_dir / "memory_vs_score.png")]
+        points = []
+        for entry in table.to_dict("records"):
+            name, color = method_name(entry["method"]), method_color(entry["method"])
+            x, y = entry["memory_gb"], entry[metric]
+            if not (math.isnan(x) or math.isnan(y)):
+                low, high = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
+                err = None if math.isnan(low) else [[y - low], [high - y]]
+                ax.errorbar(x, y, yerr=err, fmt="o", color=color, capsize=3, ms=5)
+                points.append((x, y, name, color))
+            px, py = entry.get("memory_gb_paper", math.nan), entry.get(f"{metric}_paper", math.nan)
+            if not (math.isnan(px) or math.isnan(py)):
+                ax.scatter(px, py, facecolors="none", edgecolors=color, s=30)
+                points.append((px, py, f"{name} (paper)", color))
+        ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.12)  # room for the labels inside the axes
+        ax.set_xlabel("training memory (GB, log scale)")
+        ax.set_ylabel(METRICS[metric].label)
+        ax.plot([], [], "o", color="grey", label="ours (95 % CI where n ≥ 5)")
+        ax.scatter([], [], facecolors="none", edgecolors="grey", label="paper")
+        ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        place_labels(ax, points)
+    return save(fig, out_dir / "memory_vs_score", layout=False)
 
 
 def versus_rows(report, out_dir: Path) -> list[Path]:
@@ -132,9 +168,38 @@ def versus_rows(report, out_dir: Path) -> list[Path]:
     for ax, metric in zip(axes[0], metrics):
         ax.plot(x, table[metric], marker="o")
         ax.fill_between(x, table[f"{metric}_ci_low"], table[f"{metric}_ci_high"], alpha=0.25)
-        ax.set_xlabel(axis)
+        ax.set_xlabel(axis_label(axis))
         ax.set_title(METRICS[metric].label)
-    return [save(fig, out_dir / f"versus_{axis.replace('.', '_')}.png")]
+    return save(fig, out_dir / f"versus_{axis.replace('.', '_')}")
+
+
+def istar_histogram(report, out_dir: Path) -> list[Path]:
+    """ZOODiP Fig. 8 from the records' ``sg_kept_ratios`` (one value per SG recomputation)."""
+    runs = report.runs[report.runs["state"] == "ok"]
+    ratios = {
+        subject: [r for lists in group.get("sg_kept_ratios", []) if isinstance(lists, list) for r in lists]
+        for subject, group in runs.groupby("subject", sort=False)
+    }
+    fig, axes = plt.subplots(1, max(len(ratios), 1), figsize=(3.4 * max(len(ratios), 1), 2.8), squeeze=False)
+    taus = sorted(set(pd.to_numeric(runs.get("method.tau", pd.Series(dtype=float))).dropna().astype(int)))
+    nus = sorted(set(pd.to_numeric(runs.get("method.nu", pd.Series(dtype=float))).dropna()))
+    for ax, (subject, values) in zip(axes[0], ratios.items()):
+        if values:
+            ax.hist(values, bins=np.linspace(0, 1, 21), color=method_color("zoodip"), edgecolor="white")
+        else:
+            ax.text(
+                0.5, 0.5, "no SG recomputation recorded", ha="center", va="center", transform=ax.transAxes
+            )
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(r"$i^*/\tau$ (share of directions kept)")
+        ax.set_ylabel("recomputations")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(f"{subject}: {len(values)} recomputations", fontsize=9)
+    fig.suptitle(
+        rf"{report.spec.get('title', report.name)}  ($\tau$ = {', '.join(map(str, taus))}, "
+        rf"$\nu$ = {', '.join(f'{n:g}' for n in nus)})", fontsize=9,
+    )  # fmt: skip
+    return save(fig, out_dir / "istar_histogram")
 
 
 FIGURES = {
@@ -142,6 +207,7 @@ FIGURES = {
     "memory_breakdown": memory_breakdown,
     "memory_vs_score": memory_vs_score,
     "versus_rows": versus_rows,
+    "istar_histogram": istar_histogram,
 }
 
 

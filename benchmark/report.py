@@ -20,6 +20,7 @@ table.tex, table.csv (one row per table row, every number unrounded) and the fig
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,16 +32,22 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from benchmark.atomic import write_text_atomic
 from benchmark.records import CorruptRecord, load_records
 from benchmark.sweep import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
+# Below this many subjects (or seeds, for a one-subject experiment) a percentile bootstrap
+# interval is the sample's own min..max, not a confidence interval: the table shows n instead.
+MIN_UNITS_FOR_CI = 5
 # The Mem. column: the first of these a record has. NVML's process peak is the papers'
 # nvidia-smi figure; CUDA's peak reserved memory including the model load comes closest where
 # NVML cannot see the process. A predicted peak (benchmark.memory_estimate) or, on a CPU, the
 # profiler's peak of live tensors (the breakdown's total) only where nothing was measured on a GPU.
+# Config values a row shows even before its runs have records (Table 1's Quant. column)
+PLANNED_FIELDS = ("method.quantize", "method.bits")
 MEMORY_FIELDS = (
     "nvml_process_peak_bytes", "peak_reserved_with_load_bytes", "peak_reserved_bytes",
     "predicted_peak_bytes", "breakdown_peak_bytes",
@@ -145,6 +152,7 @@ class Report:
     table: pd.DataFrame  # one row per table row: means, CIs, paper values, differences, counts
     grids: dict[str, pd.DataFrame] = field(default_factory=dict)  # metric -> index x columns of means
     files: list[Path] = field(default_factory=list)
+    reference: Report | None = None  # Table 1's "Real images" upper bound (report.reference: real)
 
 
 def bad_input(message: str) -> InvalidSweep:
@@ -179,7 +187,8 @@ def runs_frame(planned: Sequence[PlannedRun], rows: Sequence[str], results_dir: 
         record = by_dir.get(str(run.run_dir.resolve()), {})
         state = record.get("status", "missing")
         out.append(
-            {**record, **{key: run.value(key) for key in rows}, "subject": run.value("subject"),
+            {**{key: run.value(key) for key in PLANNED_FIELDS}, **record,
+             **{key: run.value(key) for key in rows}, "subject": run.value("subject"),
              "seed": run.value("seed"), "state": state, "path": str(run.run_dir)}
         )  # fmt: skip
     frame = pd.DataFrame(out)
@@ -229,7 +238,15 @@ def summarize(runs: pd.DataFrame, spec: dict[str, Any], paper: dict | None) -> p
             good = member & ok & values[m].notna()
             by_subject = [g.to_numpy() for _, g in values[m][good].groupby(runs["subject"][good], sort=False)]
             entry[m] = float(values[m][good].mean()) if good.any() else math.nan
-            entry[f"{m}_ci_low"], entry[f"{m}_ci_high"] = bootstrap_ci(by_subject)
+            # the units the interval resamples: subjects, or the seeds of a single subject
+            units = len(by_subject) if len(by_subject) > 1 else int(good.sum())
+            constant = values[m][good].nunique() == 1  # e.g. storage: the same bytes for every subject
+            entry[f"{m}_n"] = units
+            entry[f"{m}_constant"] = bool(constant and units > 1)
+            confident = units >= MIN_UNITS_FOR_CI and not constant
+            entry[f"{m}_ci_low"], entry[f"{m}_ci_high"] = (
+                bootstrap_ci(by_subject) if confident else (math.nan,) * 2
+            )
             if paper is not None:
                 reported = paper.get(key, {}).get(m, "")
                 entry[f"{m}_paper"] = float(reported) if reported != "" else math.nan
@@ -238,10 +255,14 @@ def summarize(runs: pd.DataFrame, spec: dict[str, Any], paper: dict | None) -> p
         entry["runs"] = int(member.sum())
         entry["ok"] = states.pop("ok", 0)
         entry["not_ok"] = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        entry["subjects_ok"] = runs["subject"][member & ok].nunique()
         if paper is not None:
             entry["paper_source"] = paper.get(key, {}).get("source", "")
         table.append(entry)
-    return pd.DataFrame(table)
+    out = pd.DataFrame(table)
+    # a row averaged over fewer subjects than the others (failed or missing runs): marked in the table
+    out["fewer_subjects"] = out["subjects_ok"] < out["subjects_ok"].max()
+    return out
 
 
 def pivot(table: pd.DataFrame, grid: dict[str, str], values: str) -> pd.DataFrame:
@@ -264,7 +285,26 @@ def build_report(arguments: Sequence[str]) -> Report:
     results = Path(cfg.paths.results)
     runs = runs_frame(plan_sweep(arguments), spec["rows"], results)
     table = summarize(runs, spec, load_paper(spec.get("paper"), spec["rows"]))
-    return Report(name, spec, results / name, runs, table, grids(table, spec))
+    out_dir = report_dir(results, name, arguments)
+    report = Report(name, spec, out_dir, runs, table, grids(table, spec))
+    report.reference = reference_report(arguments, spec, results, out_dir)
+    return report
+
+
+REAL_PAPER = "dreambooth_real"  # results/paper/dreambooth_real.csv: the DreamBooth paper's row
+
+
+def reference_report(arguments: Sequence[str], spec: dict[str, Any], results: Path, out_dir: Path):
+    """The upper bound (`report.reference: real`): each subject's real images scored against each
+    other, the records of `python -m benchmark -m <arguments> mode=real`; None if not asked for."""
+    if spec.get("reference") != "real":
+        return None
+    real_args = [a for a in arguments if not a.startswith("mode=")] + ["mode=real"]
+    planned = list({r.run_dir: r for r in plan_sweep(real_args)}.values())  # one per subject
+    runs = runs_frame(planned, [], results).drop(columns=list(PLANNED_FIELDS)).assign(method="real")
+    real_spec = {**spec, "rows": ["method"], "paper": REAL_PAPER, "grid": None}
+    table = summarize(runs, real_spec, load_paper(REAL_PAPER, ["method"]))
+    return Report("real", real_spec, out_dir, runs, table)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -276,20 +316,46 @@ def number(value: Any, digits: int | None, signed: bool = False) -> str:
     return format(value, ("+" if signed else "") + (".4g" if digits is None else f".{digits}f"))
 
 
+def ours_cell(
+    entry: dict[str, Any], metric: str, interval: str = " [{low}, {high}]", count: str = " (n={n})"
+) -> str:
+    """Our mean with its CI; with too few subjects (or seeds) for a CI, n instead; a constant alone."""
+    digits = METRICS[metric].digits
+    text = number(entry[metric], digits)
+    low, high = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
+    if not math.isnan(low):
+        return text + interval.format(low=number(low, digits), high=number(high, digits),
+                                      half=number((high - low) / 2, digits))  # fmt: skip
+    if math.isnan(entry[metric]) or entry[f"{metric}_constant"] or entry[f"{metric}_n"] >= MIN_UNITS_FOR_CI:
+        return text
+    return text + count.format(n=entry[f"{metric}_n"])
+
+
+FEWER_SUBJECTS_MARK = "†"
+
+
+def row_name(report: Report, entry: dict[str, Any]) -> str:
+    """The row's values as a reader sees them (display names), marked when it has fewer subjects."""
+    from benchmark.display import value_label
+
+    text = ", ".join(value_label(r, entry[r]) for r in report.spec["rows"])
+    return text + (f" {FEWER_SUBJECTS_MARK}" if entry.get("fewer_subjects") else "")
+
+
 def display_table(report: Report) -> pd.DataFrame:
-    """The table as strings: our mean [95 % CI], the paper's value, our difference to it, run counts."""
+    """The table as strings: our mean [95 % CI] (or n), the paper's value, our difference, run counts."""
+    from benchmark.display import axis_label
+
     has_paper = any(c.endswith("_paper") for c in report.table.columns)
-    out = pd.DataFrame({r: [canonical(v) or "—" for v in report.table[r]] for r in report.spec["rows"]})
-    t = report.table
+    entries = report.table.to_dict("records")
+    heading = ", ".join(axis_label(r, text=True) for r in report.spec["rows"])
+    out = pd.DataFrame({heading: [row_name(report, e) for e in entries]})
     for m in report.spec["metrics"]:
         label, digits = METRICS[m].label, METRICS[m].digits
-        out[label] = [
-            number(v, digits) + ("" if math.isnan(lo) else f" [{number(lo, digits)}, {number(hi, digits)}]")
-            for v, lo, hi in zip(t[m], t[f"{m}_ci_low"], t[f"{m}_ci_high"])
-        ]
+        out[label] = [ours_cell(e, m) for e in entries]
         if has_paper:
-            out[f"{label} paper"] = [number(v, digits) for v in t[f"{m}_paper"]]
-            out[f"{label} Δ"] = [number(v, digits, signed=True) for v in t[f"{m}_diff"]]
+            out[f"{label} paper"] = [number(e[f"{m}_paper"], digits) for e in entries]
+            out[f"{label} Δ"] = [number(e[f"{m}_diff"], digits, signed=True) for e in entries]
     out["runs ok"] = [f"{ok}/{n}" for ok, n in zip(report.table["ok"], report.table["runs"])]
     out["not ok"] = report.table["not_ok"].replace("", "—")
     return out
@@ -302,7 +368,12 @@ def display_grid(report: Report, metric: str) -> pd.DataFrame:
     if f"{metric}_paper" in report.table:
         paper = pivot(report.table, report.spec["grid"], f"{metric}_paper")
         cells = cells + paper.map(lambda v: f" ({number(v, digits)})")
-    return cells
+    from benchmark.display import axis_label
+
+    grid_spec = report.spec["grid"]
+    return cells.rename_axis(
+        index=axis_label(grid_spec["index"], text=True), columns=axis_label(grid_spec["columns"], text=True)
+    )
 
 
 def grid_frame(cells: pd.DataFrame) -> pd.DataFrame:
@@ -330,16 +401,6 @@ def latex_escape(text: Any) -> str:
     return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
 
 
-def latex(frame: pd.DataFrame, caption: str) -> str:
-    head = " & ".join(latex_escape(c) for c in frame.columns) + r" \\"
-    body = [" & ".join(latex_escape(v) for v in row) + r" \\" for row in frame.itertuples(index=False)]
-    return "\n".join(
-        [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", r"\small",
-         rf"\begin{{tabular}}{{{'l' * len(frame.columns)}}}", r"\toprule", head, r"\midrule", *body,
-         r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    )  # fmt: skip
-
-
 def provenance(report: Report) -> list[str]:
     runs, spec = report.runs, report.spec
     states = Counter(runs["state"])
@@ -360,7 +421,69 @@ def provenance(report: Report) -> list[str]:
         lines.append(f"Mem. (GB = 1e9 bytes) from: {used}.")
     if spec.get("paper"):
         lines.append(f"Paper values: results/paper/{spec['paper']}.csv (source per row in table.csv).")
+    metric_n = [c for c in report.table.columns if c.endswith("_n")]
+    if metric_n and (report.table[metric_n] < MIN_UNITS_FOR_CI).to_numpy().any():
+        lines.append(
+            f"(n=k): fewer than {MIN_UNITS_FOR_CI} subjects (or seeds) behind the mean: no confidence "
+            "interval is given, k values are averaged."
+        )
+    if report.table["fewer_subjects"].any():
+        most = int(report.table["subjects_ok"].max())
+        lines.append(
+            f"{FEWER_SUBJECTS_MARK}: averaged over fewer subjects than the other rows (of {most}): "
+            "runs failed or missing, see below; not comparable with the other rows."
+        )
+    lines += [f"Warning: {line}" for line in flat_axes(report)]
     return lines
+
+
+def flat_axes(report: Report) -> list[str]:
+    """A swept axis whose cells all read the same for a metric (at the table's precision): say
+    so, with the spread and the likely reason."""
+    from benchmark.display import axis_label
+
+    table, out = report.table, []
+    for metric in report.spec["metrics"]:
+        measured, digits = table[metric].dropna(), METRICS[metric].digits
+        shown = measured.round(digits) if digits is not None else measured
+        if len(measured) < 2 or shown.nunique() > 1:
+            continue
+        axes = ", ".join(axis_label(r, text=True) for r in report.spec["rows"])
+        value, spread = number(measured.iloc[0], digits), number(measured.max() - measured.min(), None)
+        label = METRICS[metric].label
+        line = (
+            f"every {label} cell over {axes} reads {value} (spread {spread}): "
+            "the swept axis had no visible effect."
+        )
+        steps = pd.to_numeric(report.runs.get("train_steps", pd.Series(dtype=float)), errors="coerce").max()
+        if "method.tau" in report.spec["rows"] and table["method.tau"].min() >= steps:
+            tau = table["method.tau"].min()
+            line += (
+                f" Likely reason: the runs trained {steps:g} steps and the Subspace Gradient first "
+                f"switches on after tau >= {tau} steps, so it never did."
+            )
+        elif set(report.runs.get("model", pd.Series(dtype=object)).dropna()) == {"tiny"}:
+            line += " Likely reason: the tiny random-weight model and smoke metrics do not respond to it."
+        out.append(line)
+    return out
+
+
+def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
+    """<results>/<name> for the full report; a narrowed one (subject=dog6, model=tiny, ...) gets
+    its own folder named from its overrides, so it never overwrites the full report."""
+    where = (
+        "experiment=",
+        "paths.",
+        "data.",
+        "hydra.",
+        "train.progress",
+        "skip_done",
+    )  # not what is reported
+    narrowing = [a for a in arguments if not a.startswith(where)]
+    if not narrowing:
+        return results / name
+    suffix = "+".join(re.sub(r"[^A-Za-z0-9._=,-]", "_", a) for a in narrowing)
+    return results / f"{name}+{suffix}"
 
 
 def failures(report: Report) -> pd.DataFrame:
@@ -371,16 +494,23 @@ def failures(report: Report) -> pd.DataFrame:
 
 
 def write_report(report: Report) -> list[Path]:
-    from benchmark import plots  # here: plots imports this module
+    from benchmark import gallery, plots  # here: they import this module
+    from benchmark import latex as tex_tables
 
     out_dir = report.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+
     title = report.spec.get("title", report.name)
     shown = display_table(report)
+    if report.reference is not None:
+        reference = display_table(report.reference)
+        if len(reference.columns) == len(shown.columns):
+            shown = pd.concat([shown, reference.set_axis(shown.columns, axis=1)], ignore_index=True)
     md = [f"# {title}", "", *provenance(report), ""]
     tex = [
-        f"% {title}: python -m benchmark.report experiment={report.name} (needs booktabs)",
-        latex(shown, title),
+        f"% {title}: python -m benchmark.report experiment={report.name}",
+        f"% preamble: {tex_tables.PREAMBLE}",
+        tex_tables.table_tex(report, report.reference),
     ]
     for metric in report.grids:
         cells = display_grid(report, metric)
@@ -388,16 +518,19 @@ def write_report(report: Report) -> list[Path]:
         shown_as = "ours (paper)" if f"{metric}_paper" in report.table else "ours"
         md += [f"## {label}: {cells.index.name} (rows) x {cells.columns.name} (columns), {shown_as}", "",
                markdown(grid_frame(cells)), ""]  # fmt: skip
-        tex.append(latex(grid_frame(cells), f"{title}: {label}"))
+        tex.append(tex_tables.grid_tex(report, metric, cells))
     md += ["## All rows", "", markdown(shown), ""]
     bad = failures(report)
     md += ["## Runs without a result", ""]
     md += [markdown(bad), ""] if len(bad) else ["None: every run succeeded.", ""]
     paths = [out_dir / "table.md", out_dir / "table.tex", out_dir / "table.csv"]
-    paths[0].write_text("\n".join(md))
-    paths[1].write_text("\n".join(tex))
-    report.table.to_csv(paths[2], index=False)
+    write_text_atomic(paths[0], "\n".join(md))
+    write_text_atomic(paths[1], "\n".join(tex))
+    tables = [report.table] + ([report.reference.table] if report.reference is not None else [])
+    write_text_atomic(paths[2], pd.concat(tables, ignore_index=True).to_csv(index=False))
     paths += plots.draw(report, out_dir)
+    if gallery.has_images(report):
+        paths.append(gallery.write_gallery(report))
     report.files = paths
     return paths
 

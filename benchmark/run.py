@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 
 from benchmark import data, models
 from benchmark.atomic import exclusive_lock, write_json_atomic, write_text_atomic
-from benchmark.config import LOCK_NAME, flat, resolve_device, run_dir_for, run_key, training_dtype
+from benchmark.config import (
+    LOCK_NAME,
+    flat,
+    real_run_dir,
+    resolve_device,
+    run_dir_for,
+    training_dtype,
+)
 from benchmark.generate import eval_prompts, generate_images
 from benchmark.metrics import MetricModelsUnavailable, Scorer
 from benchmark.profiling import TrainingMonitor
@@ -36,6 +43,7 @@ USER_ERRORS = (
     ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable, CorruptRecord,
 )  # fmt: skip
 BUSY = "busy"  # run()'s answer when another process holds the run: nothing is written
+IMAGE_SCORES_NAME = "scores.json"  # images/: each scored image's CLIP-T, CLIP-I, DINO (the gallery)
 TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
 
 
@@ -70,11 +78,7 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
             clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    base = {
-        "method": cfg.method.name, "subject": subject.name, "seed": cfg.seed, "run_key": run_dir.name,
-        "model": cfg.model.name, "eval": cfg.eval.name, "device": str(device),
-        **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
-    }  # fmt: skip
+    base = record_base(cfg, run_dir, subject.name, str(device))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
     # step 1 (the first with optimizer state) is profiled for the breakdown; +train.profile_steps=0: off
@@ -99,6 +103,33 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
     write_record(run_dir, record)
     log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
     return record
+
+
+def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> dict[str, Any]:
+    return {
+        "method": cfg.method.name, "subject": subject, "seed": cfg.seed, "run_key": run_dir.name,
+        "model": cfg.model.name, "eval": cfg.eval.name, "device": device,
+        **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
+    }  # fmt: skip
+
+
+def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
+    """A sweep's job whose input is refused (say model.path missing where the job runs) leaves a
+    failed record, so that `benchmark.sweep` and the report count it and the next sweep retries
+    it. An ok record is kept; a corrupt one is left for the user to look at. Returns its path."""
+    if isinstance(error, CorruptRecord) or OmegaConf.select(cfg, "mode") != "personalize":
+        return None
+    try:
+        run_dir = run_dir_for(cfg)
+        base = record_base(cfg, run_dir, str(cfg.subject), str(cfg.device))
+    except Exception:  # the config itself does not resolve: no run directory to speak of
+        return None
+    with exclusive_lock(run_dir / LOCK_NAME) as held:
+        record_path = run_dir / RECORD_NAME
+        if not held or (record_path.exists() and read_record(record_path)["status"] == "ok"):
+            return None
+        error_line = f"{type(error).__name__}: {error}".splitlines()[0]
+        return write_record(run_dir, new_record(**base, status="failed", error=error_line))
 
 
 def clear_outputs(run_dir: Path) -> None:
@@ -172,15 +203,23 @@ def evaluate(
     from PIL import Image
 
     k = cfg.eval.images_per_prompt
-    generated, texts = [], []
+    generated, texts, names = [], [], []
     for prompt in prompts:
         for path in paths[prompt.index][:k]:
             generated.append(Image.open(path).convert("RGB"))
             texts.append(prompt.clip_text)
+            names.append(path.name)
     inter_index = cfg.eval.dino_inter.prompt_index
     inter = [[Image.open(p).convert("RGB") for p in paths[inter_index]]] if inter_index in paths else None
     scorer = Scorer(cfg.eval, device=device)
     scores = scorer.score(generated, texts, data.load_pil_images(image_paths), inter_groups=inter)
+    write_json_atomic(run_dir / "images" / IMAGE_SCORES_NAME, {
+        "prompts": {f"p{p.index:02d}": p.prompt for p in prompts},
+        "images": {
+            name: {metric: (values[i] if values else None) for metric, values in scores.per_image.items()}
+            for i, name in enumerate(names)
+        },
+    })  # fmt: skip
     return {
         "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino,
         "dino_inter": scores.dino_inter, "n_images": scores.n_images,
@@ -203,11 +242,11 @@ def run_real_images(cfg: DictConfig) -> dict[str, Any]:
     subject = data.get_subject(cfg.subject)
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     real = data.load_pil_images(data.subject_image_paths(root, subject))
-    key = run_key(OmegaConf.create({"subject": subject.name, "seed": cfg.seed, "eval": cfg.eval}))
-    run_dir = Path(cfg.paths.results) / "runs" / "real" / subject.name / key
+    run_dir = real_run_dir(cfg)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     scores = Scorer(cfg.eval, device=resolve_device(cfg.device)).score_real(real)
     record = new_record(
-        method="real", subject=subject.name, seed=cfg.seed, status="ok", run_key=key, model=None,
+        method="real", subject=subject.name, seed=None, status="ok", run_key=run_dir.name, model=None,
         eval=cfg.eval.name, clip_t=None, clip_i=scores.clip_i, dino=scores.dino, dino_inter=None,
         n_images=scores.n_images,
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """The one training loop for every method: seeding, steps, progress, checkpoint and resume.
 
-Randomness: step s draws everything (which images, noise, timesteps, ZO directions) from a
-CPU generator seeded with (seed, s). A resumed run therefore needs only the method's state
-and the step number to continue bit-identically.
+Randomness: step s draws everything (noise, timesteps, ZO directions) from a CPU generator
+seeded with (seed, s); which images it sees and their flips come from (seed, s) and (seed,
+epoch) too (``benchmark.sampling``, ``method.data``). A resumed run therefore needs only the
+method's state and the step number to continue bit-identically.
 
 Faults: checkpoints are written atomically every ``checkpoint_every`` steps, so a kill costs at
 most that many steps; on SIGTERM or SIGINT the loop finishes its step, writes a checkpoint and
@@ -26,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark.atomic import atomic_path
+from benchmark.sampling import training_batch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -115,8 +117,9 @@ def train(
     after_step=None,
 ) -> TrainResult:
     """Run ``steps`` steps of ``method`` on ``images`` (N,3,H,W in [-1,1], CPU), resuming from
-    ``run_dir/checkpoint.pt`` if present. ``after_step(n)`` (optional) is called once n steps are
-    done (e.g. to snapshot the artifact for a learning curve)."""
+    ``run_dir/checkpoint.pt`` if present. Images are drawn as ``method.cfg.data`` says.
+    ``after_step(n)`` (optional) is called once n steps are done (e.g. to snapshot the artifact
+    for a learning curve)."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
     start, seconds_before, loss_value = 0, 0.0, None
     if ckpt_path.exists():
@@ -132,10 +135,8 @@ def train(
     with stop_signals() as received:
         for step in bar:
             generator = step_generator(seed, step)
-            index = torch.randint(len(images), (batch_size,), generator=generator)
-            logs = method.step(
-                {"pixel_values": images[index.to(device)], "generator": generator, "index": index}, step
-            )
+            batch = training_batch(images, method.cfg.data, seed, step, batch_size, generator)
+            logs = method.step(batch, step)
             loss_value = float(logs["loss"])
             if not math.isfinite(loss_value):
                 raise Diverged(step, loss_value)

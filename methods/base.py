@@ -32,6 +32,32 @@ from methods.errors import ConfigError, require
 __all__ = ["ConfigError", "Method", "MethodConfig", "require"]
 
 
+SAMPLINGS = ("epoch", "replacement")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """How the loop draws training images (``benchmark.sampling``); ``method.data.*``, because
+    the reference scripts differ per method (each method's YAML says what its reference does).
+
+    - ``sampling=epoch``: the DataLoader(shuffle=True) of the diffusers and official scripts: each
+      epoch is a seeded permutation of ``repeats`` copies of the images (diffusers' textual
+      inversion dataset has ``repeats=100``); ``replacement``: every draw uniform and independent.
+    - ``flip_p``: probability of a horizontal flip of each drawn image (RandomHorizontalFlip)."""
+
+    flip_p: float = 0.0
+    sampling: str = "epoch"
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        require(0 <= self.flip_p <= 1, f"method.data.flip_p={self.flip_p} must be in [0, 1]")
+        require(
+            self.sampling in SAMPLINGS,
+            f"method.data.sampling={self.sampling!r}; choose one of: {', '.join(SAMPLINGS)}",
+        )
+        require(self.repeats >= 1, f"method.data.repeats={self.repeats} must be >= 1")
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Fields every method has; each method extends this with its own knobs."""
@@ -41,6 +67,7 @@ class MethodConfig:
     lr: float
     batch_size: int = 1
     resolution: int = 512
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # lr=inf would diverge at step 1: no knob may be inf or nan
@@ -76,8 +103,10 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor | float]:
-        """One optimisation step. ``batch`` holds ``pixel_values`` (B,3,H,W in [-1,1]) and a
-        CPU ``generator`` seeded from (seed, step): draw all randomness from it."""
+        """One optimisation step. ``batch`` holds ``pixel_values`` (B,3,H,W in [-1,1], already
+        flipped where ``flipped``), ``image_index`` (LongTensor (B,): which training image, in the
+        subject's image order), ``flipped`` (BoolTensor (B,)) and a CPU ``generator`` seeded from
+        (seed, step): draw all randomness from it."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:

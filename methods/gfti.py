@@ -203,7 +203,8 @@ class GradientFreeTI(TokenMethod):
     def restore(self, state) -> None:
         self.es = pickle.loads(state["es"])
         self.randn = self.es.opts["randn"]
-        self.best_x = state["best_x"].numpy()
+        if "best_x" in state:  # checkpoints written before protocol=official have none
+            self.best_x = state["best_x"].numpy()
         with torch.no_grad():
             self._write_token(self.token_from(self.saved_x()))
 

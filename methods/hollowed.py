@@ -4,14 +4,18 @@ The paper has no public code; this is our reading of it (../shared/papers/METHOD
 
 - Stage 1 (``precompute``, before step 0, counted as model load by the harness): for every
   step the loop will run, draw that step's sample exactly as the loop and the plain LoRA step
-  would (the loop's image pick from ``benchmark.train.step_generator(seed, step)``, then the VAE
+  would (the loop's image pick and flip, ``benchmark.sampling``, then the VAE
   posterior sample, t and the noise from the same generator), run the original U-Net up to
   the cut and store what crosses it (``methods.hollow_unet``) with the noisy latents, t and the
   target: safetensors files (``cache=disk``: a fresh folder under ``cache_dir``, or the
   system's temp dir, deleted with the method) or CPU tensors (``cache=host``).
 - Stage 2 (``step``): the removed layers are gone (their modules replaced by weightless
-  placeholders, so their weights are freed), LoRA sits on the kept attention projections
-  only, and the hollowed forward reads the cached boundary tensors. With
+  placeholders, so their weights are freed) and the hollowed forward reads the cached boundary
+  tensors. LoRA (``lora_scope``): ``exact`` (default) puts it only on the kept up layers'
+  attention projections, downstream of the cut, so stage 2 trains exactly the loss of the full
+  U-Net with that LoRA; ``all`` puts it on every kept layer, also the down layers upstream of
+  the cut, whose effect through the removed middle is never trained (the cache holds the base
+  U-Net's activations) yet after transfer flows through the deep layers: the ablation. With
   ``offload_encoders`` the VAE and text encoder leave the device too: stage 2 needs neither.
 - Transfer (``apply``): the LoRA file uses the full U-Net's module names; it loads into the
   stock U-Net and is fused into it (layers that were removed simply get no LoRA).
@@ -29,10 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch._guards import detect_fake_mode
 
+from benchmark.sampling import batch_pixels, draw_images
 from benchmark.train import step_generator
 from methods.base import require
 from methods.diffusion import encode_latents, noisy_latents, token_ids
 from methods.hollow_unet import (
+    HollowPlan,
+    UNetLayers,
     boundary_activations,
     hollowed_forward,
     plan_removal,
@@ -40,10 +47,12 @@ from methods.hollow_unet import (
     unet_layers,
 )
 from methods.lora import LoRA, LoRAConfig
+from methods.lora_io import ATTENTION_PROJECTIONS, add_unet_lora
 from methods.timesteps import sample_timesteps
 from methods.unet_finetune import UNetFinetune
 
 CACHE_KINDS = ("disk", "host")
+LORA_SCOPES = ("exact", "all")
 
 
 @dataclasses.dataclass
@@ -52,9 +61,14 @@ class HollowedConfig(LoRAConfig):
     cache: str = "disk"
     cache_dir: str | None = None  # where the run's cache folder goes; None: the system's temp dir
     offload_encoders: bool = True
+    lora_scope: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            self.lora_scope in LORA_SCOPES,
+            f"method.lora_scope={self.lora_scope!r}; choose one of: {', '.join(LORA_SCOPES)}",
+        )
         require(
             0 <= self.fraction < 1,
             f"method.fraction={self.fraction} must be in [0, 1) (share of U-Net layers removed)",
@@ -112,6 +126,16 @@ def release_weights(module: torch.nn.Module) -> None:
             sub.register_buffer(name, None)
 
 
+def downstream_lora_targets(layers: UNetLayers, plan: HollowPlan) -> str:
+    """peft ``target_modules`` (a regex on module names): the attention projections of the kept
+    up layers, the only layers that run after everything the stage-1 cache holds: a LoRA
+    upstream of the cut would change what the cache holds, and stage 2 cannot recompute it."""
+    kept = [layers.up[k] for k in range(layers.K + 1) if k not in plan.removed_up]
+    units = "|".join(f"{u.block}\\.attentions\\.{u.unit}" for u in kept)
+    projections = "|".join(p.replace(".", "\\.") for p in ATTENTION_PROJECTIONS)
+    return rf"up_blocks\.({units})\..*\.({projections})"
+
+
 class HollowedNet(LoRA):
     name = "hollowed"
     Config = HollowedConfig
@@ -133,21 +157,31 @@ class HollowedNet(LoRA):
         num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
         for step in range(steps):
             g = step_generator(seed, step)
-            index = torch.randint(len(images), (cfg.batch_size,), generator=g)  # benchmark.train's own pick
-            latents = encode_latents(c.vae, images[index].to(c.device), g)
+            draw = draw_images(cfg.data, seed, step, len(images), cfg.batch_size, g)  # benchmark.train's own
+            latents = encode_latents(c.vae, batch_pixels(images, draw).to(c.device), g)
             t = sample_timesteps(cfg.timesteps, cfg.batch_size, g, num_train_timesteps, cfg.T_L, cfg.T_U)
             z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
             text = self.text.expand(cfg.batch_size, -1, -1)
             boundary = boundary_activations(c.unet, self.layers, self.plan, z_t, t.to(c.device), text)
-            self.cache.put(step, {"index": index, "z_t": z_t, "timesteps": t, "target": target, **boundary})
+            drawn = {"image_index": draw.image_index, "flipped": draw.flipped}
+            self.cache.put(step, {**drawn, "z_t": z_t, "timesteps": t, "target": target, **boundary})
 
         self.removed_parameters = remove_layers(c.unet, self.layers, self.plan)
         if cfg.offload_encoders:
             for module in (c.vae, c.text_encoder):
                 release_weights(module)  # apply() uses a fresh pipeline
-        UNetFinetune.setup(self, c, self.subject)  # LoRA on the kept layers, AdamW
+        UNetFinetune.setup(self, c, self.subject)  # LoRA on the kept layers (``prepare``), AdamW
         if c.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the removed weights' blocks back before training
+
+    def prepare(self, components, subject):
+        cfg = self.cfg
+        targets = ATTENTION_PROJECTIONS
+        if cfg.lora_scope == "exact" and self.plan.n_removed:
+            targets = downstream_lora_targets(self.layers, self.plan)
+        return add_unet_lora(
+            components.unet, cfg.rank, cfg.lora_alpha, target_modules=targets, init_seed=cfg.lora_init_seed
+        )
 
     def step(self, batch, step):
         if self.cache is None:
@@ -156,15 +190,14 @@ class HollowedNet(LoRA):
             )
         c = self.c
         entry = self.cache.get(step, c.device)
-        index = entry.pop("index")
-        if (
-            detect_fake_mode() is None
-            and "index" in batch
-            and not torch.equal(index.cpu(), batch["index"].cpu())
+        drawn = {key: entry.pop(key) for key in ("image_index", "flipped")}
+        if detect_fake_mode() is None and any(
+            key in batch and not torch.equal(drawn[key].cpu(), batch[key].cpu()) for key in drawn
         ):
             raise RuntimeError(
-                f"stage-1 entry {step} was drawn for images {index.tolist()} but the loop picked "
-                f"{batch['index'].tolist()}: precompute no longer replays benchmark.train's draws"
+                f"stage-1 entry {step} was drawn for images {drawn['image_index'].tolist()} "
+                f"(flipped {drawn['flipped'].tolist()}) but the loop drew {batch['image_index'].tolist()} "
+                f"(flipped {batch['flipped'].tolist()}): precompute no longer replays benchmark.train's draws"
             )
         text = self.text.expand(entry["z_t"].shape[0], -1, -1)
         pred = hollowed_forward(c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry)

@@ -22,7 +22,8 @@ def add_unet_lora(
     target_modules=ATTENTION_PROJECTIONS,
     init_seed: int = 0,
 ) -> dict[str, torch.nn.Parameter]:
-    """Wrap ``unet``'s target layers with trainable LoRA (rank ``rank``, alpha defaults to rank;
+    """Wrap ``unet``'s target layers (module-name suffixes, or one regex that peft full-matches)
+    with trainable LoRA (rank ``rank``, alpha defaults to rank;
     A is Gaussian, B zero, drawn from ``init_seed`` without touching the global RNG).
     Returns the LoRA parameters by name; everything else stays frozen."""
     from peft import LoraConfig  # here, not at the top: validating a config must not wait for peft
@@ -31,7 +32,7 @@ def add_unet_lora(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
         init_lora_weights="gaussian",
-        target_modules=list(target_modules),
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)

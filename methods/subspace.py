@@ -45,6 +45,7 @@ class SubspaceGradient:
         self.history = torch.zeros(tau, dim, dtype=torch.float32, device=device)
         self.count = 0  # values recorded so far
         self.removed = torch.zeros(min(tau, dim), dim, dtype=torch.float32, device=device)
+        self.kept: list[torch.Tensor] = []  # i* (components kept) at each recomputation: Fig. 8
 
     def record(self, value: torch.Tensor) -> None:
         """Add the token value after an update; recompute the projection every tau values."""
@@ -52,6 +53,7 @@ class SubspaceGradient:
         self.count += 1
         if self.count % self.tau == 0:
             self.removed = low_variance_components(self.history, self.nu)
+            self.kept.append(self.removed.shape[0] - self.removed_dims())  # a tensor: no host sync here
 
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         flat = grad.reshape(-1).float()
@@ -65,10 +67,18 @@ class SubspaceGradient:
         """d minus the projected-out directions (the official normalization's d)."""
         return self.dim - self.removed_dims()
 
+    def kept_ratios(self) -> list[float]:
+        """i*/tau at every recomputation so far (ZOODiP Fig. 8's histogram)."""
+        return [int(k) / self.tau for k in self.kept]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.clone(), "count": self.count, "removed": self.removed.clone()}
+        return {
+            "history": self.history.clone(), "count": self.count, "removed": self.removed.clone(),
+            "kept": [int(k) for k in self.kept],
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history.copy_(state["history"])
         self.count = int(state["count"])
         self.removed = state["removed"].to(self.history.device).clone()
+        self.kept = [torch.tensor(k) for k in state.get("kept", [])]

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from methods.base import ConfigError, Method, MethodConfig, require
+from methods.base import ConfigError, DataConfig, Method, MethodConfig, require
 from methods.diffusion import encode_latents, noisy_latents, token_ids
 from methods.prompts import sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
@@ -56,6 +56,8 @@ class TokenConfig(MethodConfig):
     """Knobs every token method has; each adds its own."""
 
     precision: str = "fp32"
+    # diffusers' textual inversion dataset: RandomHorizontalFlip(0.5), 100 repeats, shuffled
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(flip_p=0.5, repeats=100))
     placeholder_token: str = "<sks>"
     initializer: str = "class"  # the subject's class noun, or any word(s)
     timesteps: str = "uniform"

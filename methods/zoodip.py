@@ -132,6 +132,7 @@ class ZOODiP(TokenMethod):
             "quantized_layers": sum(self.quantized_layers.values()),
             "quantized_weight_fraction": self.quantized_weight_fraction,
             "sg_removed_dims": int(self.subspace.removed_dims()) if self.subspace is not None else 0,
+            "sg_kept_ratios": self.subspace.kept_ratios() if self.subspace is not None else [],  # Fig. 8
         }
 
     def state_dict(self):

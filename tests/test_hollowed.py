@@ -11,6 +11,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,6 +161,64 @@ def test_fraction_zero_trains_exactly_like_plain_lora(tiny_cfg, dataset_root, tm
         assert_close_up_to_reordering(states["hollowed"][k], v)
 
 
+def _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, scope, k=3):
+    """Stage 2's loss at step k (after k steps) on the cached boundary, and the same loss with
+    the boundary computed live by the full U-Net carrying the same LoRA (the transferred model)."""
+    cfg, method, components, images = make_method(
+        tiny_cfg, dataset_root, "method=hollowed", "method.fraction=0.5", "method.lr=5e-2",
+        f"method.lora_scope={scope}", "method.cache=host",
+    )  # fmt: skip
+    method.precompute(images, 0, k + 1)
+    train(method, images, k, 1, 0, tmp_path / scope, CPU, progress=False)
+    full = models.load_components(cfg.model).unet  # the original U-Net, same base weights
+    live_params = method.prepare(SimpleNamespace(unet=full), None)  # + zero LoRA on removed layers
+    assert set(method.params) <= set(live_params)
+    with torch.no_grad():
+        for name, p in method.params.items():
+            live_params[name].copy_(p)
+        entry = method.cache.get(k, CPU)
+        z_t, t, target = entry["z_t"], entry["timesteps"], entry["target"]
+        text = method.text.expand(z_t.shape[0], -1, -1)
+        hollow = components.unet
+        live_boundary = boundary_activations(full, method.layers, method.plan, z_t, t, text)
+        cached = method.loss(
+            hollowed_forward(hollow, method.layers, method.plan, z_t, t, text, entry), target
+        )
+        live = method.loss(
+            hollowed_forward(hollow, method.layers, method.plan, z_t, t, text, live_boundary), target
+        )
+        transferred = method.loss(full(z_t, t, text).sample, target)
+    return cached, live, transferred
+
+
+def test_exact_scope_trains_the_loss_of_the_transferred_model(tiny_cfg, dataset_root, tmp_path):
+    """lora_scope=exact (default): at step k > 0 the cached loss is the live one (fp32, same ops)."""
+    cached, live, transferred = _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, "exact")
+    torch.testing.assert_close(cached, live, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cached, transferred, rtol=1e-5, atol=0)
+
+
+def test_all_scope_trains_against_stale_activations(tiny_cfg, dataset_root, tmp_path):
+    """lora_scope=all (the ablation): LoRA on kept down layers changes what crosses the cut, which
+    the cache does not see, so the two losses part (what the exact test would catch)."""
+    cached, live, transferred = _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, "all")
+    assert abs(float(cached - live)) > 1e-4 * float(live)  # fp32 rounding is ~1e-7 relative
+    torch.testing.assert_close(live, transferred, rtol=1e-5, atol=0)
+
+
+def test_exact_scope_puts_lora_only_downstream_of_the_cut(tiny_cfg, dataset_root):
+    _, method, _, images = make_method(
+        tiny_cfg, dataset_root, "method=hollowed", "method.fraction=0.5", "method.cache=host"
+    )
+    method.precompute(images, 0, 1)
+    layers, plan = method.layers, method.plan
+    kept_up = [layers.up[k] for k in range(layers.K + 1) if k not in plan.removed_up]
+    prefixes = tuple(f"up_blocks.{u.block}.attentions.{u.unit}." for u in kept_up)
+    assert method.params and all(name.startswith(prefixes) for name in method.params)
+    with_lora = {name.split(".attentions.")[0] + "." + name.split(".")[3] for name in method.params}
+    assert len(with_lora) == sum(hasattr(method.c.unet.up_blocks[u.block], "attentions") for u in kept_up)
+
+
 def test_resumed_run_ends_bit_identical(tiny_cfg, dataset_root, tmp_path):
     """A resumed run redoes stage 1 (deterministic) and continues from the checkpoint."""
     finals = []
@@ -230,6 +289,7 @@ def test_lora_any_rank_trains_only_lora(tiny_cfg, dataset_root, tmp_path):
         ("method.fraction=1.0", "method.fraction=1.0"),
         ("method.fraction=-0.1", "method.fraction=-0.1"),
         ("method.cache=gpu", "'gpu'"),
+        ("method.lora_scope=down", "lora_scope='down'"),
     ],
 )
 def test_bad_hollowed_config_is_refused(tiny_cfg, override, message):

@@ -22,6 +22,7 @@ from benchmark.report import (
     bootstrap_ci,
     build_report,
     canonical,
+    display_table,
     report_spec,
     write_report,
 )
@@ -135,26 +136,56 @@ def test_failures_and_missing_runs_are_shown_not_dropped(tmp_path):
 
 
 def test_mean_and_bootstrap_ci_over_subjects_and_seeds(tmp_path):
+    subjects = ["dog6", "cat", "dog", "can", "vase"]
+    args = ["experiment=table1", "method=ti", f"subject={','.join(subjects)}", "seed=0,1", "model=tiny",
+            f"paths.results={tmp_path}"]  # fmt: skip
+    values = {}
+    rng = np.random.default_rng(0)
+    for run in plan_sweep(args):
+        clip_i = float(rng.uniform(0.6, 0.9))
+        values.setdefault(run.value("subject"), []).append(clip_i)
+        record = new_record(
+            method="ti", subject=run.value("subject"), seed=run.value("seed"), run_key=run.run_dir.name,
+            status="ok", clip_i=clip_i, artifact_bytes=3072,
+        )  # fmt: skip
+        write_record(run.run_dir, record)
+    report = build_report(args)
+    (row,) = report.table.to_dict("records")
+    assert row["clip_i"] == pytest.approx(np.mean(sum(values.values(), [])))
+    assert (row["clip_i_ci_low"], row["clip_i_ci_high"]) == bootstrap_ci(list(values.values()))
+    assert row["runs"] == row["ok"] == 10 and row["clip_i_n"] == 5
+    # storage is the same for every subject: a constant, shown without an interval
+    assert row["storage_mb_constant"] and math.isnan(row["storage_mb_ci_low"])
+    shown = display_table(report).iloc[0]
+    assert shown["Stor. (MB)"] == "0.003072"
+    assert shown["CLIP-I"].startswith(f"{row['clip_i']:.3f} [")
+
+
+def test_fewer_than_five_subjects_give_n_not_a_ci_and_short_rows_are_marked(tmp_path):
     args = [
         "experiment=table1",
-        "method=ti",
-        "subject=dog6,cat",
-        "seed=0,1",
+        "method=ti,gfti",
+        "subject=dog6,cat,can",
         "model=tiny",
         f"paths.results={tmp_path}",
     ]
-    values = {}
-    for run, clip_i in zip(plan_sweep(args), [0.70, 0.74, 0.80, 0.86]):
-        values.setdefault(run.value("subject"), []).append(clip_i)
-        subject, seed = run.value("subject"), run.value("seed")
-        record = new_record(
-            method="ti", subject=subject, seed=seed, run_key=run.run_dir.name, status="ok", clip_i=clip_i
-        )
-        write_record(run.run_dir, record)
-    (row,) = build_report(args).table.to_dict("records")
-    assert row["clip_i"] == pytest.approx(0.775)
-    assert (row["clip_i_ci_low"], row["clip_i_ci_high"]) == bootstrap_ci(list(values.values()))
-    assert row["runs"] == row["ok"] == 4
+    for run, clip_i in zip(plan_sweep(args), [0.7, 0.8, 0.75, 0.6, 0.9, 0.5]):
+        if run.value("method") == "gfti" and run.value("subject") == "can":
+            write(run.run_dir, status="failed", error="RuntimeError: boom")
+            continue
+        write_record(run.run_dir, new_record(
+            method=run.value("method"), subject=run.value("subject"), seed=0, run_key=run.run_dir.name,
+            status="ok", clip_i=clip_i))  # fmt: skip
+    report = build_report(args)
+    table = report.table.set_index("method")
+    assert math.isnan(table.loc["ti", "clip_i_ci_low"])  # 3 subjects: no interval
+    assert table.loc["ti", "clip_i_n"] == 3 and table.loc["gfti", "clip_i_n"] == 2
+    assert table["fewer_subjects"].to_dict() == {"ti": False, "gfti": True}
+    shown = display_table(report).set_index("Method")
+    assert shown.loc["TI", "CLIP-I"] == "0.750 (n=3)"
+    assert shown.loc["GF-TI †", "CLIP-I"] == "0.750 (n=2)"
+    md = write_report(report)[0].read_text()
+    assert "†: averaged over fewer subjects" in md and "no confidence interval" in md
 
 
 def test_a_corrupt_record_is_listed_with_its_path_not_fatal(tmp_path):
@@ -175,8 +206,9 @@ def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
     sweep(*args)
     report = build_report(args)
     files = write_report(report)
-    assert {p.name for p in files} == {"table.md", "table.tex", "table.csv"}
-    assert all(p.parent == tmp_path / "table1" and p.stat().st_size > 0 for p in files)
+    assert {p.name for p in files} == {"table.md", "table.tex", "table.csv", "gallery.html"}
+    narrowed = tmp_path / "table1+method=ti,dreambooth+subject=dog6,cat+model=tiny+train.max_steps=2"
+    assert all(p.parent == narrowed and p.stat().st_size > 0 for p in files)
 
     table = report.table.set_index("method")
     assert list(table.index) == ["ti", "dreambooth"]
@@ -192,9 +224,9 @@ def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
             assert row[f"{metric}_diff"] == pytest.approx(group[metric].mean() - reported.loc[method, metric])
         assert row["storage_mb"] == pytest.approx(group["artifact_bytes"].mean() / 1e6)
         assert (row["runs"], row["ok"], row["not_ok"]) == (2, 2, "")
-    written = pd.read_csv(tmp_path / "table1" / "table.csv").set_index("method")
+    written = pd.read_csv(narrowed / "table.csv").set_index("method")
     assert written.loc["ti", "clip_i"] == pytest.approx(table.loc["ti", "clip_i"])
-    assert "dreambooth" in (tmp_path / "table1" / "table.tex").read_text()
+    assert "DreamBooth" in (narrowed / "table.tex").read_text()
 
 
 def test_fig7_heatmap_cells_are_the_records(tmp_path, dataset_root):
@@ -204,7 +236,7 @@ def test_fig7_heatmap_cells_are_the_records(tmp_path, dataset_root):
     sweep(*args)
     report = build_report(args)
     files = write_report(report)
-    assert {f"heatmap_{m}.png" for m in ("clip_t", "clip_i", "dino")} <= {p.name for p in files}
+    assert {"heatmap.png", "heatmap.pdf"} <= {p.name for p in files}  # one figure, three panels
     found = records(tmp_path)
     assert len(found) == 4 and all(r["status"] == "ok" for r in found)
     for metric in ("clip_t", "clip_i", "dino"):
@@ -233,9 +265,14 @@ def test_memory_figures_and_the_fraction_plot(tmp_path):
         write_record(run.run_dir, record)
     report = build_report(args)
     names = {p.name for p in write_report(report)}
-    assert {"memory_breakdown.png", "memory_vs_score.png"} <= names
+    assert {
+        "memory_breakdown.png",
+        "memory_vs_score.png",
+        "memory_breakdown.pdf",
+        "memory_vs_score.pdf",
+    } <= names
     parts = breakdown_gb(report)
-    assert parts.loc["ti"].to_dict() == {"weights_fp32": 2.0, "activations": 3.0}
+    assert parts.loc["TI"].to_dict() == {"weights_fp32": 2.0, "activations": 3.0}
     assert report.table.set_index("method").loc["dreambooth", "memory_gb"] == 11.0
 
     args = ["experiment=hollowed", "method.fraction=0.0,0.5", "subject=dog6", "seed=0", "model=tiny"]

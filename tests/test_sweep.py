@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from benchmark.records import RECORD_NAME, read_record
@@ -109,6 +110,43 @@ def test_slurm_launcher_config_composes_without_a_cluster():
     assert yaml.safe_load(job.stdout)["method"]["name"] == "zoodip"
 
     launcher = primary_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.benchmark_slurm.launcher.SlurmLauncher"
+    from hydra.core.plugins import Plugins  # Hydra instantiates only the launchers it discovers
+    from hydra.plugins.launcher import Launcher
+
+    found = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)]
+    assert launcher._target_ in found
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
     assert launcher.max_num_timeout > 0  # a timed-out job is requeued and resumes from its checkpoint
+
+
+def test_a_refused_job_of_a_sweep_leaves_a_failed_record_but_never_replaces_an_ok_one(tiny_cfg, tmp_path):
+    """`python -m benchmark -m ...` calls record_refusal for a job whose input is refused (where
+    it runs: on SLURM, the compute node), so that the sweep's status and report count it."""
+    from benchmark.records import CorruptRecord, new_record, write_record
+    from benchmark.run import record_refusal, run_dir_for
+    from benchmark.schema import validate
+    from methods.base import ConfigError
+
+    missing = tmp_path / "no-such-weights"
+    cfg = tiny_cfg("model=sd15", f"model.path={missing}", "eval=smoke")
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        error = e
+    run_dir = run_dir_for(cfg)
+    path = record_refusal(cfg, error)
+    assert path == run_dir / RECORD_NAME
+    record = read_record(path)
+    assert (record["status"], record["method"], record["model"]) == ("failed", "ti", "sd15")
+    assert record["error"] == f"ConfigError: {str(error).splitlines()[0]}"
+    assert f"model.path='{missing}'" in record["error"]
+
+    write_record(run_dir, new_record(method="ti", subject="dog6", seed=0, status="ok"))
+    assert record_refusal(cfg, error) is None  # an ok record stays
+    assert read_record(path)["status"] == "ok"
+    path.write_text("{")  # a corrupt record is the user's to look at: refused, never overwritten
+    with pytest.raises(CorruptRecord):
+        record_refusal(cfg, error)
+    assert path.read_text() == "{"
+    assert record_refusal(cfg, CorruptRecord(path, "not JSON")) is None

@@ -19,7 +19,8 @@ from benchmark.config import method_config, training_dtype
 from benchmark.records import REQUIRED_FIELDS
 from benchmark.train import step_generator
 from methods.base import ConfigError
-from methods.quant import QuantizedLayer
+from methods.quant import QuantizedLayer, quantized_layers
+from methods.quant_groupwise import GroupwiseQuantizedLayer
 from methods.quantized_model import quantize_networks
 from methods.zoodip import ZOODiP
 
@@ -153,11 +154,31 @@ def test_artifact_is_a_token_file_that_a_quantized_stock_pipeline_loads(make_met
     assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[row], artifact["<sks>"][0])
 
 
+def test_table_s8_int4_is_quanto_groupwise_on_the_unet_only(tiny_cfg):
+    cfg = tiny_cfg("method=zoodip", "+experiment/tableS8=int4")
+    method_cfg = method_config(cfg)
+    assert (method_cfg.quantize, method_cfg.quantize_scope, method_cfg.int4_scheme) == (
+        "int4",
+        "unet",
+        "affine_group128",
+    )
+    assert method_cfg.precision == "bf16" and method_cfg.mu == 1e-2
+    components = models.load_components(cfg.model)
+    counts = quantize_networks(components, "int4", method_cfg.quantize_scope, method_cfg.int4_scheme)
+    assert counts["unet"] > 0 and counts["vae"] == counts["text_encoder"] == 0
+    assert all(isinstance(m, GroupwiseQuantizedLayer) for m in quantized_layers(components.unet).values())
+    assert not quantized_layers(components.vae) and not quantized_layers(components.text_encoder)
+    per_channel = models.load_components(cfg.model)
+    quantize_networks(per_channel, "int4", "all", "symmetric_channel")  # the former scheme, a switch
+    layers = quantized_layers(per_channel.vae)
+    assert layers and not any(isinstance(m, GroupwiseQuantizedLayer) for m in layers.values())
+
+
 @pytest.mark.parametrize(
     "override",
     ["method.estimator=fd", "method.n=0", "method.mu=0", "method.quantize=int2", "method.T_L=900",
      "method.timesteps=cosine", "method.tau=1", "method.nu=1.5", "method.precision=fp64",
-     "method.adam_state_dtype=bf16"],
+     "method.adam_state_dtype=bf16", "method.quantize_scope=vae", "method.int4_scheme=nf4"],
 )  # fmt: skip
 def test_bad_settings_are_config_errors(tiny_cfg, override):
     with pytest.raises(ConfigError):
