@@ -94,6 +94,9 @@ METRICS: dict[str, Metric] = {
     "dino_inter": Metric("DINO-inter", record_field("dino_inter"), 3),
     "it_per_s": Metric("Speed (it/s)", record_field("it_per_s"), 2),
     "train_minutes": Metric("Time (min)", record_field("train_seconds", 1 / 60), 1),
+    # experiment=recovery (its own report: benchmark/recovery_report.py)
+    "recovery_gap": Metric("gap L_init - L_teacher", record_field("recovery_gap"), 5),
+    "recovery_gap_closed": Metric("gap closed", record_field("recovery_gap_closed"), 3),
 }
 
 
@@ -534,6 +537,10 @@ def write_report(report: Report) -> list[Path]:
 
 def main(argv: Sequence[str]) -> int:
     """Exit 2 on bad input (every bad value listed, one line each), 0 otherwise."""
+    if OmegaConf.select(primary_config(argv), "report.kind") == "recovery":  # its own layout
+        from benchmark import recovery_report
+
+        return recovery_report.main(argv)
     try:
         report = build_report(argv)
     except InvalidSweep as e:

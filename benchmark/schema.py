@@ -27,7 +27,7 @@ from benchmark.config import config_error, method_config, resolve_device
 from benchmark.metrics import MetricModelsUnavailable
 from methods.base import ConfigError, MethodConfig, require
 
-MODES = ("personalize", "real")
+MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
 DIFFUSERS_FOLDER = ("model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CLIP_SOURCES = ("open_clip", "random")
@@ -221,6 +221,7 @@ class RunSchema(RunScalars):
     eval: EvalSchema = MISSING
     method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
     report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
+    recovery: Any = None  # mode=recovery: checked against benchmark.recovery.RecoveryConfig
 
 
 SECTIONS = {
@@ -230,7 +231,7 @@ SECTIONS = {
     "model": ModelSchema,
     "eval": EvalSchema,
 }
-NOT_SCALARS = (*SECTIONS, "method", "report")
+NOT_SCALARS = (*SECTIONS, "method", "report", "recovery")
 
 
 @dataclass
@@ -362,7 +363,12 @@ class Checker:
         run_cfg = self.attempt(self.typed_config, cfg)
         if run_cfg is None:  # name the first bad value of every section, not only of the first
             self.found[:] = section_problems(cfg) or self.found
-        method_cfg = self.attempt(self.method_config, cfg) if cfg.get("mode") == "personalize" else None
+        trains = cfg.get("mode") in ("personalize", "recovery")
+        method_cfg = self.attempt(self.method_config, cfg) if trains else None
+        if cfg.get("mode") == "recovery":
+            from benchmark.recovery_run import recovery_config
+
+            self.attempt(recovery_config, cfg)
         if run_cfg is None:
             return None
         if method_cfg is not None:
@@ -372,11 +378,12 @@ class Checker:
         if not self.inputs:
             subject = data.get_subject(run_cfg.subject)
             return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
-        if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":  # weights first: the big download
+        if run_cfg.mode != "real" and run_cfg.model.kind == "hub":  # weights first: the big download
             key = ("weights", OmegaConf.to_yaml(cfg.model, resolve=True))
             self.attempt(self.disk.once, key, models.locate_weights, cfg.model)
-        key = ("metric weights", OmegaConf.to_yaml(cfg.eval, resolve=True))
-        self.attempt(self.disk.once, key, check_metric_weights, cfg.eval)
+        if run_cfg.mode != "recovery":  # recovery scores by denoising loss: no CLIP/DINO weights
+            key = ("metric weights", OmegaConf.to_yaml(cfg.eval, resolve=True))
+            self.attempt(self.disk.once, key, check_metric_weights, cfg.eval)
         subject = data.get_subject(run_cfg.subject)
         image_paths = None
         if run_cfg.data.root is not None or not self.found:  # no dataset download for a doomed run

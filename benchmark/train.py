@@ -114,9 +114,12 @@ def train(
     log_every: int = 50,
     progress: bool = True,
     monitor=None,
+    after_step=None,
 ) -> TrainResult:
     """Run ``steps`` steps of ``method`` on ``images`` (N,3,H,W in [-1,1], CPU), resuming from
-    ``run_dir/checkpoint.pt`` if present. Images are drawn as ``method.cfg.data`` says."""
+    ``run_dir/checkpoint.pt`` if present. Images are drawn as ``method.cfg.data`` says.
+    ``after_step(n)`` (optional) is called once n steps are done (e.g. to snapshot the artifact
+    for a learning curve)."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
     start, seconds_before, loss_value = 0, 0.0, None
     if ckpt_path.exists():
@@ -139,6 +142,8 @@ def train(
                 raise Diverged(step, loss_value)
             if monitor is not None:
                 monitor.step_done()
+            if after_step is not None:
+                after_step(step + 1)
             if progress:
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if log_every and (step + 1) % log_every == 0:

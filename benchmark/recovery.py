@@ -1,0 +1,249 @@
+"""Known-answer personalization (`experiment=recovery`): can a method recover a hidden teacher?
+
+1. A teacher is drawn from the run's seed and kept from the method: a token embedding for the
+   token methods (TI, GF-TI, ZOODiP), per-channel scale factors for PEQA / TuneQDM, a low-rank
+   (LoRA-shaped) change of every attention projection for the other weight methods.
+2. The base model with the teacher in place generates the training and the held-out images.
+3. The method personalizes from its usual initialization on the training images, through the
+   ordinary train loop; its artifact is snapshotted at a few steps (the curve).
+4. Every snapshot, the initial artifact and the teacher are put into a fresh stock pipeline by
+   the method's own ``apply`` and scored on the same held-out (image, noise, t, prompt) draws:
+   denoising loss, and the fraction of the initial-to-teacher gap closed
+   ``(L_init - L) / (L_init - L_teacher)`` (1 = as good as the teacher). Token methods also get
+   the cosine and distance of their token to the teacher's.
+
+Nothing here touches a method: it uses the contract (setup, precompute, step, state_dict, apply).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmark.atomic import atomic_path
+from methods.base import Method, require
+from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.token_method import TokenMethod
+
+TEACHER_KINDS = ("token", "scales", "lora")
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclasses.dataclass
+class RecoveryConfig:
+    """The ``recovery:`` block of conf/experiment/recovery.yaml."""
+
+    arm: str = ""  # the row's name in the report (conf/experiment/recovery/<arm>.yaml)
+    token_scale: float = 1.0  # ||teacher - e0|| / ||e0|| (token methods)
+    scales_std: float = 0.1  # teacher scale = init scale * (1 + std * N(0, 1)), per channel (PEQA, TuneQDM)
+    lora_rank: int = 4  # teacher: rank-r change of every attention projection (other weight methods)
+    lora_scale: float = 0.5  # ||delta W||_F / ||W||_F per projection
+    train_images: int = 8
+    heldout_images: int = 8
+    heldout_draws: int = 64
+    draw_batch: int = 16
+    generation_steps: int = 10
+    guidance_scale: float = 1.0
+    prompt: str = "a photo of {}"  # {} = the method's subject phrase ("<sks>" or "sks dog")
+    curve_points: int = 5  # snapshots at evenly spaced steps, step 0 included
+
+    def __post_init__(self) -> None:
+        for key in ("token_scale", "scales_std", "lora_scale", "guidance_scale"):
+            require(getattr(self, key) >= 0, f"recovery.{key}={getattr(self, key)} must be >= 0")
+        for key in ("lora_rank", "train_images", "heldout_images", "heldout_draws", "draw_batch"):
+            require(getattr(self, key) >= 1, f"recovery.{key}={getattr(self, key)} must be >= 1")
+        require(self.generation_steps >= 1, f"recovery.generation_steps={self.generation_steps} must be >= 1")
+        require(self.curve_points >= 2, f"recovery.curve_points={self.curve_points} must be >= 2")
+        require(
+            self.prompt.count("{}") == 1,
+            f"recovery.prompt={self.prompt!r} must contain one '{{}}' for the subject phrase",
+        )
+
+
+def teacher_kind(method: Method) -> str:
+    if isinstance(method, TokenMethod):
+        return "token"
+    if method.name in ("peqa", "tuneqdm"):
+        return "scales"
+    return "lora"
+
+
+def teacher_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + 777_777)  # apart from the train steps' streams
+
+
+# -- the teacher ---------------------------------------------------------------------------
+
+
+def token_teacher(initial: dict[str, torch.Tensor], seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """{token: e0 + delta}, ||delta|| = scale * ||e0||, delta's direction uniform."""
+    (name, e0), g = next(iter(initial.items())), teacher_generator(seed)
+    delta = torch.randn(e0.shape, generator=g, dtype=torch.float64)
+    delta = delta / delta.norm() * scale * e0.double().norm()
+    return {name: (e0.double() + delta).to(e0.dtype)}
+
+
+def scales_teacher(initial: dict[str, torch.Tensor], seed: int, std: float) -> dict[str, torch.Tensor]:
+    """Every per-channel scale times (1 + std * N(0, 1)). TuneQDM: the same factor for all its
+    timestep sets (a timestep-independent teacher) and its delta_in left at 1."""
+    g, teacher = teacher_generator(seed), {}
+    for key in sorted(initial):
+        value = initial[key]
+        if key.endswith(".delta_in"):
+            teacher[key] = value.clone()
+            continue
+        factor = 1 + std * torch.randn(value.shape[-1], generator=g, dtype=torch.float64)
+        teacher[key] = (value.double() * factor).to(value.dtype)
+    return teacher
+
+
+def lora_teacher(unet, seed: int, rank: int, scale: float) -> dict[str, torch.Tensor]:
+    """{projection weight name: delta W} for every attention projection: delta W = B A (rank
+    ``rank``, Gaussian), scaled to ||delta W||_F = scale * ||W||_F. Added to the weights, it is
+    a merged LoRA: every LoRA method can represent it exactly up to its rank."""
+    g, deltas = teacher_generator(seed), {}
+    for name, module in sorted(unet.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or not name.endswith(ATTENTION_PROJECTIONS):
+            continue
+        weight = module.weight.detach().double().cpu()
+        r = min(rank, *weight.shape)
+        delta = torch.randn(weight.shape[0], r, generator=g, dtype=torch.float64) @ torch.randn(
+            r, weight.shape[1], generator=g, dtype=torch.float64
+        )
+        deltas[f"{name}.weight"] = (delta * scale * weight.norm() / delta.norm()).float()
+    return deltas
+
+
+def draw_teacher(method: Method, initial: dict[str, torch.Tensor], unet, seed: int, rc: RecoveryConfig):
+    kind = teacher_kind(method)
+    if kind == "token":
+        return kind, token_teacher(initial, seed, rc.token_scale)
+    if kind == "scales":
+        return kind, scales_teacher(initial, seed, rc.scales_std)
+    return kind, lora_teacher(unet, seed, rc.lora_rank, rc.lora_scale)
+
+
+def install(pipeline, method: Method, kind: str, artifact: dict[str, torch.Tensor] | None) -> None:
+    """Put an artifact into a stock pipeline: the method's own ``apply``, or (the LoRA-shaped
+    teacher) its weight changes added in place. None: the base model as it is."""
+    if artifact is None:
+        return
+    if kind == "lora" and all(k.endswith(".weight") and "lora" not in k for k in artifact):
+        with torch.no_grad():
+            for name, delta in artifact.items():
+                weight = pipeline.unet.get_parameter(name)
+                weight += delta.to(weight.device, weight.dtype)
+        return
+    method.apply(pipeline, artifact)
+
+
+# -- images and scores ---------------------------------------------------------------------
+
+
+def generate(pipeline, prompt: str, count: int, resolution: int, seed: int, rc: RecoveryConfig):
+    """``count`` images (N,3,R,R in [-1,1], float32, CPU); image i from generator (seed, i)."""
+    images = []
+    for start in range(0, count, rc.draw_batch):
+        chunk = range(start, min(count, start + rc.draw_batch))
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in chunk]
+        out = pipeline(
+            [prompt] * len(chunk), height=resolution, width=resolution, generator=generators,
+            num_inference_steps=rc.generation_steps, guidance_scale=rc.guidance_scale, output_type="pt",
+        ).images  # fmt: skip
+        images.append(out.float().cpu() * 2 - 1)
+    return torch.cat(images).clamp(-1, 1)
+
+
+@torch.no_grad()
+def heldout_scores(pipeline, images, prompt: str, seed: int, rc) -> tuple[float, torch.Tensor]:
+    """(mean denoising loss, the noise predictions) over ``rc.heldout_draws`` draws of (image,
+    VAE sample, t uniform in [0, T), noise): the same draws for every model scored with the same
+    seed (common random numbers: differences between models are not drowned by the draws' noise)."""
+    unet, device = pipeline.unet, pipeline.unet.device
+    scheduler = pipeline_noise_scheduler(pipeline)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 555_555)
+    hidden = pipeline.text_encoder(token_ids(pipeline.tokenizer, [prompt], device))[0]
+    total, predictions = 0.0, []
+    while sum(len(p) for p in predictions) < rc.heldout_draws:
+        bsz = min(rc.draw_batch, rc.heldout_draws - sum(len(p) for p in predictions))
+        index = torch.randint(len(images), (bsz,), generator=g)
+        latents = encode_latents(pipeline.vae, images[index].to(device), g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=g)
+        z_t, target = noisy_latents(scheduler, latents, t, g)
+        pred = unet(z_t.to(unet.dtype), t.to(device), hidden.expand(bsz, -1, -1).to(unet.dtype)).sample
+        total += float(torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="sum"))
+        predictions.append(pred.float().cpu())
+    predictions = torch.cat(predictions)
+    return total / predictions.numel(), predictions
+
+
+def heldout_loss(pipeline, images, prompt: str, seed: int, rc: RecoveryConfig) -> float:
+    return heldout_scores(pipeline, images, prompt, seed, rc)[0]
+
+
+def prediction_distance(predictions: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean squared distance of a model's noise predictions to the teacher's on the same draws:
+    0 at the teacher whatever the weights (the known optimum of this score)."""
+    return float((predictions.double() - teacher.double()).pow(2).mean())
+
+
+def pipeline_noise_scheduler(pipeline):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+def gap_closed(loss: float, initial: float, teacher: float) -> float | None:
+    """(L_init - L) / (L_init - L_teacher); None when the teacher is no better than the start."""
+    gap = initial - teacher
+    return (initial - loss) / gap if gap > 0 else None
+
+
+def token_scores(artifact, initial, teacher) -> dict[str, float]:
+    """Cosine of the token to the teacher's, and its distance to it relative to the start's."""
+    (e,), (e0,), (et,) = ([v.double().flatten() for v in a.values()] for a in (artifact, initial, teacher))
+    return {
+        "token_cosine": float(torch.nn.functional.cosine_similarity(e, et, dim=0)),
+        "token_distance": float((e - et).norm() / (e0 - et).norm()),
+    }
+
+
+# -- snapshots (the curve) -----------------------------------------------------------------
+
+
+def curve_steps(steps: int, points: int) -> list[int]:
+    return sorted({round(i * steps / (points - 1)) for i in range(points)})
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / f"step{step:07d}.safetensors"
+
+
+def save_snapshot(run_dir: Path, step: int, method: Method) -> None:
+    path = snapshot_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in method.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_snapshot(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(snapshot_path(run_dir, step)))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-step scores as parallel lists (``curve_<name>``) plus the last point's values."""
+    fields: dict[str, Any] = {f"curve_{k}": [p.get(k) for p in points] for k in points[0]}
+    fields.update({f"recovery_{k}": v for k, v in points[-1].items() if k != "step"})
+    return fields

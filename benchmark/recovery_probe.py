@@ -1,0 +1,76 @@
+"""Is there a gap to close? The held-out loss of the start and of the teacher, no training.
+
+    python -m benchmark.recovery_probe [methods=ti,lora,peqa] [seeds=8] [overrides of experiment=recovery]
+
+For each method (one per teacher kind by default) and seed: the teacher, the held-out images it
+makes, and the held-out denoising loss with the method's initial artifact (its state after
+``setup``) and with the teacher. Prints one CSV line per (method, seed) and a summary per
+method: the mean gap L_init - L_teacher, its 95 % bootstrap CI over seeds, and how many seeds
+have a positive gap. A recovery score is defined only where the gap is positive.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from benchmark import data, models
+from benchmark.config import method_config, training_dtype
+from benchmark.recovery import draw_teacher, generate, heldout_loss, install, teacher_kind
+from benchmark.recovery_run import recovery_config
+from benchmark.report import bootstrap_ci
+from benchmark.sweep import CONF_DIR
+from methods.registry import method_class
+
+
+def probe(method_name: str, seed: int, overrides: list[str]) -> tuple[float, float]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["experiment=recovery", f"method={method_name}", f"seed={seed}", *overrides])
+    rc, method_cfg = recovery_config(cfg), method_config(cfg)
+    subject = data.get_subject(cfg.subject)
+    cls = method_class(method_name)
+    method = cls(method_cfg)
+    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
+    method.setup(components, subject)
+    kind = teacher_kind(method)
+    initial = method.state_dict() if kind != "lora" else None
+    prompt = rc.prompt.format(method.subject_phrase(subject))
+
+    def pipeline_with(artifact):
+        pipeline = models.load_pipeline(cfg.model)
+        install(pipeline, cls(method_cfg), kind, artifact)
+        return pipeline
+
+    _, teacher = draw_teacher(method, initial or {}, models.load_pipeline(cfg.model).unet, seed, rc)
+    teacher_pipeline = pipeline_with(teacher)
+    heldout = generate(teacher_pipeline, prompt, rc.heldout_images, method_cfg.resolution, 2 * seed + 1, rc)
+    loss_teacher = heldout_loss(teacher_pipeline, heldout, prompt, seed, rc)
+    loss_initial = heldout_loss(pipeline_with(initial), heldout, prompt, seed, rc)
+    return loss_initial, loss_teacher
+
+
+def main(argv: list[str]) -> int:
+    options = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("methods", "seeds"))
+    overrides = [a for a in argv if a.split("=", 1)[0] not in ("methods", "seeds")]
+    torch.set_grad_enabled(False)
+    print("method,seed,loss_initial,loss_teacher,gap")
+    for name in options.get("methods", "ti,lora,peqa").split(","):
+        gaps = []
+        for seed in range(int(options.get("seeds", 8))):
+            initial, teacher = probe(name, seed, overrides)
+            gaps.append(initial - teacher)
+            print(f"{name},{seed},{initial:.6f},{teacher:.6f},{initial - teacher:+.6f}", flush=True)
+        low, high = bootstrap_ci([[g] for g in gaps])
+        print(
+            f"# {name}: gap mean {np.mean(gaps):+.6f} (95% CI {low:+.6f} .. {high:+.6f}), "
+            f"positive in {sum(g > 0 for g in gaps)}/{len(gaps)} seeds",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

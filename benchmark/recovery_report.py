@@ -1,0 +1,142 @@
+"""The recovery experiment's report (`python -m benchmark.report experiment=recovery`).
+
+One row per arm (conf/experiment/recovery/<arm>.yaml), each number a mean over seeds with a
+95 % bootstrap CI over seeds: the gap L_init - L_teacher (is there anything to close?), the
+seeds where it is positive, the fraction of it closed at the end (only over those seeds), the
+held-out loss change, and for token methods the token's cosine and relative distance to the
+teacher's. The curves (per arm, mean over seeds, against training steps) go to curves.png.
+Written to <paths.results>/recovery/: table.md, table.csv, curves.png.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark.report import bootstrap_ci, runs_frame
+from benchmark.sweep import plan_sweep, primary_config
+
+ROW = "recovery.arm"
+# (column, label, record field, digits)
+COLUMNS = (
+    ("gap", "gap L_init − L_teacher", "recovery_gap", 5),
+    ("gap_closed", "gap closed", "recovery_gap_closed", 3),
+    ("loss_change", "L_end − L_init", "loss_change", 5),
+    ("prediction_distance", "‖ε − ε_teacher‖² / start's", "recovery_prediction_distance", 3),
+    ("token_cosine", "token cos to teacher", "recovery_token_cosine", 3),
+    ("token_distance", "token dist / start dist", "recovery_token_distance", 3),
+)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    ok = runs[runs["state"] == "ok"].copy()
+    if not ok.empty:
+        ok["loss_change"] = ok["recovery_loss"] - ok["recovery_loss_initial"]
+    table = []
+    for arm in dict.fromkeys(runs[ROW]):
+        member = ok[ok[ROW] == arm]
+        methods = runs.loc[runs[ROW] == arm, "method"].dropna() if "method" in runs else []
+        entry = {"arm": arm, "method": methods.iloc[0] if len(methods) else None}
+        entry["runs"] = int((runs[ROW] == arm).sum())
+        entry["ok"] = len(member)
+        entry["positive_gap"] = int((member.get("recovery_gap", pd.Series(dtype=float)) > 0).sum())
+        for column, _, field, _ in COLUMNS:
+            values = pd.to_numeric(member.get(field, pd.Series(dtype=float)), errors="coerce").dropna()
+            entry[column] = float(values.mean()) if len(values) else math.nan
+            entry[f"{column}_ci_low"], entry[f"{column}_ci_high"] = bootstrap_ci([[v] for v in values])
+        table.append(entry)
+    return pd.DataFrame(table)
+
+
+def cell(row, column: str, digits: int) -> str:
+    mean, low, high = row[column], row[f"{column}_ci_low"], row[f"{column}_ci_high"]
+    if math.isnan(mean):
+        return "—"
+    if math.isnan(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def markdown(table: pd.DataFrame, title: str) -> str:
+    header = ["arm", "method", "ok / runs", "seeds with gap > 0", *(label for _, label, _, _ in COLUMNS)]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [
+            str(row["arm"]),
+            row["method"] if isinstance(row["method"], str) else "—",  # — : no run of this arm yet
+            f"{row['ok']} / {row['runs']}",
+            str(row["positive_gap"]),
+        ]
+        cells += [cell(row, column, digits) for column, _, _, digits in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Means over seeds, [95 % bootstrap CI over seeds]. Gap closed = (L_init − L)/(L_init − L_teacher) "
+        "on held-out draws, over the seeds whose gap is positive only (— where none is); "
+        "‖ε − ε_teacher‖²: the noise predictions' distance to the teacher's on the same draws "
+        "(1 = start, 0 = teacher).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def curves(runs: pd.DataFrame, path: Path) -> Path:
+    """Per arm, mean over its ok seeds: held-out loss change, gap closed, token distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("curve_loss", "held-out loss − start", True),
+        ("curve_gap_closed", "gap closed (seeds with gap > 0)", False),
+        ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False),
+        ("curve_token_distance", "token distance / start distance", False),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    ok = runs[runs["state"] == "ok"]
+    for ax, (field, label, relative) in zip(axes, panels):
+        for arm, group in ok.groupby(ROW, sort=False):
+            series = [(s, c) for s, c in zip(group["curve_step"], group.get(field, [None] * len(group)))
+                      if isinstance(c, list)]  # fmt: skip
+            if not series:
+                continue
+            steps = np.asarray(series[0][0], dtype=float)
+            values = np.array([[np.nan if v is None else v for v in c] for _, c in series], dtype=float)
+            if relative:
+                values = values - values[:, :1]
+            if np.isnan(values).all():
+                continue
+            ax.plot(steps, np.nanmean(values, axis=0), marker="o", ms=3, label=str(arm))
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str]) -> int:
+    cfg = primary_config(argv)
+    results = Path(cfg.paths.results)
+    runs = runs_frame(plan_sweep(argv), [ROW], results)
+    table = summarize(runs)
+    out_dir = results / "recovery"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(markdown(table, cfg.report.title))
+    table.to_csv(out_dir / "table.csv", index=False)
+    for path in (out_dir / "table.md", out_dir / "table.csv", curves(runs, out_dir / "curves.png")):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
