@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from methods.base import require
+from methods.conditioning import encode_prompts
 from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks
 from methods.token_method import TokenConfig, TokenMethod
@@ -76,13 +77,14 @@ class GradientFreeTI(TokenMethod):
 
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
-        vocabulary = components.text_encoder.get_input_embeddings().weight
+        # SDXL: each token's two rows side by side (the two tokenizers share one vocabulary)
+        vocabulary = torch.cat([e.get_input_embeddings().weight for e in components.text_encoders], dim=1)
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
         self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
         self.token_id = self.add_token(components, subject)
         quantize_networks(components, cfg.quantize)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
-        self.initial_token = self.embeddings[self.token_id].detach().double().clone()
+        self.initial_token = self.rows.read().double().clone()
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.subspace_dim), cfg.sigma, options)
@@ -92,7 +94,7 @@ class GradientFreeTI(TokenMethod):
         return self.initial_token + x @ self.basis
 
     def _write_token(self, token: torch.Tensor) -> None:
-        self.embeddings[self.token_id] = token.to(self.embeddings.dtype)
+        self.rows.write(token)
 
     def step(self, batch, step):
         c, g = self.c, batch["generator"]
@@ -106,7 +108,7 @@ class GradientFreeTI(TokenMethod):
             losses = []
             for x in candidates:
                 self._write_token(self.token_from(x))
-                losses.append(denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target).float())
+                losses.append(denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target).float())
             losses = torch.stack(losses).cpu()
             self.es.tell(candidates, losses.double().numpy().tolist())
             self._write_token(self.token_from(self.es.mean))
@@ -132,9 +134,7 @@ class GradientFreeTI(TokenMethod):
         }
 
     def state_dict(self):
-        return {
-            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
-        }
+        return self.rows.artifact(self.cfg.placeholder_token)
 
     def apply(self, pipeline, artifact) -> None:
         quantize_networks(pipeline, self.cfg.quantize)

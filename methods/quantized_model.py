@@ -22,7 +22,7 @@ from methods.base import require
 from methods.quant import quantize_model, quantized_layers
 
 QUANTIZE_BITS = {"int8": 8, "int4": 4, "none": None}
-NETWORKS = ("unet", "vae", "text_encoder")
+NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the last: SDXL only
 
 
 def check_quantize(mode: str) -> None:
@@ -42,16 +42,20 @@ def quantize_frozen(module: torch.nn.Module, mode: str, dtype: torch.dtype | Non
 
 
 def quantize_networks(networks, mode: str) -> dict[str, int]:
-    """Quantize ``networks.unet``, ``.vae`` and ``.text_encoder`` (Components or a pipeline)."""
-    return {name: quantize_frozen(getattr(networks, name), mode) for name in NETWORKS}
+    """Quantize ``networks.unet``, ``.vae``, ``.text_encoder`` (and SDXL's ``.text_encoder_2``),
+    of Components or a pipeline."""
+    return {name: quantize_frozen(module, mode) for name, module in _networks(networks)}
+
+
+def _networks(networks) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n in NETWORKS if (m := getattr(networks, n, None)) is not None]
 
 
 def quantized_fraction(networks) -> float:
     """Share of the weights (parameters and integer codes) stored as integers; the ZOODiP
     paper reports 96.4 % for SD1.5."""
     integer = floating = 0
-    for name in NETWORKS:
-        module = getattr(networks, name)
+    for _, module in _networks(networks):
         for layer in quantized_layers(module).values():
             integer += int(torch.Size(layer.weight_shape).numel())
         floating += sum(p.numel() for p in module.parameters())
