@@ -48,7 +48,9 @@ def memory_grid(csv: Path) -> pd.DataFrame:
     grid = table.pivot_table(index="row", columns="model", values="predicted_peak_bytes", aggfunc="first")
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows = sorted(grid.index, key=lambda r: (rank.get(r.split(" ")[0], len(rank)), r))
-    columns = [m for m in MODEL_ORDER if m in grid.columns] + [m for m in grid.columns if m not in MODEL_ORDER]
+    columns = [m for m in MODEL_ORDER if m in grid.columns] + [
+        m for m in grid.columns if m not in MODEL_ORDER
+    ]
     return grid.loc[rows, columns]
 
 
@@ -75,7 +77,9 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
     cmap = ListedColormap(colors)
     ax.imshow(index.astype(float).to_numpy(), cmap=cmap, norm=BoundaryNorm(range(len(tiers) + 1), cmap.N))
     for (i, j), value in pd.DataFrame(grid.to_numpy()).stack(future_stack=True).items():
-        ax.text(j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9)
+        ax.text(
+            j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9
+        )
     ax.set_xticks(range(len(grid.columns)), [MODEL_LABELS.get(m, m) for m in grid.columns])
     ax.set_yticks(range(len(grid)), list(grid.index))
     ax.xaxis.tick_top()
@@ -83,8 +87,8 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
     labels = [f"fits {gb} GB" for gb in GPU_GB] + ["> 80 GB"]
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     ax.set_title(
-        f"Predicted peak training memory (batch 1, native resolution; GB = 1e9 B). Colour: the smallest\n"
-        f"card (N GB = N GiB) that holds peak + {CONTEXT_MARGIN_GIB:g} GiB for the CUDA context and allocator",
+        "Predicted peak training memory (batch 1, native resolution; GB = 1e9 B). Colour: the\n"
+        f"smallest card (N GB = N GiB) holding peak + {CONTEXT_MARGIN_GIB:g} GiB (CUDA context, allocator)",
         fontsize=9, pad=28,
     )  # fmt: skip
     fig.tight_layout()

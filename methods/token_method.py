@@ -71,7 +71,9 @@ def load_token(pipeline, artifact: dict[str, torch.Tensor], token: str) -> None:
         pipeline.load_textual_inversion(dict(artifact), token=token)
         return
     for key, encoder, tokenizer in zip(
-        SDXL_KEYS, (pipeline.text_encoder, pipeline.text_encoder_2), (pipeline.tokenizer, pipeline.tokenizer_2)
+        SDXL_KEYS,
+        (pipeline.text_encoder, pipeline.text_encoder_2),
+        (pipeline.tokenizer, pipeline.tokenizer_2),
     ):
         pipeline.load_textual_inversion(artifact[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 

@@ -12,6 +12,7 @@ from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.generate import eval_prompts
 from benchmark.memory_estimate import allocator_bytes, estimate
+from benchmark.tokenizer import clip_tokenizer
 from benchmark.train import step_generator
 from methods.conditioning import encode_text, unet_prediction
 from methods.registry import METHODS, method_class
@@ -51,8 +52,12 @@ def test_each_family_sets_its_native_resolution_and_target(tiny_cfg, model, reso
         ("sd21_arch", {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}),
         (
             "sdxl_arch",
-            {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
-             "vae": 83_653_863},
+            {
+                "unet": 2_567_463_684,
+                "text_encoder": 123_060_480,
+                "text_encoder_2": 694_659_840,
+                "vae": 83_653_863,
+            },
         ),  # fmt: skip
     ],
 )
@@ -60,11 +65,13 @@ def test_arch_models_have_the_published_parameter_counts_and_run(model, counts):
     """The Hub repos' parameter counts, and one U-Net forward at the native latent size, fake."""
     cfg = compose([f"model={model}"])
     with FakeTensorMode():
-        components = models.load_components(cfg.model, dtype=torch.float16)
-        nets = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
-        if components.text_encoder_2 is not None:
-            nets["text_encoder_2"] = components.text_encoder_2
-        assert {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()} == counts
+        nets = models.build_from_config(cfg.model, torch.float16)
+        params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets._asdict().items() if m}
+        assert params == counts
+        components = models.Components(
+            tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer() if nets.text_encoder_2 else None,
+            noise_scheduler=None, device=torch.device("cpu"), dtype=torch.float16, **nets._asdict(),
+        )  # fmt: skip
         latent = cfg.model.resolution // 8
         z = torch.randn(1, 4, latent, latent, dtype=torch.float16)
         cond = encode_text(components, ["a photo of a dog"])
@@ -142,3 +149,37 @@ def test_sdxl_ti_prediction_counts_both_embedding_tables(tiny_cfg):
     tables = allocator_bytes(rows * 32 * 4) + allocator_bytes(rows * 48 * 4)
     assert est.breakdown["optimizer_state"] == 2 * tables + 2 * 512  # exp_avg, exp_avg_sq, steps
     assert est.breakdown["gradients"] == tables
+
+
+@pytest.mark.parametrize(
+    ("arm", "model", "resolution", "settings"),
+    [
+        ("sd21", "sd21", 768, {"mu": 1e-2, "lr": 1e-2, "T_L": 500, "steps": 30000}),
+        ("sdxl", "sdxl", 1024, {"mu": 1e-2, "lr": 5e-3, "T_L": 700, "steps": 20000}),
+    ],
+)
+def test_figS4_arms_run_zoodip_with_the_appendix_settings_per_model(arm, model, resolution, settings):
+    cfg = compose(["experiment=figS4", f"+experiment/figS4={arm}"])
+    method_cfg = method_config(cfg)
+    assert (cfg.model.name, method_cfg.name, method_cfg.resolution) == (model, "zoodip", resolution)
+    assert {k: getattr(method_cfg, k) for k in settings} == settings
+    assert cfg.report.figures == ["gallery"]
+
+
+def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from benchmark.plots import GALLERY_PROMPTS, gallery
+
+    runs = []
+    for i, state in enumerate(["ok", "failed"]):
+        run_dir = tmp_path / f"run{i}"
+        (run_dir / "images").mkdir(parents=True)
+        for p in range(GALLERY_PROMPTS):
+            Image.new("RGB", (8, 8), (60 * p, 0, 0)).save(run_dir / "images" / f"p{p:02d}_000.png")
+        runs.append({"model.name": f"m{i}", "subject": "dog6", "state": state, "path": str(run_dir)})
+    report = type("Report", (), {"spec": {"rows": ["model.name"]}, "runs": pd.DataFrame(runs)})
+    (path,) = gallery(report, tmp_path)
+    # 120 dpi, 2.2 x 2.3 inches per image: one row of GALLERY_PROMPTS images (the failed run is left out)
+    assert Image.open(path).size == (round(2.2 * GALLERY_PROMPTS * 120), round(2.3 * 120))
