@@ -120,8 +120,9 @@ def memory_models(session: nox.Session) -> None:
     (results/memory/memory_map.png) and its Markdown table. `-- method=ti,zoodip` for a subset."""
     methods = [o for o in session.posargs if o.startswith("method=")] or [f"method={MEMORY_METHODS}"]
     rest = [o for o in session.posargs if not o.startswith("method=")]
-    session.run(
-        sys.executable, "-m", "benchmark.memory", "-m", f"model={MEMORY_MODELS}", f"csv={MEMORY_MAP_CSV}",
-        "format=json", *methods, *rest, env={"HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    for model in reversed(MEMORY_MODELS.split(",")):  # the largest first; each row lands as it is done
+        session.run(
+            sys.executable, "-m", "benchmark.memory", "-m", f"model={model}", f"csv={MEMORY_MAP_CSV}",
+            "format=json", *methods, *rest, env={"HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
     session.run(sys.executable, "-m", "benchmark.memory_map", MEMORY_MAP_CSV)

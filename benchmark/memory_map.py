@@ -43,7 +43,8 @@ def smallest_gpu(peak_bytes: float) -> int | None:
 def memory_grid(csv: Path) -> pd.DataFrame:
     """Predicted peak bytes, one row per method (with its variant), one column per model."""
     table = pd.read_csv(csv, keep_default_na=False)
-    table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], table["variant"])]
+    variants = [v.replace("method.", "").replace("schedule=", "") for v in table["variant"]]
+    table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], variants)]
     table["predicted_peak_bytes"] = pd.to_numeric(table["predicted_peak_bytes"], errors="coerce")
     grid = table.pivot_table(index="row", columns="model", values="predicted_peak_bytes", aggfunc="first")
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
@@ -73,9 +74,10 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
     tiers = [*GPU_GB, None]
     colors = ["#1a9850", "#66bd63", "#a6d96a", "#fee08b", "#fdae61", "#f46d43", "#a50026"]
     index = grid.apply(lambda col: col.map(lambda b: tiers.index(smallest_gpu(b)) if pd.notna(b) else None))
-    fig, ax = plt.subplots(figsize=(2.2 * len(grid.columns) + 2.5, 0.45 * len(grid) + 1.6))
+    fig, ax = plt.subplots(figsize=(1.8 * len(grid.columns) + 4.5, 0.42 * len(grid) + 1.8))
     cmap = ListedColormap(colors)
-    ax.imshow(index.astype(float).to_numpy(), cmap=cmap, norm=BoundaryNorm(range(len(tiers) + 1), cmap.N))
+    norm = BoundaryNorm(range(len(tiers) + 1), cmap.N)
+    ax.imshow(index.astype(float).to_numpy(), cmap=cmap, norm=norm, aspect="auto")
     for (i, j), value in pd.DataFrame(grid.to_numpy()).stack(future_stack=True).items():
         ax.text(
             j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9
@@ -87,13 +89,12 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
     labels = [f"fits {gb} GB" for gb in GPU_GB] + ["> 80 GB"]
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     ax.set_title(
-        "Predicted peak training memory (batch 1, native resolution; GB = 1e9 B). Colour: the\n"
-        f"smallest card (N GB = N GiB) holding peak + {CONTEXT_MARGIN_GIB:g} GiB (CUDA context, allocator)",
-        fontsize=9, pad=28,
+        "Predicted peak training memory, batch 1, native resolution (GB = 1e9 B)\n"
+        f"colour: smallest card (N GB = N GiB) holding peak + {CONTEXT_MARGIN_GIB:g} GiB",
+        fontsize=9, pad=26,
     )  # fmt: skip
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -3,6 +3,8 @@ them, its artifact applied to the family's stock pipeline, and the memory predic
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -99,7 +101,7 @@ def test_a_local_sdxl_folder_loads_both_text_encoders(tmp_path, tiny_cfg):
     for name in ("text_encoder", "text_encoder_2", "unet"):
         a, b = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    (tmp_path / "sdxl" / "text_encoder_2" / "config.json").unlink()
+    shutil.rmtree(tmp_path / "sdxl" / "text_encoder_2")  # a download without the second encoder
     with pytest.raises(models.WeightsUnavailable, match="text_encoder_2"):
         models.load_components(compose(["model=sdxl", f"model.path={tmp_path / 'sdxl'}"]).model)
 
@@ -183,3 +185,19 @@ def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
     (path,) = gallery(report, tmp_path)
     # 120 dpi, 2.2 x 2.3 inches per image: one row of GALLERY_PROMPTS images (the failed run is left out)
     assert Image.open(path).size == (round(2.2 * GALLERY_PROMPTS * 120), round(2.3 * 120))
+
+
+def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_margin(tmp_path):
+    from benchmark.memory_map import GIB, draw, markdown, memory_grid, smallest_gpu
+
+    assert [smallest_gpu(g * GIB) for g in (6.9, 7.1, 22.9, 79.5)] == [8, 12, 24, None]
+    csv = tmp_path / "predicted.csv"
+    csv.write_text(
+        "method,variant,model,predicted_peak_bytes\n"
+        f"zoodip,,sdxl_arch,{4 * GIB}\nzoodip,,sd15_arch,{1 * GIB}\ndreambooth,,sdxl_arch,{60 * GIB}\n"
+    )
+    grid = memory_grid(csv)
+    assert list(grid.index) == ["dreambooth", "zoodip"] and list(grid.columns) == ["sd15_arch", "sdxl_arch"]
+    table = markdown(grid)
+    assert "| zoodip | 1.07 (8 GB) | 4.29 (8 GB) |" in table and "| dreambooth | – | 64.42 (80 GB) |" in table
+    assert draw(grid, tmp_path / "map.png").stat().st_size > 0
