@@ -11,6 +11,9 @@ sd2, sdxl; ``benchmark.families``):
 Every kind gives the same :class:`Components`, frozen and in eval mode; methods unfreeze what
 they train. SDXL adds a second tokenizer and text encoder (``tokenizer_2``, ``text_encoder_2``).
 ``build_pipeline`` wraps components in the family's stock diffusers pipeline.
+
+diffusers and transformers are imported where a model is built, not here: validation
+(``locate_weights``) must answer before those libraries have loaded.
 """
 
 from __future__ import annotations
@@ -22,22 +25,16 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import diffusers
 import torch
-import transformers
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
 from torch._guards import detect_fake_mode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from benchmark import families
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("hub", "tiny", "arch")
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -226,6 +223,9 @@ def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks
 
     # Real weights are drawn in fp32 and then rounded, so every dtype holds the same model.
     # Fake tensors (memory prediction) have no values and cannot be cast: build in ``dtype``.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     build_dtype = dtype if detect_fake_mode() is not None else torch.float32
     text_encoder_2 = None
     with torch.random.fork_rng(devices=[]), _default_dtype(build_dtype):
@@ -341,6 +341,10 @@ def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:
 
 
 def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[list[CLIPTokenizer], Networks, DDPMScheduler]:
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     source, kwargs = locate_weights(model_cfg)
     try:
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
@@ -378,6 +382,8 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
     if kind == "hub":
         tokenizers, networks, noise_scheduler = _load_hub(model_cfg, dtype)
     else:
+        from diffusers import DDPMScheduler
+
         from benchmark.tokenizer import clip_tokenizer
 
         networks = build_from_config(model_cfg, dtype)
@@ -397,9 +403,12 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
     return components.to(device)
 
 
-def build_pipeline(components: Components) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def build_pipeline(components: Components):
     """The family's stock pipeline sharing ``components``' modules, with its Hub repo's default
     sampler (SD1.5: PNDM, SD2.1: DDIM, SDXL: Euler) over the training scheduler's betas."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     sdxl = components.text_encoder_2 is not None
     prediction = components.noise_scheduler.config.prediction_type
     name = families.INFERENCE_SCHEDULER["sdxl" if sdxl else "sd2" if prediction == "v_prediction" else "sd1"]
@@ -426,6 +435,15 @@ def build_pipeline(components: Components) -> StableDiffusionPipeline | StableDi
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def cast_pipeline(pipeline, dtype: torch.dtype):
+    """Cast every floating tensor of the pipeline's networks to ``dtype``; integer tensors
+    (quantized codes, zero points) stay as they are."""
+    encoder_2 = getattr(pipeline, "text_encoder_2", None)  # SDXL
+    for module in (pipeline.text_encoder, pipeline.vae, pipeline.unet, *([encoder_2] if encoder_2 else [])):
+        _freeze(module, dtype)
     return pipeline
 
 
