@@ -147,6 +147,26 @@ def calibrate_selective(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "benchmark.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
+# Issue 15: the memory map, every method x {SD1.5, SD2.1, SDXL} at the native resolution, batch 1.
+MEMORY_MODELS = "sd15_arch,sd21_arch,sdxl_arch"
+MEMORY_MAP_CSV = "results/memory/predicted.csv"
+
+
+@nox.session
+def memory_models(session: nox.Session) -> None:
+    """Predicted peak training memory of every method on SD1.5, SD2.1 and SDXL (architectures
+    with no weights, fake tensors, CPU) into results/memory/predicted.csv, then the memory map
+    (results/memory/memory_map.png) and its Markdown table. `-- method=ti,zoodip` for a subset."""
+    methods = [o for o in session.posargs if o.startswith("method=")] or [f"method={MEMORY_METHODS}"]
+    rest = [o for o in session.posargs if not o.startswith("method=")]
+    for model in reversed(MEMORY_MODELS.split(",")):  # the largest first; each row lands as it is done
+        session.run(
+            sys.executable, "-m", "benchmark.memory", "-m", f"model={model}", f"csv={MEMORY_MAP_CSV}",
+            "format=json", *methods, *rest, env={"HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    session.run(sys.executable, "-m", "benchmark.memory_map", MEMORY_MAP_CSV)
+
+
 # Item 7 of issue 12: how far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours
 # (fp32, lr 5e-3), per gradient scale.
 _ZO_ADAM_PRECISION = """

@@ -45,9 +45,10 @@ MEASURED = (
 )  # fmt: skip
 
 
-def paper_memory_gb(method: str, table: Path = PAPER_TABLE) -> float | None:
-    """The paper's Table 1 memory (nvidia-smi, "GB") for ``method``, or None."""
-    if not table.exists():
+def paper_memory_gb(method: str, table: Path = PAPER_TABLE, model: str = "sd15_arch") -> float | None:
+    """The paper's Table 1 memory (nvidia-smi, "GB") for ``method``, or None; Table 1 is SD1.5's,
+    so None for other models."""
+    if not table.exists() or not model.startswith("sd15"):
         return None
     rows = pd.read_csv(table)
     match = rows.loc[rows["method"] == method, "memory_gb"]
@@ -71,7 +72,7 @@ def render(est: Estimate, measured: dict[str, Any] | None = None) -> str:
     totals = [est.peak_bytes] + [est.phase_peak_bytes[p] for p in PHASES]
     lines.append(f"  {'total':<16}  {gb(totals[0])}" + "".join(f"   {gb(v)}" for v in totals[1:]))
     lines.append(f"  after setup (model load): {est.after_setup_bytes / GB:.3f} GB")
-    paper = paper_memory_gb(est.method)
+    paper = paper_memory_gb(est.method, model=est.model)
     if paper is not None:
         lines.append(f"  paper (ZOODiP Table 1, nvidia-smi): {paper} GB")
     for key, value in (measured or {}).items():
@@ -86,7 +87,7 @@ def render(est: Estimate, measured: dict[str, Any] | None = None) -> str:
 
 
 def csv_row(keys: dict[str, Any], est: Estimate | None, measured: dict[str, Any] | None) -> dict[str, Any]:
-    row: dict[str, Any] = {**keys, "paper_memory_gb": paper_memory_gb(keys["method"])}
+    row: dict[str, Any] = {**keys, "paper_memory_gb": paper_memory_gb(keys["method"], model=keys["model"])}
     if est is not None:
         row["dtype"] = est.dtype
         row["predicted_peak_gb"] = round(est.peak_bytes / GB, 3)

@@ -1,13 +1,16 @@
-"""The model under personalization: Stable Diffusion 1.5 or a stand-in with its architecture.
+"""The model under personalization: Stable Diffusion 1.5, 2.1 or XL, or a stand-in with its
+architecture.
 
-Three kinds (``conf/model/*.yaml``, field ``kind``):
+Three kinds (``conf/model/*.yaml``, field ``kind``) of three families (field ``family``: sd1,
+sd2, sdxl; ``benchmark.families``):
 
-- ``hub``:  the real SD1.5 weights, from ``model.path`` (a local diffusers folder) or the Hub.
-- ``tiny``: a few-MB SD-family model with deterministic random weights (tests, smoke runs).
-- ``arch``: SD1.5's exact architecture with random weights (memory/timing without a download).
+- ``hub``:  the real weights, from ``model.path`` (a local diffusers folder) or the Hub.
+- ``tiny``: a few-MB model of the family with deterministic random weights (tests, smoke runs).
+- ``arch``: the family's exact architecture with random weights (memory/timing without a download).
 
 Every kind gives the same :class:`Components`, frozen and in eval mode; methods unfreeze what
-they train. ``build_pipeline`` wraps components in a stock ``StableDiffusionPipeline``.
+they train. SDXL adds a second tokenizer and text encoder (``tokenizer_2``, ``text_encoder_2``).
+``build_pipeline`` wraps components in the family's stock diffusers pipeline.
 
 diffusers and transformers are imported where a model is built, not here: validation
 (``locate_weights``) must answer before those libraries have loaded.
@@ -27,12 +30,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch._guards import detect_fake_mode
 
+from benchmark import families
+
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 KINDS = ("hub", "tiny", "arch")
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+SDXL_SUBFOLDERS = ("tokenizer_2", "text_encoder_2")
 
 # SD1.5's published configs (stable-diffusion-v1-5/stable-diffusion-v1-5, */config.json).
 SD15_UNET = dict(
@@ -124,10 +130,20 @@ class Components:
     noise_scheduler: DDPMScheduler  # the training scheduler
     device: torch.device
     dtype: torch.dtype  # the weight dtype the model was loaded in
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL only
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
     def to(self, device) -> Components:
         self.device = torch.device(device)
-        for module in (self.text_encoder, self.vae, self.unet):
+        for module in (*self.text_encoders, self.vae, self.unet):
             module.to(self.device)
         return self
 
@@ -136,6 +152,7 @@ class Networks(NamedTuple):
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -158,6 +175,13 @@ def _plain(value: Any) -> Any:
 def _overrides(cfg: Any, key: str, defaults: dict) -> dict:
     section = _get(cfg, key)
     return {**defaults, **({k: _plain(v) for k, v in section.items()} if section else {})}
+
+
+def family(model_cfg) -> str:
+    name = _get(model_cfg, "family", "sd1")
+    if name not in families.FAMILIES:
+        raise ValueError(f"model.family={name!r} is not known; choose one of {', '.join(families.FAMILIES)}")
+    return name
 
 
 def _kind(model_cfg) -> str:
@@ -193,36 +217,57 @@ def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks
         raise ValueError("model.kind=hub has real weights; use load_components, not build_from_config")
     seed = int(_get(model_cfg, "init_seed", 0))
     resolution = int(_get(model_cfg, "resolution", 64 if kind == "tiny" else 512))
-    if kind == "arch":
-        unet_kw, vae_kw, text_kw = dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT_ENCODER)
-    else:
-        unet_kw = _overrides(model_cfg, "unet", TINY_UNET)
-        vae_kw = {**SD15_VAE, **_overrides(model_cfg, "vae", TINY_VAE)}
-        text_kw = {
-            **SD15_TEXT_ENCODER,
-            "bos_token_id": 49406,  # the tokenizer's ids
-            "pad_token_id": 49407,
-            "eos_token_id": 49407,
-            **_overrides(model_cfg, "text_encoder", TINY_TEXT_ENCODER),
-        }
-        text_kw["projection_dim"] = text_kw["hidden_size"]  # unused by CLIPTextModel
+    unet_kw, vae_kw, text_kw, text_2_kw = _architecture(model_cfg, kind, family(model_cfg))
     unet_kw["sample_size"] = resolution // 8
     vae_kw["sample_size"] = resolution
 
     # Real weights are drawn in fp32 and then rounded, so every dtype holds the same model.
     # Fake tensors (memory prediction) have no values and cannot be cast: build in ``dtype``.
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     build_dtype = dtype if detect_fake_mode() is not None else torch.float32
+    text_encoder_2 = None
     with torch.random.fork_rng(devices=[]), _default_dtype(build_dtype):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_kw))
+        if text_2_kw is not None:
+            torch.manual_seed(seed)
+            text_encoder_2 = _freeze(CLIPTextModelWithProjection(CLIPTextConfig(**text_2_kw)), dtype)
         torch.manual_seed(seed)
         vae = AutoencoderKL(**vae_kw)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_kw)
-    return Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype))
+    return Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype), text_encoder_2)
+
+
+def _architecture(model_cfg, kind: str, name: str) -> tuple[dict, dict, dict, dict | None]:
+    """The (unet, vae, text_encoder, text_encoder_2 or None) configs of a tiny or arch model."""
+    text_2_kw = None
+    if kind == "arch":
+        unet_kw, vae_kw, text_kw = dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT_ENCODER)
+        if name == "sd2":
+            unet_kw, text_kw = dict(families.SD21_UNET), {**text_kw, **families.SD21_TEXT_ENCODER}
+        elif name == "sdxl":
+            unet_kw, vae_kw = dict(families.SDXL_UNET), {**vae_kw, **families.SDXL_VAE}
+            text_2_kw = {**SD15_TEXT_ENCODER, **families.SDXL_TEXT_ENCODER_2}
+        return unet_kw, vae_kw, text_kw, text_2_kw
+    tiny_ids = {"bos_token_id": 49406, "pad_token_id": 49407, "eos_token_id": 49407}  # the tokenizer's
+    unet_kw = _overrides(model_cfg, "unet", {**TINY_UNET, **families.TINY_UNET[name]})
+    vae_kw = {**SD15_VAE, **_overrides(model_cfg, "vae", TINY_VAE)}
+    text_kw = {
+        **SD15_TEXT_ENCODER, **tiny_ids,
+        **_overrides(model_cfg, "text_encoder", {**TINY_TEXT_ENCODER, **families.TINY_TEXT_ENCODER[name]}),
+    }  # fmt: skip
+    text_kw["projection_dim"] = text_kw["hidden_size"]  # unused by CLIPTextModel
+    if name == "sdxl":
+        vae_kw.update(families.SDXL_VAE)
+        text_2_kw = {
+            **SD15_TEXT_ENCODER, **tiny_ids,
+            **_overrides(model_cfg, "text_encoder_2", families.TINY_TEXT_ENCODER_2),
+        }  # fmt: skip
+        unet_kw = families.sdxl_unet_dims(unet_kw, text_kw, text_2_kw)
+    return unet_kw, vae_kw, text_kw, text_2_kw
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -266,11 +311,12 @@ def locate_weights(model_cfg) -> tuple[str, dict]:
     path, hub_id, revision = _get(model_cfg, "path"), _get(model_cfg, "hub_id"), _get(model_cfg, "revision")
     if path:
         folder = Path(str(path)).expanduser()
-        missing = [n for n in ("model_index.json", *SUBFOLDERS) if not (folder / n).exists()]
+        subfolders = SUBFOLDERS + (SDXL_SUBFOLDERS if family(model_cfg) == "sdxl" else ())
+        missing = [n for n in ("model_index.json", *subfolders) if not (folder / n).exists()]
         if missing:
             raise WeightsUnavailable(
                 f"model.path={str(path)!r} is not a diffusers Stable Diffusion folder "
-                f"(expected model_index.json and {', '.join(s + '/' for s in SUBFOLDERS)}; "
+                f"(expected model_index.json and {', '.join(s + '/' for s in subfolders)}; "
                 f"missing {', '.join(missing)})"
             )
         return str(folder), {}
@@ -294,18 +340,27 @@ def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:
     )
 
 
-def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, DDPMScheduler]:
+def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[list[CLIPTokenizer], Networks, DDPMScheduler]:
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source, kwargs = locate_weights(model_cfg)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         text_encoder = CLIPTextModel.from_pretrained(
             source, subfolder="text_encoder", **{dtype_kw: dtype}, **kwargs
         )
+        text_encoder_2 = None
+        if family(model_cfg) == "sdxl":
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
+            text_encoder_2 = _freeze(
+                CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", **{dtype_kw: dtype}, **kwargs
+                ),
+                dtype,
+            )
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
@@ -315,39 +370,60 @@ def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, D
                 f"cannot load Stable Diffusion weights from model.path={source!r} ({type(e).__name__})"
             ) from e
         raise _hub_unavailable(source, e) from e
-    networks = Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype))
-    return tokenizer, networks, scheduler
+    networks = Networks(
+        _freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype), text_encoder_2
+    )
+    return tokenizers, networks, scheduler
 
 
 def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32) -> Components:
     """Fresh components with the model's original weights, frozen, eval mode, on ``device``."""
     kind = _kind(model_cfg)
     if kind == "hub":
-        tokenizer, networks, noise_scheduler = _load_hub(model_cfg, dtype)
+        tokenizers, networks, noise_scheduler = _load_hub(model_cfg, dtype)
     else:
         from diffusers import DDPMScheduler
 
         from benchmark.tokenizer import clip_tokenizer
 
-        tokenizer = clip_tokenizer()
         networks = build_from_config(model_cfg, dtype)
+        tokenizers = [clip_tokenizer() for _ in range(1 + (networks.text_encoder_2 is not None))]
         noise_scheduler = DDPMScheduler(
             **{
                 **SD15_NOISE_SCHEDULER,
+                "prediction_type": families.PREDICTION_TYPE[family(model_cfg)],
                 "num_train_timesteps": int(_get(model_cfg, "num_train_timesteps", 1000)),
             }
         )
-    components = Components(tokenizer, *networks, noise_scheduler, torch.device(device), dtype)
+    components = Components(
+        tokenizer=tokenizers[0], text_encoder=networks.text_encoder, vae=networks.vae, unet=networks.unet,
+        noise_scheduler=noise_scheduler, device=torch.device(device), dtype=dtype,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None, text_encoder_2=networks.text_encoder_2,
+    )  # fmt: skip
     return components.to(device)
 
 
-def build_pipeline(components: Components) -> StableDiffusionPipeline:
-    """A stock SD pipeline sharing ``components``' modules, with SD1.5's default PNDM sampler."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def build_pipeline(components: Components):
+    """The family's stock pipeline sharing ``components``' modules, with its Hub repo's default
+    sampler (SD1.5: PNDM, SD2.1: DDIM, SDXL: Euler) over the training scheduler's betas."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    scheduler = PNDMScheduler.from_config(
-        components.noise_scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
-    )
+    sdxl = components.text_encoder_2 is not None
+    prediction = components.noise_scheduler.config.prediction_type
+    name = families.INFERENCE_SCHEDULER["sdxl" if sdxl else "sd2" if prediction == "v_prediction" else "sd1"]
+    extra = {"skip_prk_steps": True} if name == "PNDMScheduler" else {"timestep_spacing": "leading"}
+    if name != "EulerDiscreteScheduler":
+        extra["set_alpha_to_one"] = False
+    scheduler = getattr(diffusers, name).from_config(components.noise_scheduler.config, **extra)
+    if sdxl:
+        pipeline = StableDiffusionXLPipeline(
+            vae=components.vae, unet=components.unet, scheduler=scheduler,
+            text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2,
+        )  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -362,14 +438,15 @@ def build_pipeline(components: Components) -> StableDiffusionPipeline:
     return pipeline
 
 
-def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: torch.dtype) -> StableDiffusionPipeline:
+def cast_pipeline(pipeline, dtype: torch.dtype):
     """Cast every floating tensor of the pipeline's networks to ``dtype``; integer tensors
     (quantized codes, zero points) stay as they are."""
-    for module in (pipeline.text_encoder, pipeline.vae, pipeline.unet):
+    encoder_2 = getattr(pipeline, "text_encoder_2", None)  # SDXL
+    for module in (pipeline.text_encoder, pipeline.vae, pipeline.unet, *([encoder_2] if encoder_2 else [])):
         _freeze(module, dtype)
     return pipeline
 
 
-def load_pipeline(model_cfg, device="cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_pipeline(model_cfg, device="cpu", dtype: torch.dtype = torch.float32):
     """A pipeline with the original (unpersonalized) weights."""
     return build_pipeline(load_components(model_cfg, device, dtype))

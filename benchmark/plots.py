@@ -11,6 +11,8 @@
   mean with its 95 % CI band.
 - ``istar_histogram``: ZOODiP Fig. 8: the Subspace Gradient's kept share i*/tau at every
   recomputation, one histogram per subject.
+- ``gallery``: the qualitative figure (ZOODiP Fig. S4): per row and subject, one finished run's
+  first image of each of its first ``GALLERY_PROMPTS`` prompts.
 """
 
 from __future__ import annotations
@@ -202,7 +204,33 @@ def istar_histogram(report, out_dir: Path) -> list[Path]:
     return save(fig, out_dir / "istar_histogram")
 
 
+GALLERY_PROMPTS = 4
+
+
+def gallery(report, out_dir: Path) -> list[Path]:
+    from PIL import Image
+
+    rows = report.spec["rows"]
+    done = report.runs[report.runs["state"] == "ok"].drop_duplicates([*rows, "subject"])
+    if done.empty:
+        return []
+    fig, axes = plt.subplots(
+        len(done), GALLERY_PROMPTS, figsize=(2.2 * GALLERY_PROMPTS, 2.3 * len(done)), squeeze=False
+    )
+    for ax_row, (_, run) in zip(axes, done.iterrows()):
+        label = ", ".join(str(run[k]) for k in rows) + f"\n{run['subject']}"
+        for p, ax in enumerate(ax_row):
+            path = Path(run["path"]) / "images" / f"p{p:02d}_000.png"
+            if path.exists():
+                ax.imshow(Image.open(path).convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax_row[0].set_ylabel(label, fontsize=8)
+    return save(fig, out_dir / "gallery")
+
+
 FIGURES = {
+    "gallery": gallery,
     "heatmap": heatmap,
     "memory_breakdown": memory_breakdown,
     "memory_vs_score": memory_vs_score,

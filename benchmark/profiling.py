@@ -51,7 +51,7 @@ def weight_category(dtype: torch.dtype) -> str:
 def model_tensors(components, method) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(every parameter and buffer of the model and of the method's own modules, and the
     parameters among them plus the method's trainable tensors)."""
-    modules = [components.text_encoder, components.vae, components.unet]
+    modules = [*components.text_encoders, components.vae, components.unet]
     modules += [
         v
         for v in vars(method).values()

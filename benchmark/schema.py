@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from benchmark import data, models
 from benchmark.config import config_error, method_config, resolve_device
+from benchmark.families import FAMILIES
 from benchmark.metrics import MetricModelsUnavailable
 from methods.base import ConfigError, MethodConfig, require
 
@@ -79,6 +80,7 @@ class TrainSchema:
 class ModelSchema:
     name: str = MISSING
     kind: str = MISSING
+    family: str = "sd1"  # sd1 | sd2 | sdxl (benchmark/families.py)
     resolution: int = 512
     num_train_timesteps: int = 1000
     max_train_steps: int | None = None
@@ -89,9 +91,11 @@ class ModelSchema:
     unet: dict[str, Any] | None = None  # tiny: overrides of benchmark.models.TINY_*
     vae: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
+    text_encoder_2: dict[str, Any] | None = None  # tiny sdxl
 
     def __post_init__(self) -> None:
         _require_choice("model.kind", self.kind, MODEL_KINDS)
+        _require_choice("model.family", self.family, FAMILIES)
         require(
             self.resolution >= 8 and self.resolution % 8 == 0,
             f"model.resolution={self.resolution} must be a positive multiple of 8 (the VAE downsamples 8x)",

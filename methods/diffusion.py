@@ -40,7 +40,10 @@ def noisy_latents(scheduler, latents: torch.Tensor, timesteps: torch.Tensor, gen
     return z_t, noise
 
 
-def denoising_loss(unet, z_t, timesteps, encoder_hidden_states, target) -> torch.Tensor:
-    """MSE between the U-Net's prediction and its target, in fp32."""
-    pred = unet(z_t, timesteps.to(z_t.device), encoder_hidden_states.to(unet.dtype)).sample
+def denoising_loss(unet, z_t, timesteps, cond, target) -> torch.Tensor:
+    """MSE between the U-Net's prediction and its target, in fp32. ``cond``: a
+    ``methods.conditioning.Conditioning`` (any family) or SD1/SD2 hidden states."""
+    from methods.conditioning import unet_prediction  # conditioning builds on this module
+
+    pred = unet_prediction(unet, z_t, timesteps, cond)
     return F.mse_loss(pred.float(), target.float())

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from methods.base import require
-from methods.diffusion import denoising_loss, noisy_latents, randn, token_ids
+from methods.conditioning import encode_prompts, prompt_ids
+from methods.diffusion import denoising_loss, noisy_latents, randn
 from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks
 from methods.token_method import TokenConfig, TokenMethod
@@ -97,7 +98,8 @@ class GradientFreeTI(TokenMethod):
 
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
-        vocabulary = components.text_encoder.get_input_embeddings().weight
+        # SDXL: each token's two rows side by side (the two tokenizers share one vocabulary)
+        vocabulary = torch.cat([e.get_input_embeddings().weight for e in components.text_encoders], dim=1)
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
         self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
         # official: PCA.inverse_transform adds the vocabulary mean to x P
@@ -106,7 +108,7 @@ class GradientFreeTI(TokenMethod):
         self.token_id = self.add_token(components, subject)
         quantize_networks(components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
-        self.initial_token = self.embeddings[self.token_id].detach().double().clone()
+        self.initial_token = self.rows.read().double().clone()
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
         import cma  # here, not at the top: it loads matplotlib, and validation must not wait for it
@@ -138,7 +140,7 @@ class GradientFreeTI(TokenMethod):
         return self.best_x if self.cfg.protocol == "official" else self.es.mean
 
     def _write_token(self, token: torch.Tensor) -> None:
-        self.embeddings[self.token_id] = token.to(self.embeddings.dtype)
+        self.rows.write(token)
 
     def step(self, batch, step):
         g = batch["generator"]
@@ -165,7 +167,7 @@ class GradientFreeTI(TokenMethod):
         losses = []
         for x in candidates:
             self._write_token(self.token_from(x))
-            losses.append(denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target).float())
+            losses.append(denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target).float())
         return losses
 
     def _official_losses(self, candidates, g) -> list[torch.Tensor]:
@@ -191,8 +193,8 @@ class GradientFreeTI(TokenMethod):
                     mean + std * randn(mean.shape, g, mean.device, mean.dtype)
                 ) * c.vae.config.scaling_factor
                 z_t, target = noisy_latents(c.noise_scheduler, latents, t[: len(items)], g)
-                ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, len(items), g), c.device)
-                hidden = c.text_encoder(ids)[0]
+                ids = prompt_ids(c, sample_prompts(cfg.placeholder_token, len(items), g))
+                hidden = encode_prompts(c, ids)
                 total = total + denoising_loss(c.unet, z_t, t[: len(items)], hidden, target).float()
             losses.append(total / len(batches))
         return losses
@@ -222,9 +224,7 @@ class GradientFreeTI(TokenMethod):
         return self.cfg.popsize * max(self.num_images, 1) * self.cfg.repeats
 
     def state_dict(self):
-        return {
-            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
-        }
+        return self.rows.artifact(self.cfg.placeholder_token)
 
     def apply(self, pipeline, artifact) -> None:
         quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from methods.base import ConfigError
+from methods.conditioning import Conditioning, added_cond_kwargs
 
 HIDDEN = "hidden"
 
@@ -90,18 +91,19 @@ class HollowPlan:
 
 
 def unet_layers(unet) -> UNetLayers:
-    """The layer sequence of an SD-style ``UNet2DConditionModel`` (refuses other variants)."""
+    """The layer sequence of an SD-style ``UNet2DConditionModel`` (SD1.x, SD2.x, SDXL; refuses
+    other variants). SDXL's deeper transformers are inside its attention modules: one unit each."""
     cfg = unet.config
     unsupported = {
         "class_embed_type": cfg.class_embed_type,
-        "addition_embed_type": cfg.addition_embed_type,
+        "addition_embed_type": cfg.addition_embed_type if cfg.addition_embed_type != "text_time" else None,
         "encoder_hid_dim_type": getattr(cfg, "encoder_hid_dim_type", None),
         "time_embedding_act_fn": getattr(cfg, "time_embedding_act_fn", None),
     }
     bad = {k: v for k, v in unsupported.items() if v is not None}
     if bad or cfg.center_input_sample:
         raise ConfigError(
-            "hollowed U-Net supports Stable Diffusion 1.x/2.x U-Nets only; "
+            "hollowed U-Net supports Stable Diffusion 1.x/2.x/XL U-Nets only; "
             f"this one has {bad or 'center_input_sample'}"
         )
     down: list[DownLayer] = []
@@ -200,9 +202,16 @@ def _up(unet, layer: UpLayer, h, skip, emb, text, upsample_size):
     return h
 
 
-def _embed(unet, sample, timestep, text):
+def _embed(unet, sample, timestep, cond: Conditioning):
+    """(time embedding + SDXL's added text/size embedding, text states) as diffusers' forward.
+    ``cond``: a Conditioning, or SD1/SD2 hidden states as a tensor."""
+    if isinstance(cond, torch.Tensor):
+        cond = Conditioning(cond)
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
-    return emb, text.to(unet.dtype)
+    added = added_cond_kwargs(cond, sample, unet.dtype)
+    if added is not None:
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.hidden, added_cond_kwargs=added)
+    return emb, cond.hidden.to(unet.dtype)
 
 
 def _upsample_size(unet, sample, skips, k):
@@ -218,7 +227,7 @@ def boundary_activations(
     unet, layers: UNetLayers, plan: HollowPlan, sample, timestep, text
 ) -> dict[str, torch.Tensor]:
     """Stage 1: run the full U-Net up to the cut and return what crosses it (``boundary_keys``).
-    ``unet`` must still hold every layer."""
+    ``unet`` must still hold every layer; ``text`` is the prompt's conditioning."""
     if not plan.n_removed:
         return {}
     emb, text = _embed(unet, sample, timestep, text)

@@ -36,7 +36,8 @@ from torch._guards import detect_fake_mode
 from benchmark.sampling import batch_pixels, draw_images
 from benchmark.train import step_generator
 from methods.base import require
-from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.conditioning import encode_text
+from methods.diffusion import encode_latents, noisy_latents
 from methods.hollow_unet import (
     HollowPlan,
     UNetLayers,
@@ -153,7 +154,7 @@ class HollowedNet(LoRA):
         # Fake tensors (memory prediction) cannot be written to a file.
         self.cache = ActivationCache("host" if detect_fake_mode() is not None else cfg.cache, cfg.cache_dir)
         with torch.no_grad():
-            self.text = c.text_encoder(token_ids(c.tokenizer, [self.instance_prompt], c.device))[0]
+            self.text = encode_text(c, [self.instance_prompt])
         num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
         for step in range(steps):
             g = step_generator(seed, step)
@@ -161,14 +162,14 @@ class HollowedNet(LoRA):
             latents = encode_latents(c.vae, batch_pixels(images, draw).to(c.device), g)
             t = sample_timesteps(cfg.timesteps, cfg.batch_size, g, num_train_timesteps, cfg.T_L, cfg.T_U)
             z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-            text = self.text.expand(cfg.batch_size, -1, -1)
+            text = self.text.expand(cfg.batch_size)
             boundary = boundary_activations(c.unet, self.layers, self.plan, z_t, t.to(c.device), text)
             drawn = {"image_index": draw.image_index, "flipped": draw.flipped}
             self.cache.put(step, {**drawn, "z_t": z_t, "timesteps": t, "target": target, **boundary})
 
         self.removed_parameters = remove_layers(c.unet, self.layers, self.plan)
         if cfg.offload_encoders:
-            for module in (c.vae, c.text_encoder):
+            for module in (c.vae, *c.text_encoders):
                 release_weights(module)  # apply() uses a fresh pipeline
         UNetFinetune.setup(self, c, self.subject)  # LoRA on the kept layers (``prepare``), AdamW
         if c.device.type == "cuda":
@@ -199,7 +200,7 @@ class HollowedNet(LoRA):
                 f"(flipped {drawn['flipped'].tolist()}) but the loop drew {batch['image_index'].tolist()} "
                 f"(flipped {batch['flipped'].tolist()}): precompute no longer replays benchmark.train's draws"
             )
-        text = self.text.expand(entry["z_t"].shape[0], -1, -1)
+        text = self.text.expand(entry["z_t"].shape[0])
         pred = hollowed_forward(c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry)
         return {"loss": self.backprop_step(self.loss(pred, entry["target"]))}
 

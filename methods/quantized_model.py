@@ -27,7 +27,7 @@ from methods.quant_groupwise import quantize_model_groupwise
 
 QUANTIZE_BITS = {"int8": 8, "int4": 4, "none": None}
 INT4_SCHEMES = ("affine_group128", "symmetric_channel")
-NETWORKS = ("unet", "vae", "text_encoder")
+NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the last: SDXL only
 SCOPES = {"all": NETWORKS, "unet": ("unet",)}
 
 
@@ -59,23 +59,25 @@ def quantize_frozen(
 def quantize_networks(
     networks, mode: str, scope: str = "all", int4_scheme: str = "affine_group128"
 ) -> dict[str, int]:
-    """Quantize ``networks.unet`` (and, with scope ``all``, ``.vae`` and ``.text_encoder``) of
-    Components or a pipeline; returns the layer count per network (0 where not quantized)."""
+    """Quantize ``networks.unet`` (and, with scope ``all``, ``.vae``, ``.text_encoder`` and SDXL's
+    ``.text_encoder_2``) of Components or a pipeline; returns the layer count per network (0 where
+    not quantized)."""
     check_quantize(mode, int4_scheme, scope)
     return {
-        name: quantize_frozen(getattr(networks, name), mode, int4_scheme=int4_scheme)
-        if name in SCOPES[scope]
-        else 0
-        for name in NETWORKS
+        name: quantize_frozen(module, mode, int4_scheme=int4_scheme) if name in SCOPES[scope] else 0
+        for name, module in _networks(networks)
     }
+
+
+def _networks(networks) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n in NETWORKS if (m := getattr(networks, n, None)) is not None]
 
 
 def quantized_fraction(networks) -> float:
     """Share of the weights (parameters and integer codes) stored as integers; the ZOODiP
     paper reports 96.4 % for SD1.5."""
     integer = floating = 0
-    for name in NETWORKS:
-        module = getattr(networks, name)
+    for _, module in _networks(networks):
         for layer in quantized_layers(module).values():
             integer += int(torch.Size(layer.weight_shape).numel())
         floating += sum(p.numel() for p in module.parameters())

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import require
-from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.conditioning import encode_text, unet_prediction
+from methods.diffusion import encode_latents, noisy_latents
 from methods.lora import LoRA, LoRAConfig
 from methods.zo import check_estimator, estimate_gradient, forward_passes
 from methods.zo_adam import ZOAdam
@@ -145,12 +146,10 @@ class Selective(LoRA):
         t = torch.full((latents.shape[0],), t_value, dtype=torch.long, device=latents.device)
         z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
         with torch.no_grad():  # the text encoder is frozen
-            text = c.text_encoder(
-                token_ids(c.tokenizer, [self.instance_prompt] * latents.shape[0], c.device)
-            )[0]
+            cond = encode_text(c, [self.instance_prompt] * latents.shape[0])
 
         def loss_fn() -> torch.Tensor:
-            return self.loss(c.unet(z_t, t, text.to(z_t.dtype)).sample, target)
+            return self.loss(unet_prediction(c.unet, z_t, t, cond), target)
 
         if bp_low:
             loss = self.backprop_step(loss_fn())

@@ -3,7 +3,8 @@
 One new token is added to the tokenizer; the whole input-embedding matrix is the AdamW
 parameter (as in the example, so its gradient and optimizer state are what the paper's
 memory figure measures), and after every step all rows but the new token's are put back,
-so they stay bit-identical.
+so they stay bit-identical. SDXL: both encoders' matrices train, as diffusers'
+textual_inversion_sdxl example.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import torch
 
 from methods.base import require
+from methods.conditioning import encode_prompts
 from methods.diffusion import denoising_loss
 from methods.token_method import TokenConfig, TokenMethod
 
@@ -32,29 +34,34 @@ class TextualInversion(TokenMethod):
     def setup(self, components, subject) -> None:
         self.c = components
         self.token_id = self.add_token(components, subject)
-        self.embeddings = components.text_encoder.get_input_embeddings().weight
-        self.embeddings.requires_grad_(True)
-        self.original_embeddings = self.embeddings.detach().clone()
-        self.keep_rows = torch.ones(self.embeddings.shape[0], dtype=torch.bool, device=self.embeddings.device)
-        self.keep_rows[self.token_id] = False
+        self.tables = self.rows.weights  # one embedding matrix per text encoder
+        self.embeddings = self.tables[0]
+        self.original_tables, self.keep_rows = [], []
+        for table, token_id in zip(self.tables, self.rows.token_ids):
+            table.requires_grad_(True)
+            self.original_tables.append(table.detach().clone())
+            keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+            keep[token_id] = False
+            self.keep_rows.append(keep)
         # diffusers example: AdamW(betas 0.9/0.999, weight_decay 1e-2, eps 1e-8)
-        self.optimizer = torch.optim.AdamW([self.embeddings], lr=self.cfg.lr, weight_decay=1e-2, eps=1e-8)
+        self.optimizer = torch.optim.AdamW(self.tables, lr=self.cfg.lr, weight_decay=1e-2, eps=1e-8)
 
     def trainable_parameters(self):
-        return {"token_embedding": self.embeddings}
+        names = ["token_embedding", "token_embedding_2"]
+        return dict(zip(names, self.tables))
 
     def step(self, batch, step):
         c = self.c
         z_t, t, target, ids = self.denoising_inputs(batch)
-        hidden = c.text_encoder(ids)[0]
-        loss = denoising_loss(c.unet, z_t, t, hidden, target)
+        loss = denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # only the new token's row may change
-            self.embeddings[self.keep_rows] = self.original_embeddings[self.keep_rows]
+            for table, original, keep in zip(self.tables, self.original_tables, self.keep_rows):
+                table[keep] = original[keep]
         return {"loss": loss.detach()}
 
     def state_dict(self):
-        # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}
-        return {self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach()}
+        # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}; SDXL: clip_l/clip_g
+        return self.rows.artifact(self.cfg.placeholder_token)

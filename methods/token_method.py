@@ -1,6 +1,11 @@
 """Shared by the methods that learn one new token (TI, GF-TI, ZOODiP): the token is added to
 the vocabulary, prompts name the subject by the token alone, and the artifact is a diffusers
-textual-inversion file ({token: (1, dim)}) that `load_textual_inversion` reads."""
+textual-inversion file that `load_textual_inversion` reads: {token: (1, dim)} for SD1/SD2.
+
+SDXL has two text encoders: the token gets a row in each (768 + 1280 dims), and the methods see
+the two rows as one vector, concatenated (``TokenRows``): TI trains both rows, GF-TI and ZOODiP
+search the 2048-d vector. The artifact is the two-embedding file of diffusers' SDXL textual
+inversion ({"clip_l": (1, 768), "clip_g": (1, 1280)}), loaded into each encoder."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import dataclasses
 import torch
 
 from methods.base import ConfigError, DataConfig, Method, MethodConfig, require
-from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.conditioning import prompt_ids
+from methods.diffusion import encode_latents, noisy_latents
 from methods.prompts import sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
 
@@ -32,6 +38,44 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words
     with torch.no_grad():
         weight[token_id] = weight[init_ids].mean(dim=0)
     return token_id
+
+
+SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion file: one row per encoder
+
+
+class TokenRows:
+    """The new token's input-embedding row in each text encoder, seen as one vector (the rows
+    concatenated in encoder order). ``weights`` are the embedding matrices (frozen)."""
+
+    def __init__(self, text_encoders, token_ids: list[int]):
+        self.weights = [e.get_input_embeddings().weight for e in text_encoders]
+        self.token_ids = token_ids
+        self.dims = [w.shape[1] for w in self.weights]
+
+    def read(self) -> torch.Tensor:
+        return torch.cat([w[i].detach() for w, i in zip(self.weights, self.token_ids)])
+
+    @torch.no_grad()
+    def write(self, vector: torch.Tensor) -> None:
+        for w, i, row in zip(self.weights, self.token_ids, vector.split(self.dims)):
+            w[i] = row.to(w.dtype)
+
+    def artifact(self, token: str) -> dict[str, torch.Tensor]:
+        rows = [w[i : i + 1].detach().clone() for w, i in zip(self.weights, self.token_ids)]
+        return {token: rows[0]} if len(rows) == 1 else dict(zip(SDXL_KEYS, rows))
+
+
+def load_token(pipeline, artifact: dict[str, torch.Tensor], token: str) -> None:
+    """Load a textual-inversion artifact into a stock SD or SDXL pipeline."""
+    if SDXL_KEYS[0] not in artifact:
+        pipeline.load_textual_inversion(dict(artifact), token=token)
+        return
+    for key, encoder, tokenizer in zip(
+        SDXL_KEYS,
+        (pipeline.text_encoder, pipeline.text_encoder_2),
+        (pipeline.tokenizer, pipeline.tokenizer_2),
+    ):
+        pipeline.load_textual_inversion(artifact[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -89,10 +133,15 @@ class TokenMethod(Method):
         return self.cfg.placeholder_token
 
     def add_token(self, components, subject) -> int:
+        """Add the token to every tokenizer and text encoder; ``self.rows`` is its rows. Returns
+        its id in the first tokenizer."""
         words = subject.class_noun if self.cfg.initializer == "class" else self.cfg.initializer
-        return add_placeholder_token(
-            components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
-        )
+        ids = [
+            add_placeholder_token(tokenizer, encoder, self.cfg.placeholder_token, words)
+            for tokenizer, encoder in zip(components.tokenizers, components.text_encoders)
+        ]
+        self.rows = TokenRows(components.text_encoders, ids)
+        return ids[0]
 
     def denoising_inputs(self, batch):
         """(z_t, t, target, prompt ids) of one step: latents of the batch's images, timesteps from
@@ -107,8 +156,8 @@ class TokenMethod(Method):
                 alphas_cumprod=c.noise_scheduler.alphas_cumprod,
             )  # fmt: skip
             z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-        ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, bsz, g), c.device)
+        ids = prompt_ids(c, sample_prompts(cfg.placeholder_token, bsz, g))
         return z_t, t, target, ids
 
     def apply(self, pipeline, artifact) -> None:
-        pipeline.load_textual_inversion(dict(artifact), token=self.cfg.placeholder_token)
+        load_token(pipeline, artifact, self.cfg.placeholder_token)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import Method, MethodConfig, require
-from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.conditioning import encode_text, unet_prediction
+from methods.diffusion import encode_latents, noisy_latents
 from methods.timesteps import check_timestep_bounds, sample_timesteps
 
 
@@ -92,8 +93,8 @@ class UNetFinetune(Method):
         t = sample_timesteps(cfg.timesteps, latents.shape[0], g, num_train_timesteps, cfg.T_L, cfg.T_U)
         z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
         with torch.no_grad():  # the text encoder is frozen
-            hidden = c.text_encoder(token_ids(c.tokenizer, prompts, c.device))[0]
-        pred = c.unet(z_t, t.to(z_t.device), hidden.to(z_t.dtype)).sample
+            cond = encode_text(c, prompts)
+        pred = unet_prediction(c.unet, z_t, t, cond)
         loss = self.loss(pred, target)
         loss.backward()
         if cfg.max_grad_norm:

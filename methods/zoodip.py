@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from methods.base import require
+from methods.conditioning import encode_prompts
 from methods.diffusion import denoising_loss
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
@@ -79,7 +80,7 @@ class ZOODiP(TokenMethod):
         )
         self.quantized_weight_fraction = quantized_fraction(components)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
-        self.token = self.embeddings[self.token_id].detach().float().clone()
+        self.token = self.rows.read().float().clone()  # SDXL: both encoders' rows, concatenated
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
         )
@@ -89,7 +90,7 @@ class ZOODiP(TokenMethod):
         return {"token_embedding": self.token}
 
     def _write_token(self) -> None:
-        self.embeddings[self.token_id] = self.token.to(self.embeddings.dtype)
+        self.rows.write(self.token)
 
     def step(self, batch, step):
         c, cfg, g = self.c, self.cfg, batch["generator"]
@@ -98,7 +99,7 @@ class ZOODiP(TokenMethod):
 
             def loss_fn() -> torch.Tensor:
                 self._write_token()
-                return denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target)
+                return denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
 
             effective_dim = self.subspace.effective_dim() if self.subspace is not None else None
             (grad,), loss = estimate_gradient(
@@ -137,9 +138,7 @@ class ZOODiP(TokenMethod):
 
     def state_dict(self):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}, in the model's dtype
-        return {
-            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
-        }
+        return self.rows.artifact(self.cfg.placeholder_token)
 
     def apply(self, pipeline, artifact) -> None:
         if self.cfg.quantize_at_inference:
