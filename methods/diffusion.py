@@ -12,12 +12,23 @@ def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> tor
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE posterior sample x scaling factor. No gradient ever flows into the VAE encoder
-    (the ZOODiP paper blocks it for every method)."""
+def latent_distribution(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's posterior for ``pixel_values``. No gradient ever flows into the
+    VAE encoder (the ZOODiP paper blocks it for every method)."""
     dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    eps = randn(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * eps) * vae.config.scaling_factor
+    return dist.mean, dist.std
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float):
+    """One posterior sample x the VAE's scaling factor, its noise drawn from ``generator``."""
+    eps = randn(mean.shape, generator, mean.device, mean.dtype)
+    return (mean + std * eps) * scaling_factor
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE posterior sample x scaling factor (``latent_distribution`` then ``sample_latents``)."""
+    mean, std = latent_distribution(vae, pixel_values)
+    return sample_latents(mean, std, generator, vae.config.scaling_factor)
 
 
 def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:

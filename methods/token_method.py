@@ -10,6 +10,7 @@ import torch
 
 from methods.base import ConfigError, Method, MethodConfig, require
 from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.latent_cache import LatentCache, release_weights
 from methods.prompts import sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
 
@@ -47,6 +48,7 @@ class TokenConfig(MethodConfig):
     timesteps: str = "uniform"
     T_L: int = 500
     T_U: int = 900
+    cache_latents: bool = True  # encode the training images once; the VAE leaves training
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +75,15 @@ class TokenMethod(Method):
             components.tokenizer, components.text_encoder, self.cfg.placeholder_token, words
         )
 
+    latent_cache: LatentCache | None = None
+
+    def precompute(self, images, seed, steps) -> None:
+        """With ``cfg.cache_latents``: the VAE posterior of every image (and its flip), then the
+        VAE's weights are released (methods/latent_cache.py)."""
+        if self.cfg.cache_latents:
+            self.latent_cache = LatentCache(self.c.vae, images)
+            release_weights(self.c.vae)
+
     def denoising_inputs(self, batch):
         """(z_t, t, target, prompt ids) of one step: latents of the batch's images, timesteps from
         ``cfg.timesteps``, noise, and ImageNet-style prompts with the token, all drawn from the
@@ -80,7 +91,10 @@ class TokenMethod(Method):
         c, cfg, g = self.c, self.cfg, batch["generator"]
         bsz = batch["pixel_values"].shape[0]
         with torch.no_grad():
-            latents = encode_latents(c.vae, batch["pixel_values"], g)
+            if self.latent_cache is not None:
+                latents = self.latent_cache.sample(batch, g)
+            else:
+                latents = encode_latents(c.vae, batch["pixel_values"], g)
             t = sample_timesteps(
                 cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
                 alphas_cumprod=c.noise_scheduler.alphas_cumprod,
