@@ -4,7 +4,9 @@ textual-inversion file ({token: (1, dim)}) that `load_textual_inversion` reads."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 
@@ -33,6 +35,23 @@ def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words
     with torch.no_grad():
         weight[token_id] = weight[init_ids].mean(dim=0)
     return token_id
+
+
+@contextlib.contextmanager
+def token_rows(text_encoder, token_id: int, rows: torch.Tensor) -> Iterator[None]:
+    """While inside, prompt i's ``token_id`` embeds as ``rows[i]`` (rows: prompts x dim): one
+    text-encoder call scores several values of the token. The same bits as writing each value
+    into the embedding row: a lookup copies the row, and so does ``torch.where``."""
+
+    def replace(module, args, embedded):
+        at_token = (args[0] == token_id)[..., None]
+        return torch.where(at_token, rows[:, None, :].to(embedded.dtype), embedded)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 PRECISIONS = ("fp16", "bf16", "fp32")
