@@ -25,7 +25,7 @@ from methods.base import require
 from methods.diffusion import denoising_loss, denoising_losses
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.token_method import TokenConfig, TokenMethod, token_rows
+from methods.token_method import TokenConfig, TokenMethod, compact_vocabulary, token_rows
 from methods.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
 from methods.zo_adam import ZOAdam
 
@@ -46,6 +46,7 @@ class ZOODiPConfig(TokenConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-3
+    compact_vocabulary: bool = True  # keep only the embedding rows the training prompts use
     batched_passes: bool = False  # the n + 1 passes in one batched call: faster, (n + 1)x activations
 
     def __post_init__(self) -> None:
@@ -70,8 +71,12 @@ class ZOODiP(TokenMethod):
         self.token_id = self.add_token(components, subject)
         self.quantized_layers = quantize_networks(components, cfg.quantize)
         self.quantized_weight_fraction = quantized_fraction(components)
+        self.token_row = self.token_id  # the placeholder's row in the embedding matrix
+        if cfg.compact_vocabulary:
+            compact = compact_vocabulary(components.tokenizer, components.text_encoder, cfg.placeholder_token)
+            self.token_row = compact.row(self.token_id)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
-        self.token = self.embeddings[self.token_id].detach().float().clone()
+        self.token = self.embeddings[self.token_row].detach().float().clone()
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
         )
@@ -81,7 +86,7 @@ class ZOODiP(TokenMethod):
         return {"token_embedding": self.token}
 
     def _write_token(self) -> None:
-        self.embeddings[self.token_id] = self.token.to(self.embeddings.dtype)
+        self.embeddings[self.token_row] = self.token.to(self.embeddings.dtype)
 
     def loss_functions(self, z_t, t, target, ids):
         """(loss of the current token, losses of a list of token values in one batched call)."""
@@ -151,7 +156,7 @@ class ZOODiP(TokenMethod):
     def state_dict(self):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}, in the model's dtype
         return {
-            self.cfg.placeholder_token: self.embeddings[self.token_id : self.token_id + 1].detach().clone()
+            self.cfg.placeholder_token: self.embeddings[self.token_row : self.token_row + 1].detach().clone()
         }
 
     def apply(self, pipeline, artifact) -> None:

@@ -50,6 +50,15 @@ def test_token_after_three_steps_is_bit_identical_with_and_without_the_cache(
     assert list(components.vae.parameters()) == []  # released: training does not need it
 
 
+def test_zoodip_token_is_bit_identical_with_every_memory_option_on_or_off(tiny_cfg, images, tmp_path):
+    on = ("method.cache_latents=true", "method.compact_vocabulary=true")
+    off = ("method.cache_latents=false", "method.compact_vocabulary=false")
+    lean, components = trained_token(tiny_cfg, images, tmp_path / "a", "method=zoodip", *on)
+    full, _ = trained_token(tiny_cfg, images, tmp_path / "b", "method=zoodip", *off)
+    assert torch.equal(lean, full)
+    assert components.text_encoder.get_input_embeddings().weight.shape[0] < 100  # of 49,409
+
+
 def test_a_flipped_image_samples_the_posterior_of_its_mirror_image(tiny_cfg, images):
     components = models.load_components(tiny_cfg("method=zoodip").model)
     cache = LatentCache(components.vae, images)

@@ -160,7 +160,7 @@ def test_only_the_placeholder_row_changes_and_quantized_weights_stay_untouched(m
                 assert value.dtype == torch.int8
             if key.endswith("token_embedding.weight"):
                 moved = (value != state[key]).any(dim=1).nonzero().flatten().tolist()
-                assert moved == [method.token_id]
+                assert moved == [method.token_row]
             else:
                 assert torch.equal(value, state[key]), f"{name}.{key} changed"
 
@@ -175,7 +175,7 @@ def test_resume_from_checkpoint_is_bit_identical(make_method, images):
     resumed.restore(state)
     run_steps(resumed, images, range(2, 4))
     assert torch.equal(resumed.token, straight.token)
-    assert torch.equal(components.text_encoder.get_input_embeddings().weight[resumed.token_id],
+    assert torch.equal(components.text_encoder.get_input_embeddings().weight[resumed.token_row],
                        straight.token)  # fmt: skip
 
 
