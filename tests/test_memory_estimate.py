@@ -127,7 +127,9 @@ def test_zoodip_memory_options_free_the_vae_and_the_unused_vocabulary(tiny_cfg):
     compact = full_vocabulary + vae_fp16 - freed_fp16  # what the compact vocabulary keeps
     assert 0 < compact < allocator_bytes(100 * vocabulary.shape[1] * 2)  # about 60 of 49,409 rows
     batched = estimate(tiny_cfg("method=zoodip", "method.batched_passes=true"))
-    assert batched.breakdown["activations"] > 2 * lean.breakdown["activations"]  # n + 1 = 3 rows at once
+    # n + 1 = 3 rows of activations at once (the dequantized weight temporaries are shared)
+    assert batched.breakdown["activations"] > lean.breakdown["activations"]
+    assert batched.peak_bytes > lean.peak_bytes
 
 
 def real_4bit_weight_bytes(unet) -> int:
