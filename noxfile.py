@@ -129,3 +129,34 @@ def memory_gpu(session: nox.Session) -> None:
         "assert torch.cuda.is_available(), 'nox -s memory_gpu needs a CUDA GPU'",
     )  # fmt: skip
     memory_runs(session, "measure=true", "predict=false")
+
+
+# Item 7 of issue 12: how far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours
+# (fp32, lr 5e-3), per gradient scale.
+_ZO_ADAM_PRECISION = """
+import torch
+from methods.zo_adam import ZOAdam
+
+def mean_step(state_dtype, lr, scale, steps=200):
+    g = torch.Generator().manual_seed(0)
+    token = torch.zeros(768, dtype=torch.float16 if state_dtype == "fp16" else torch.float32)
+    adam, moved = ZOAdam([token], lr=lr, state_dtype=state_dtype), 0.0
+    for _ in range(steps):
+        before = token.float().clone()
+        adam.step([torch.randn(768, generator=g) * scale])
+        moved += (token.float() - before).abs().mean().item()
+    return moved / steps
+
+print("gradient std | step fp16/fp32 (lr 5e-3) | official (fp16, lr 1e-2) / ours (fp32, lr 5e-3)")
+for scale in (1e-4, 1e-3, 3e-3, 1e-2, 1e-1):
+    ours = mean_step("fp32", 5e-3, scale)
+    fp16, official = mean_step("fp16", 5e-3, scale), mean_step("fp16", 1e-2, scale)
+    print(f"{scale:12.0e} | {fp16 / ours:24.2f} | {official / ours:.2f}")
+"""
+
+
+@nox.session
+def zo_adam_precision(session: nox.Session) -> None:
+    """Mean per-coordinate ZO-Adam step over 200 steps of Gaussian gradients (768-d): fp16
+    moments vs fp32, and the official setting (fp16, lr 1e-2) vs ours (fp32, lr 5e-3)."""
+    session.run(sys.executable, "-c", _ZO_ADAM_PRECISION)

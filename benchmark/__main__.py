@@ -1,9 +1,10 @@
 """`python -m benchmark method=ti subject=dog6 [model=tiny] [-m sweeps]` (Hydra).
 
 Exit status: 0 done; 1 the run failed, diverged, ran out of memory or is held by another
-process (its record.json says which); 2 bad input (one line on stderr, nothing trained);
+process (its record.json says which); 2 bad input (one line per bad value on stderr, nothing
+trained, nothing written; a sweep checks every job before the first starts: benchmark.preflight);
 128+N stopped by signal N during training (a checkpoint was written: the same command resumes).
-Unknown method/model/eval/experiment names are reported by Hydra with the available options.
+torch, diffusers and the other heavy libraries load only once a run starts.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from benchmark.run import USER_ERRORS, run
-from benchmark.train import TrainingInterrupted
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from benchmark.run import USER_ERRORS, run
+    from benchmark.train import TrainingInterrupted
+
     try:
         record = run(cfg)
     except USER_ERRORS as e:  # the message says what is wrong and how to fix it: no traceback
@@ -36,4 +37,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from benchmark.preflight import exit_on_bad_input
+
+    exit_on_bad_input(sys.argv[1:])
     main()

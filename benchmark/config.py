@@ -1,23 +1,33 @@
-"""Typed, validated run configuration: the method's dataclass schema, device, dtype, run key."""
+"""Typed, validated run configuration: the method's dataclass schema, device, dtype, run key.
+
+Light on imports (torch only when a device or dtype is asked for): planning and validating a sweep
+must not wait for the libraries a run needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from methods.base import ConfigError, MethodConfig
+from methods.errors import ConfigError
 from methods.registry import method_class
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Keys that say where things live, or how a run is displayed, not what it computes.
+if TYPE_CHECKING:
+    from methods.base import MethodConfig
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LOCK_NAME = ".lock"  # held (flock) by the process running the run directory
+# Keys that say where things live, or how a run is displayed, not what it computes. data.root is
+# kept (normalized): other images are another run.
 NOT_IN_RUN_KEY = (
-    "paths", "data", "skip_done", "device", "train.progress", "train.log_every", "train.checkpoint_every",
+    "paths", "data.download", "data.cache_dir", "skip_done", "device",
+    "train.progress", "train.log_every", "train.checkpoint_every",
     "method.class_images_dir",  # DreamBooth's class-image cache: a location
     "report",  # how an experiment's table is drawn (conf/experiment/*.yaml), not what a run computes
     "method.cache_dir",  # Hollowed Net's activation cache: a location
@@ -43,7 +53,10 @@ def config_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
     return ConfigError(f"{prefix}{e.full_key or ''}: {message}")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    """The torch.device ``name`` stands for; ConfigError if it does not exist here."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -55,8 +68,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def training_dtype(method_cfg: MethodConfig) -> torch.dtype:
-    return DTYPES[getattr(method_cfg, "precision", "fp32")]
+def training_dtype(method_cfg: MethodConfig):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[getattr(method_cfg, "precision", "fp32")])
 
 
 def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,5 +91,11 @@ def run_key(cfg: DictConfig) -> str:
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
+    if kept.get("data.root") is not None:  # the same folder however it is spelled
+        kept["data.root"] = str(Path(kept["data.root"]).expanduser().resolve())
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"seed{cfg.seed}-{digest}"
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)

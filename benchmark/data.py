@@ -150,7 +150,8 @@ def _unreadable(path: Path, e: Exception) -> ValueError:
 
 
 def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
-    """Sorted image files of ``subject`` under ``root``; each is checked to open as an image."""
+    """Sorted image files of ``subject`` under ``root``; each is decoded once, so a truncated or
+    corrupt file is named here, before a run starts (``verify()`` would not decode the data)."""
     name = subject.name if isinstance(subject, Subject) else subject
     folder = Path(root) / name
     paths = sorted(p for p in folder.iterdir() if _is_image_name(p)) if folder.is_dir() else []
@@ -160,11 +161,7 @@ def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
             "set data.root=<dir holding the 30 subject folders>"
         )
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except _PIL_ERRORS as e:
-            raise _unreadable(p, e) from None
+        _open_rgb(p)
     return paths
 
 

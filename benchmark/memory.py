@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -216,6 +217,27 @@ def show(csv: str | Path) -> None:
     print(table[columns].astype(str).apply(lambda col: col.str.slice(0, 60)).to_string(index=False))
 
 
+MEMORY_KEYS = ("format", "steps", "num_images", "csv", "measure", "predict")  # conf/memory.yaml's own
+
+
+def bad_values(cfg: DictConfig) -> list[str]:
+    """Every bad value of one configuration, one line each: checked for all of them before the
+    first is estimated (benchmark.preflight), so bad input exits 2 and writes nothing."""
+    from omegaconf import OmegaConf
+
+    from benchmark.schema import problems
+
+    run_part = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in MEMORY_KEYS])
+    found = problems(run_part, check_device=bool(cfg.measure), inputs=False)
+    if cfg.format not in FORMATS:
+        found.append(f"format={cfg.format!r}; choose one of: {', '.join(FORMATS)}")
+    if cfg.csv:
+        folder = next(p for p in Path(cfg.csv).expanduser().absolute().parents if p.exists())
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            found.append(f"csv={cfg.csv!r} cannot be written ({folder}); use a writable folder")
+    return found
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="memory")
 def main(cfg: DictConfig) -> None:
     ok = report(cfg)
@@ -224,4 +246,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from benchmark.preflight import exit_on_bad_input
+    from benchmark.sweep import Check
+
+    exit_on_bad_input(sys.argv[1:], "memory", Check(values=bad_values))
     main()

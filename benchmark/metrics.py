@@ -19,13 +19,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
-import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
 
 
 @dataclass
@@ -140,6 +137,8 @@ class Scorer:
 
 
 def _build_clip(cfg, weights: str | None):
+    import open_clip  # here, not at the top: validation must not wait for it
+
     if cfg.source == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -163,6 +162,9 @@ def _build_clip(cfg, weights: str | None):
 
 
 def _build_dino(cfg, weights: str | None):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
     # features = the CLS token after the final norm
     kwargs = dict(num_classes=0, global_pool="token", img_size=cfg.image_size)
     if cfg.source == "random":
@@ -183,6 +185,8 @@ def _build_dino(cfg, weights: str | None):
 
 
 def _clip_weights(cfg) -> str:
+    import open_clip
+
     what = f"CLIP {cfg.arch} ({cfg.pretrained})"
     if cfg.checkpoint:
         return _local_file(cfg.checkpoint, what, "eval.clip.checkpoint")
@@ -196,6 +200,8 @@ def _clip_weights(cfg) -> str:
 
 
 def _dino_weights(cfg) -> str:
+    import timm
+
     what = f"DINO {cfg.arch}"
     if cfg.checkpoint:
         return _local_file(cfg.checkpoint, what, "eval.dino.checkpoint")

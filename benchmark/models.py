@@ -8,6 +8,9 @@ Three kinds (``conf/model/*.yaml``, field ``kind``):
 
 Every kind gives the same :class:`Components`, frozen and in eval mode; methods unfreeze what
 they train. ``build_pipeline`` wraps components in a stock ``StableDiffusionPipeline``.
+
+diffusers and transformers are imported where a model is built, not here: validation
+(``locate_weights``) must answer before those libraries have loaded.
 """
 
 from __future__ import annotations
@@ -19,19 +22,14 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-import transformers
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from torch._guards import detect_fake_mode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 KINDS = ("hub", "tiny", "arch")
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -213,6 +211,9 @@ def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks
 
     # Real weights are drawn in fp32 and then rounded, so every dtype holds the same model.
     # Fake tensors (memory prediction) have no values and cannot be cast: build in ``dtype``.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     build_dtype = dtype if detect_fake_mode() is not None else torch.float32
     with torch.random.fork_rng(devices=[]), _default_dtype(build_dtype):
         torch.manual_seed(seed)
@@ -294,6 +295,10 @@ def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:
 
 
 def _load_hub(model_cfg, dtype: torch.dtype) -> tuple[CLIPTokenizer, Networks, DDPMScheduler]:
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     source, kwargs = locate_weights(model_cfg)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
@@ -320,6 +325,8 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
     if kind == "hub":
         tokenizer, networks, noise_scheduler = _load_hub(model_cfg, dtype)
     else:
+        from diffusers import DDPMScheduler
+
         from benchmark.tokenizer import clip_tokenizer
 
         tokenizer = clip_tokenizer()
@@ -336,6 +343,8 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
 
 def build_pipeline(components: Components) -> StableDiffusionPipeline:
     """A stock SD pipeline sharing ``components``' modules, with SD1.5's default PNDM sampler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     scheduler = PNDMScheduler.from_config(
         components.noise_scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
     )
@@ -350,6 +359,14 @@ def build_pipeline(components: Components) -> StableDiffusionPipeline:
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def cast_pipeline(pipeline: StableDiffusionPipeline, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Cast every floating tensor of the pipeline's networks to ``dtype``; integer tensors
+    (quantized codes, zero points) stay as they are."""
+    for module in (pipeline.text_encoder, pipeline.vae, pipeline.unet):
+        _freeze(module, dtype)
     return pipeline
 
 

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from benchmark.atomic import write_json_atomic
 
 RECORD_NAME = "record.json"
@@ -26,7 +24,14 @@ STATUSES = ("ok", "failed", "diverged", "oom")
 
 
 class CorruptRecord(ValueError):
-    """A record file that does not parse or lacks required fields; the message names its path."""
+    """A record file that does not parse or lacks required fields; the message names its path and
+    says what to do."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(
+            f"corrupt record {path}: {why}; delete it (the run is redone) or move it away to keep it"
+        )
+        self.path = path
 
 
 def new_record(**fields: Any) -> dict[str, Any]:
@@ -51,22 +56,31 @@ def read_record(path: str | Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CorruptRecord(f"corrupt record {path}: {e}") from e
+        raise CorruptRecord(path, str(e)) from e
     if not isinstance(record, dict):
-        raise CorruptRecord(f"corrupt record {path}: a JSON {type(record).__name__}, not an object")
+        raise CorruptRecord(path, f"a JSON {type(record).__name__}, not an object")
     missing = [k for k in REQUIRED_FIELDS if k not in record]
     if missing:
-        raise CorruptRecord(f"corrupt record {path}: missing fields {missing}")
+        raise CorruptRecord(path, f"missing fields {missing}")
     if record["status"] not in STATUSES:
-        raise CorruptRecord(f"corrupt record {path}: status {record['status']!r} not in {STATUSES}")
+        raise CorruptRecord(path, f"status {record['status']!r} not in {STATUSES}")
     return record
 
 
-def load_records(results_dir: str | Path) -> pd.DataFrame:
-    """All records under <results_dir>/runs as one DataFrame (one row per run, path column added)."""
+def load_records(results_dir: str | Path, corrupt: list[CorruptRecord] | None = None):
+    """All records under <results_dir>/runs as one DataFrame (one row per run, path column added).
+    A corrupt record raises CorruptRecord; with a ``corrupt`` list, it is appended there instead."""
+    import pandas as pd
+
     rows = []
     for path in sorted(Path(results_dir).glob(f"runs/**/{RECORD_NAME}")):
-        record = read_record(path)
+        try:
+            record = read_record(path)
+        except CorruptRecord as e:
+            if corrupt is None:
+                raise
+            corrupt.append(e)
+            continue
         record["path"] = str(path.parent)
         rows.append(record)
     return pd.DataFrame(rows, columns=None if rows else [*REQUIRED_FIELDS, "path"])

@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.records import load_records
-from benchmark.sweep import PlannedRun, plan_sweep, primary_config
+from benchmark.records import CorruptRecord, load_records
+from benchmark.sweep import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 CI_LEVEL = 0.95
@@ -144,30 +144,33 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
+def bad_input(message: str) -> InvalidSweep:
+    return InvalidSweep([JobProblem((), message)], 1)
+
+
 def experiment_name(arguments: Sequence[str]) -> str:
     names = [a.split("=", 1)[1] for a in arguments if a.startswith("experiment=")]
     if len(names) != 1:
         options = sorted(
             p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
         )
-        raise SystemExit(f"name one experiment: experiment=<{' | '.join(options)}>")
+        raise bad_input(f"name one experiment: experiment=<{' | '.join(options)}>")
     return names[0]
 
 
 def report_spec(cfg: DictConfig, name: str) -> dict[str, Any]:
     spec = OmegaConf.to_container(cfg.report, resolve=True) if cfg.get("report") else None
     if not spec or not spec.get("rows") or not spec.get("metrics"):
-        raise SystemExit(f"conf/experiment/{name}.yaml has no report.rows / report.metrics")
+        raise bad_input(f"conf/experiment/{name}.yaml has no report.rows / report.metrics")
     unknown = [m for m in spec["metrics"] if m not in METRICS]
     if unknown:
-        raise SystemExit(f"report.metrics {unknown} unknown; choose from: {', '.join(METRICS)}")
+        raise bad_input(f"report.metrics {unknown} unknown; choose from: {', '.join(METRICS)}")
     return spec
 
 
 def runs_frame(planned: Sequence[PlannedRun], rows: Sequence[str], results_dir: Path) -> pd.DataFrame:
     """One row per planned run: row values (from its config), subject, seed, state, record fields."""
-    records = load_records(results_dir)  # a corrupt record raises CorruptRecord naming its path
-    by_dir = {str(Path(p).resolve()): r for p, r in zip(records["path"], records.to_dict("records"))}
+    by_dir = records_by_dir(results_dir)
     out = []
     for run in planned:
         record = by_dir.get(str(run.run_dir.resolve()), {})
@@ -180,6 +183,17 @@ def runs_frame(planned: Sequence[PlannedRun], rows: Sequence[str], results_dir: 
     if frame.empty:
         raise SystemExit("the sweep has no runs")
     return frame
+
+
+def records_by_dir(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each record by its run directory; a corrupt one as state "corrupt" with its reason, listed
+    among the runs without a result rather than stopping the report."""
+    corrupt: list[CorruptRecord] = []
+    records = load_records(results_dir, corrupt)
+    by_dir = {str(Path(p).resolve()): r for p, r in zip(records["path"], records.to_dict("records"))}
+    for e in corrupt:
+        by_dir[str(e.path.parent.resolve())] = {"status": "corrupt", "error": str(e)}
+    return by_dir
 
 
 def row_keys(frame: pd.DataFrame, rows: Sequence[str]) -> list[tuple[str, ...]]:
@@ -386,7 +400,13 @@ def write_report(report: Report) -> list[Path]:
 
 
 def main(argv: Sequence[str]) -> int:
-    for path in write_report(build_report(argv)):
+    """Exit 2 on bad input (every bad value listed, one line each), 0 otherwise."""
+    try:
+        report = build_report(argv)
+    except InvalidSweep as e:
+        print("\n".join(e.lines()), file=sys.stderr)
+        return 2
+    for path in write_report(report):
         print(path)
     return 0
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from benchmark import data, models
 from benchmark.atomic import exclusive_lock, write_json_atomic, write_text_atomic
-from benchmark.config import flat, resolve_device, run_key, training_dtype
+from benchmark.config import LOCK_NAME, flat, resolve_device, run_dir_for, run_key, training_dtype
 from benchmark.generate import eval_prompts, generate_images
 from benchmark.metrics import MetricModelsUnavailable, Scorer
 from benchmark.profiling import TrainingMonitor
@@ -36,12 +36,7 @@ USER_ERRORS = (
     ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable, CorruptRecord,
 )  # fmt: skip
 BUSY = "busy"  # run()'s answer when another process holds the run: nothing is written
-LOCK_NAME = ".lock"  # held (flock) by the process running the run directory
 TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
-
-
-def run_dir_for(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)
 
 
 def is_oom(error: BaseException) -> bool:
@@ -160,10 +155,10 @@ def evaluate(
 ) -> dict[str, Any]:
     artifact = load_file(str(artifact_path))
     generation_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipeline = models.load_pipeline(cfg.model, device=device, dtype=generation_dtype)
     method = method_class(cfg.method.name)(method_cfg)
-    method.apply(pipeline, artifact)
+    pipeline = personalized_pipeline(cfg.model, method, artifact, device, generation_dtype)
     prompts = eval_prompts(subject, method, cfg.eval)
+    already_generated = len(list((run_dir / "images").glob("p*_*.png")))  # by a process that was killed
     t0 = time.perf_counter()
     paths = generate_images(pipeline, prompts, cfg.eval, cfg.seed, run_dir / "images")
     generation_seconds = time.perf_counter() - t0
@@ -185,8 +180,17 @@ def evaluate(
     return {
         "clip_t": scores.clip_t, "clip_i": scores.clip_i, "dino": scores.dino,
         "dino_inter": scores.dino_inter, "n_images": scores.n_images,
-        "generation_seconds": generation_seconds,
+        "generation_seconds": generation_seconds,  # this process's share only, as it_per_s after a resume
+        "generation_resumed_from_image": already_generated or None,  # images on disk when it started
     }  # fmt: skip
+
+
+def personalized_pipeline(model_cfg, method, artifact, device, dtype: torch.dtype):
+    """A stock pipeline with ``artifact`` applied, in ``dtype``. It is loaded in the dtype the
+    method's ``apply`` needs (fp32 for methods that re-quantize the base) and cast afterwards."""
+    pipeline = models.load_pipeline(model_cfg, device=device, dtype=method.apply_weights_dtype() or dtype)
+    method.apply(pipeline, artifact)
+    return models.cast_pipeline(pipeline, dtype)
 
 
 def run_real_images(cfg: DictConfig) -> dict[str, Any]:

@@ -11,16 +11,20 @@ model's tokenizer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmark import data, models
 from benchmark.config import config_error, method_config, resolve_device
+from benchmark.metrics import MetricModelsUnavailable
 from methods.base import ConfigError, MethodConfig, require
 
 MODES = ("personalize", "real")
@@ -28,6 +32,8 @@ MODEL_KINDS = ("hub", "tiny", "arch")
 DIFFUSERS_FOLDER = ("model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CLIP_SOURCES = ("open_clip", "random")
 DINO_SOURCES = ("timm", "random")
+# Bad input: the user fixes it (a value, a path, a download); a run never records it.
+INPUT_ERRORS = (ConfigError, data.DatasetUnavailable, models.WeightsUnavailable, MetricModelsUnavailable)
 
 
 def _is_null_or_at_least_1(value: int | None) -> bool:
@@ -170,7 +176,10 @@ class EvalSchema:
         require(
             self.num_inference_steps >= 1, f"eval.num_inference_steps={self.num_inference_steps} must be >= 1"
         )
-        require(self.guidance_scale >= 0, f"eval.guidance_scale={self.guidance_scale} must be >= 0")
+        require(
+            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"eval.guidance_scale={self.guidance_scale} must be a finite number >= 0",
+        )
         require(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
         require(
             self.dino_inter.images >= 2,
@@ -184,19 +193,14 @@ class EvalSchema:
 
 
 @dataclass
-class RunSchema:
+class RunScalars:
+    """The top-level values of a run config (its sections are checked by their own schemas)."""
+
     mode: str = "personalize"
     subject: str = "dog6"
     seed: int = 0
     device: str = "auto"
     skip_done: bool = True
-    data: DataSchema = MISSING
-    paths: PathsSchema = MISSING
-    train: TrainSchema = MISSING
-    model: ModelSchema = MISSING
-    eval: EvalSchema = MISSING
-    method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
-    report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
 
     def __post_init__(self) -> None:
         _require_choice("mode", self.mode, MODES)
@@ -209,13 +213,34 @@ class RunSchema:
 
 
 @dataclass
+class RunSchema(RunScalars):
+    data: DataSchema = MISSING
+    paths: PathsSchema = MISSING
+    train: TrainSchema = MISSING
+    model: ModelSchema = MISSING
+    eval: EvalSchema = MISSING
+    method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
+    report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
+
+
+SECTIONS = {
+    "data": DataSchema,
+    "paths": PathsSchema,
+    "train": TrainSchema,
+    "model": ModelSchema,
+    "eval": EvalSchema,
+}
+NOT_SCALARS = (*SECTIONS, "method", "report")
+
+
+@dataclass
 class ValidRun:
     """What ``validate`` established: everything ``benchmark.run`` needs before loading a model."""
 
     cfg: RunSchema
     method: MethodConfig | None  # None in mode=real
     subject: data.Subject
-    device: torch.device
+    device: Any  # torch.device
     image_paths: list[Path] = field(default_factory=list)
 
 
@@ -228,29 +253,165 @@ def typed_config(cfg: DictConfig) -> RunSchema:
         raise config_error(e) from None
 
 
-def validate(cfg: DictConfig) -> ValidRun:
-    """Check the whole run configuration and its inputs on disk; raise ConfigError (or
-    DatasetUnavailable / MetricModelsUnavailable) naming the first bad value. Loads no model."""
-    from benchmark.metrics import check_weights_available
-
-    run_cfg = typed_config(cfg)
-    method_cfg = None
-    if run_cfg.mode == "personalize":
-        method_cfg = method_config(cfg)
-        check_method_against_model(method_cfg, run_cfg.model)
-    device = resolve_device(run_cfg.device)
-    subject = data.get_subject(run_cfg.subject)
-    root = data.resolve_dataset_root(run_cfg.data.root, run_cfg.data.download, run_cfg.data.cache_dir)
+def typed_scalars(scalars: dict[str, Any]) -> RunScalars:
+    """The top-level values as RunScalars: directly when every value has its field's type (a
+    sweep's thousand jobs), through OmegaConf otherwise (its conversions and messages)."""
+    types = {f.name: f.type for f in fields(RunScalars)}  # strings: `from __future__ import annotations`
+    exact = all(k in types and type(v).__name__ == types[k] for k, v in scalars.items())
+    if exact:
+        return RunScalars(**scalars)
     try:
-        image_paths = data.subject_image_paths(root, subject)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunScalars), scalars))
+    except OmegaConfBaseException as e:
+        raise config_error(e) from None
+
+
+def section_problems(cfg: DictConfig) -> list[str]:
+    """The first bad value of every section (``typed_config`` stops at the first section)."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        return [str(config_error(e))]
+    scalars = {k: v for k, v in values.items() if k not in NOT_SCALARS}
+    parts = [(RunScalars, scalars, "")] + [(schema, values.get(k), f"{k}.") for k, schema in SECTIONS.items()]
+    found = []
+    for schema, section, prefix in parts:
+        try:
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section or {}))
+        except OmegaConfBaseException as e:
+            found.append(str(config_error(e, prefix)))
+        except ConfigError as e:
+            found.append(str(e))
+    return found
+
+
+def check_results_writable(results: str) -> None:
+    """``paths.results`` is, or can be made, a folder this process writes into (nothing is created)."""
+    path = Path(results).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    require(
+        existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+        f"paths.results={results!r} cannot be written ({existing} is "
+        f"{'not writable' if existing.is_dir() else 'not a folder'}); pass paths.results=<a writable folder>",
+    )
+
+
+class DiskChecks:
+    """The checks that read the disk or ask the network, each done once per distinct input: a
+    700-run sweep checks its 30 subjects' images once each."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple, tuple[Any, Exception | None]] = {}
+
+    def once(self, key: tuple, check, *args) -> Any:
+        if key not in self.done:
+            try:
+                self.done[key] = (check(*args), None)
+            except INPUT_ERRORS as e:
+                self.done[key] = (None, e)
+        result, error = self.done[key]
+        if error is not None:
+            raise error
+        return result
+
+
+def subject_images(data_cfg: DataSchema, subject: data.Subject) -> list[Path]:
+    """The subject's image files, every one decoded; ConfigError naming the folder or the file."""
+    root = data.resolve_dataset_root(data_cfg.root, data_cfg.download, data_cfg.cache_dir)
+    try:
+        return data.subject_image_paths(root, subject)
     except ValueError as e:  # no images, or an unreadable one: the message names the folder or file
         raise ConfigError(str(e)) from None
-    if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":
-        models.locate_weights(cfg.model)  # no weights: one line saying how to get them, now
-    check_weights_available(cfg.eval)
-    if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
-        check_placeholder_token(method_cfg.placeholder_token, run_cfg.model)
-    return ValidRun(run_cfg, method_cfg, subject, device, image_paths)
+
+
+class Checker:
+    """Runs the checks of a run config in order. ``collect=False`` (``validate``): raise the first
+    problem. ``collect=True`` (a sweep): note every problem, one line each, and carry on."""
+
+    def __init__(
+        self, collect: bool, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+    ):
+        self.collect, self.disk, self.check_device = collect, disk or DiskChecks(), check_device
+        self.inputs = inputs  # False: the values alone, not the images, weights and tokenizer
+        self.found: list[str] = []
+
+    def attempt(self, check, *args) -> Any:
+        try:
+            return check(*args)
+        except INPUT_ERRORS as e:
+            if not self.collect:
+                raise
+            self.found.append(str(e))
+            return None
+
+    def typed_config(self, cfg: DictConfig) -> RunSchema:
+        """``typed_config``, its sections merged once per distinct value: the jobs of a sweep
+        differ mostly in subject and seed, and a merge into the schema costs milliseconds."""
+        values = OmegaConf.to_container(cfg, resolve=True)
+        shared = {k: v for k, v in values.items() if k in NOT_SCALARS}
+        key = ("typed", json.dumps(shared, sort_keys=True, default=str))
+        sections = self.disk.once(key, typed_config, OmegaConf.create(shared))
+        top = typed_scalars({k: v for k, v in values.items() if k not in NOT_SCALARS})
+        return dataclasses.replace(sections, **{f.name: getattr(top, f.name) for f in fields(RunScalars)})
+
+    def method_config(self, cfg: DictConfig) -> MethodConfig:
+        key = ("method", json.dumps(OmegaConf.to_container(cfg.method, resolve=True), default=str))
+        return self.disk.once(key, method_config, cfg)
+
+    def run(self, cfg: DictConfig) -> ValidRun | None:
+        run_cfg = self.attempt(self.typed_config, cfg)
+        if run_cfg is None:  # name the first bad value of every section, not only of the first
+            self.found[:] = section_problems(cfg) or self.found
+        method_cfg = self.attempt(self.method_config, cfg) if cfg.get("mode") == "personalize" else None
+        if run_cfg is None:
+            return None
+        if method_cfg is not None:
+            self.attempt(check_method_against_model, method_cfg, run_cfg.model)
+        device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
+        self.attempt(check_results_writable, run_cfg.paths.results)
+        if not self.inputs:
+            subject = data.get_subject(run_cfg.subject)
+            return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
+        if run_cfg.mode == "personalize" and run_cfg.model.kind == "hub":  # weights first: the big download
+            key = ("weights", OmegaConf.to_yaml(cfg.model, resolve=True))
+            self.attempt(self.disk.once, key, models.locate_weights, cfg.model)
+        key = ("metric weights", OmegaConf.to_yaml(cfg.eval, resolve=True))
+        self.attempt(self.disk.once, key, check_metric_weights, cfg.eval)
+        subject = data.get_subject(run_cfg.subject)
+        image_paths = None
+        if run_cfg.data.root is not None or not self.found:  # no dataset download for a doomed run
+            key = ("images", str(run_cfg.data), subject.name)
+            image_paths = self.attempt(self.disk.once, key, subject_images, run_cfg.data, subject)
+        if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
+            key = ("token", method_cfg.placeholder_token, OmegaConf.to_yaml(cfg.model, resolve=True))
+            self.attempt(
+                self.disk.once, key, check_placeholder_token, method_cfg.placeholder_token, run_cfg.model
+            )
+        if self.found:
+            return None
+        return ValidRun(run_cfg, method_cfg, subject, device, image_paths or [])
+
+
+def validate(cfg: DictConfig) -> ValidRun:
+    """Check the whole run configuration and its inputs on disk; raise ConfigError (or
+    DatasetUnavailable / WeightsUnavailable / MetricModelsUnavailable) naming the first bad value.
+    Loads no model."""
+    return Checker(collect=False).run(cfg)
+
+
+def problems(
+    cfg: DictConfig, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+) -> list[str]:
+    """Every bad value of a run config, one line each (empty: the run can start)."""
+    checker = Checker(collect=True, disk=disk, check_device=check_device, inputs=inputs)
+    checker.run(cfg)
+    return checker.found
+
+
+def check_metric_weights(eval_cfg) -> None:
+    from benchmark.metrics import check_weights_available
+
+    check_weights_available(eval_cfg)
 
 
 def check_method_against_model(method_cfg: MethodConfig, model: ModelSchema) -> None:

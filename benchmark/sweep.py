@@ -15,7 +15,10 @@ checkpoint) or *pending* (not started).
 
 The expansion reuses Hydra 1.3's own pieces (BasicSweeper.split_arguments and the config
 loader's override step), so the planned directories are the ones the jobs write to
-(tests/test_sweep.py checks this).
+(tests/test_sweep.py checks this). Planning validates every job (benchmark.schema.problems)
+before anything runs: a typo on the last value of an axis fails the sweep at once, every bad
+value on its own line (:class:`InvalidSweep`), not after days of training. A corrupt record is
+listed as *corrupt*, with its path, and counted: it never stops a status query or a report.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import copy
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +39,20 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from benchmark.atomic import exclusive_lock
-from benchmark.config import flat
+from benchmark.config import LOCK_NAME, flat, run_dir_for
 from benchmark.records import RECORD_NAME, CorruptRecord, read_record
-from benchmark.run import LOCK_NAME, run_dir_for
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 NAMED = ("method", "model", "eval")  # config groups whose record field is the chosen name
+STATES = ("done", "running", "failed", "corrupt", "pending")
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra raises on a bad override
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,68 @@ def job_overrides(params: Mapping[str, Any] | None, arguments: Sequence[str]) ->
     """The jobs Hydra's basic sweeper makes: `hydra.sweeper.params`, then the command line (which
     wins for a key given in both), expanded into their product."""
     params_conf = [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
-    overrides = OverridesParser.create().parse_overrides(params_conf)
+    overrides = parse_overrides(params_conf)
     (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
     return jobs
 
 
+def parse_overrides(arguments: Sequence[str]) -> list[Override]:
+    """Hydra's parse, one argument at a time, so that a syntax error names its argument."""
+    parser = OverridesParser.create()
+    parsed = []
+    for argument in arguments:
+        try:
+            parsed += parser.parse_overrides([argument])
+        except HydraException as e:
+            raise InvalidSweep([JobProblem((), f"{argument}: {hydra_message(e)}")], 1) from None
+    return parsed
+
+
 def single_valued(arguments: Sequence[str]) -> list[str]:
     """The overrides that are not comma lists: only they compose a single config."""
-    parsed = OverridesParser.create().parse_overrides(list(arguments))
+    parsed = parse_overrides(arguments)
     return [arg for arg, o in zip(arguments, parsed) if not o.is_sweep_override()]
+
+
+def hydra_message(error: BaseException) -> str:
+    """Hydra's or OmegaConf's complaint on one line, its list of options kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = lines[: lines.index("Config search path:")] if "Config search path:" in lines else lines
+    head = lines[0].removeprefix("In 'config': ")
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        return f"{head}; choose one of: {', '.join(lines[2:])}"
+    cause = error.__cause__
+    because = f" ({str(cause).splitlines()[0]})" if isinstance(cause, OmegaConfBaseException) else ""
+    return " ".join([head, *lines[1:]]) + because
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    overrides: tuple[str, ...]  # the job's overrides; () for the command line as a whole
+    message: str  # names the key, the value and what is allowed
+
+
+class InvalidSweep(ValueError):
+    """Bad input in a sweep, found before any job starts: each problem once, with a job that has it."""
+
+    def __init__(self, problems: Sequence[JobProblem], n_jobs: int, axes: Sequence[str] = ()):
+        self.problems, self.n_jobs = list(problems), n_jobs
+        self.axes = set(axes)  # the keys whose value differs between jobs: what tells a job apart
+        super().__init__("\n".join(self.lines()))
+
+    def shown(self, job: tuple[str, ...]) -> str:
+        return " ".join(o for o in job if not self.axes or o.split("=", 1)[0] in self.axes)
+
+    def lines(self) -> list[str]:
+        by_message: dict[str, list[tuple[str, ...]]] = {}
+        for p in self.problems:
+            by_message.setdefault(p.message, []).append(p.overrides)
+        lines = []
+        for message, jobs in by_message.items():
+            where = f"job ({self.shown(jobs[0])}): " if jobs[0] and self.n_jobs > 1 else ""
+            also = f" [and {len(jobs) - 1} more of the {self.n_jobs} jobs]" if len(jobs) > 1 else ""
+            lines.append(f"error: {where}{message}{also}")
+        return lines
 
 
 @contextlib.contextmanager
@@ -92,40 +151,115 @@ def is_group_override(override: Override) -> bool:
     return override.package is not None or key.startswith("hydra") or (CONF_DIR / key).is_dir()
 
 
-def plan_jobs(jobs: Sequence[Sequence[str]], config_name: str = "config") -> list[PlannedRun]:
-    """Each job's run directory. Hydra composes a job as (config files chosen by the group
-    overrides) + (value overrides applied on top); composing once per distinct choice of files
-    makes a 700-run sweep cost seconds, not minutes."""
-    parser = OverridesParser.create()
-    composed: dict[tuple[str, ...], DictConfig] = {}
-    planned = []
+@dataclass(frozen=True)
+class Check:
+    """How a sweep's jobs are validated, each a composed job -> its problems, one line each:
+    ``values`` for every job first (fast: a typo answers in seconds), then, only if no job has a
+    bad value, ``inputs`` (images decoded, weights located: what a run reads)."""
+
+    values: Callable[[DictConfig], list[str]]
+    inputs: Callable[[DictConfig], list[str]] | None = None
+
+
+def run_checks(check_device: bool = True, inputs: bool = True) -> Check:
+    """benchmark.schema.problems, with the disk checks shared by all jobs of a sweep; without
+    ``inputs``, the values alone (a status query or a report needs no images, weights or GPU)."""
+    from benchmark.schema import DiskChecks, problems
+
+    disk = DiskChecks()
+    return Check(
+        values=lambda cfg: problems(cfg, disk, check_device, inputs=False),
+        inputs=(lambda cfg: problems(cfg, disk, check_device, inputs=True)) if inputs else None,
+    )
+
+
+def plan_jobs(
+    jobs: Sequence[Sequence[str]], config_name: str = "config", check: Check | None = None
+) -> list[PlannedRun]:
+    """Each job's run directory; every job composed, and with ``check`` validated, first
+    (``InvalidSweep`` lists each bad value). Hydra composes a job as (config files chosen by the
+    group overrides) + (value overrides applied on top); composing once per distinct choice of
+    files makes a 700-run sweep cost seconds, not minutes."""
+    composed: dict[tuple[str, ...], DictConfig | JobProblem] = {}
+    good: list[tuple[tuple[str, ...], DictConfig]] = []
+    bad: list[JobProblem] = []
     with hydra_context():
         for job in jobs:
-            overrides = parser.parse_overrides(list(job))
+            try:
+                overrides = parse_overrides(job)
+            except InvalidSweep as e:
+                bad += [JobProblem(tuple(job), p.message) for p in e.problems]
+                continue
             files = tuple(line for line, o in zip(job, overrides) if is_group_override(o))
             if files not in composed:
-                composed[files] = compose(config_name, overrides=list(files))
+                try:
+                    composed[files] = compose(config_name, overrides=list(files))
+                except COMPOSE_ERRORS as e:
+                    composed[files] = JobProblem(files, hydra_message(e))
+            if isinstance(composed[files], JobProblem):
+                bad.append(JobProblem(tuple(job), composed[files].message))
+                continue
             cfg = copy.deepcopy(composed[files])
-            ConfigLoaderImpl._apply_overrides_to_config(
-                [o for o in overrides if not is_group_override(o)], cfg
-            )
-            planned.append(
-                PlannedRun(tuple(job), run_dir_for(cfg), flat(OmegaConf.to_container(cfg, resolve=True)))
-            )
-    return planned
+            try:
+                ConfigLoaderImpl._apply_overrides_to_config(
+                    [o for o in overrides if not is_group_override(o)], cfg
+                )
+            except COMPOSE_ERRORS as e:
+                bad.append(JobProblem(tuple(job), hydra_message(e)))
+                continue
+            found = check.values(cfg) if check else []
+            bad += [JobProblem(tuple(job), message) for message in found]
+            if not found:
+                good.append((tuple(job), cfg))
+    if not bad and check and check.inputs:
+        bad = [JobProblem(job, message) for job, cfg in good for message in check.inputs(cfg)]
+    if bad:
+        raise InvalidSweep(bad, len(jobs), sweep_axes(jobs))
+    return [
+        PlannedRun(job, run_dir_for(cfg), flat(OmegaConf.to_container(cfg, resolve=True)))
+        for job, cfg in good
+    ]
 
 
-def primary_config(arguments: Sequence[str]) -> DictConfig:
+def sweep_axes(jobs: Sequence[Sequence[str]]) -> list[str]:
+    """The override keys whose value is not the same in every job."""
+    values: dict[str, set[str]] = {}
+    in_jobs: Counter = Counter()
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+            in_jobs[key] += 1
+    return [k for k, v in values.items() if len(v) > 1 or in_jobs[k] < len(jobs)]
+
+
+def primary_config(arguments: Sequence[str], config_name: str = "config") -> DictConfig:
     """The config of `python -m benchmark -m <arguments>` before the sweep is expanded (with the
     `hydra` node: its sweeper params), composed from the non-sweep overrides."""
     with hydra_context():
-        return compose("config", overrides=single_valued(arguments), return_hydra_config=True)
+        try:
+            return compose(config_name, overrides=single_valued(arguments), return_hydra_config=True)
+        except COMPOSE_ERRORS as e:
+            raise InvalidSweep([JobProblem((), hydra_message(e))], 1) from None
 
 
-def plan_sweep(arguments: Sequence[str]) -> list[PlannedRun]:
-    """Every run of `python -m benchmark -m <arguments>`, with the directory its record lands in."""
-    params = primary_config(arguments).hydra.sweeper.params
-    return plan_jobs(job_overrides(OmegaConf.to_container(params) if params else None, arguments))
+def plan_sweep(
+    arguments: Sequence[str], config_name: str = "config", check: Check | None | str = "values"
+) -> list[PlannedRun]:
+    """Every run of `python -m benchmark -m <arguments>`, with the directory its record lands in;
+    every job validated first (InvalidSweep: bad input, one line per value) by ``check``:
+    "values" (the config values: enough to plan, report or count), "run" (also the images, weights
+    and device a run needs; a job for another machine, SLURM, is not checked against this
+    machine's devices), another Check, or None (compose only)."""
+    primary = primary_config(arguments, config_name)
+    params = primary.hydra.sweeper.params
+    if check == "values":
+        check = run_checks(check_device=False, inputs=False)
+    elif check == "run":
+        local = "basic_launcher" in str(OmegaConf.select(primary, "hydra.launcher._target_", default=""))
+        check = run_checks(check_device=local)
+    jobs = job_overrides(OmegaConf.to_container(params) if params else None, arguments)
+    return plan_jobs(jobs, config_name, check)
 
 
 def run_state(directory: Path, probe_lock: bool = False) -> str:
@@ -133,7 +267,10 @@ def run_state(directory: Path, probe_lock: bool = False) -> str:
     holds is *interrupted* (the probe takes the lock for an instant: for a status query only)."""
     record_path = directory / RECORD_NAME
     if record_path.exists():
-        return "done" if read_record(record_path)["status"] == "ok" else "failed"
+        try:
+            return "done" if read_record(record_path)["status"] == "ok" else "failed"
+        except CorruptRecord:
+            return "corrupt"
     if not (directory / "config.yaml").exists():
         return "pending"
     if probe_lock and (directory / LOCK_NAME).exists():
@@ -150,6 +287,7 @@ def progress_line(counts: Counter) -> str:
     total = sum(counts.values())
     done, running, failed, pending = (counts[s] for s in ("done", "running", "failed", "pending"))
     line = f"{done}/{total} done, {running} running, {failed} failed, {pending} pending"
+    line += f", {counts['corrupt']} corrupt records (delete or move them)" if counts["corrupt"] else ""
     return line + (f", {counts['interrupted']} interrupted (resumable)" if counts["interrupted"] else "")
 
 
@@ -166,7 +304,7 @@ class SweepProgress(Callback):
             jobs = job_overrides(
                 OmegaConf.to_container(params) if params else None, config.hydra.overrides.task
             )
-            self.runs = plan_jobs(jobs, config.hydra.job.config_name)
+            self.runs = plan_jobs(jobs, config.hydra.job.config_name)  # validated before Hydra started
             counts = count_states(self.runs)  # no lock probing: another sweep's job may be starting
         except Exception as e:  # progress is a courtesy: it never stops a sweep
             log.warning("sweep progress unavailable: %s", e)
@@ -187,19 +325,34 @@ class SweepProgress(Callback):
             return
         try:
             log.info("%s: %s", what, progress_line(count_states(self.runs)))
-        except (CorruptRecord, OSError) as e:
+        except OSError as e:
             log.warning("sweep progress unavailable: %s", e)
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m benchmark.sweep experiment=table1 [overrides]`: counts, then each unfinished run."""
-    runs = plan_sweep(argv)
+    """`python -m benchmark.sweep experiment=table1 [overrides]`: counts, then each unfinished run.
+    Exit 2 on bad input (every bad value listed), 0 otherwise."""
+    try:
+        runs = plan_sweep(argv)
+    except InvalidSweep as e:
+        print("\n".join(e.lines()), file=sys.stderr)
+        return 2
     states = [(r, run_state(r.run_dir, probe_lock=True)) for r in runs]
     print(f"{len(runs)} runs: {progress_line(Counter(s for _, s in states))}")
     for r, state in states:
         if state != "done":
             print(f"  {state:11s} {r.run_dir}  ({' '.join(r.overrides)})")
+        if state == "corrupt":
+            print(f"              {corrupt_reason(r.run_dir)}")
     return 0
+
+
+def corrupt_reason(directory: Path) -> str:
+    try:
+        read_record(directory / RECORD_NAME)
+    except CorruptRecord as e:
+        return str(e)
+    return ""
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,15 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmark.atomic import atomic_path
+from methods.errors import ConfigError, require
 
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the value and what is allowed."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+__all__ = ["ConfigError", "Method", "MethodConfig", "require"]
 
 
 @dataclasses.dataclass
@@ -48,6 +43,12 @@ class MethodConfig:
     resolution: int = 512
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # lr=inf would diverge at step 1: no knob may be inf or nan
+            value = getattr(self, f.name)
+            require(
+                not isinstance(value, float) or math.isfinite(value),
+                f"method.{f.name}={value} must be a finite number",
+            )
         require(self.steps >= 1, f"method.steps={self.steps} must be >= 1")
         require(self.lr >= 0, f"method.lr={self.lr} must be >= 0")
         require(self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1")
@@ -92,6 +93,14 @@ class Method(abc.ABC):
         """How prompts name the subject: "<tok>" for token methods, "sks dog" otherwise."""
 
     # -- defaults the harness uses -----------------------------------------------------
+    def apply_weights_dtype(self) -> torch.dtype | None:
+        """The dtype the stock pipeline's weights must have when ``apply`` runs; None: the
+        generation dtype. A method that re-quantizes the base model (PEQA, TuneQDM, QLoRA on
+        NF4) asks for fp32, so that it quantizes the weights it was trained on (fp16 weights
+        round to different integer codes); the harness then casts the pipeline to the
+        generation dtype (``benchmark.models.cast_pipeline``)."""
+        return None
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named trainable tensors (checkpointed; counted in the record)."""
         return {}

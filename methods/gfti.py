@@ -6,17 +6,25 @@ matrix (PCA of all its rows, before the placeholder is added). A candidate x in 
 token e0 + x P, e0 = the initializer's embedding (the class noun). CMA-ES (the ``cma``
 package) starts at x = 0 with step size sigma.
 
-One harness step = one CMA-ES generation: ``popsize`` candidates, each scored by one forward
-pass of the text encoder and U-Net on the step's batch (the same image, timestep, noise and
-prompt for the whole generation: common random numbers, so the ranking compares candidates,
-not noise draws), then ``tell``. ``method.steps`` counts generations: the ZOODiP paper's
-13,000 GF-TI "steps" at 0.74 it/s (Table 2, 293 min) fit a generation of 20 forward passes
-better than a single evaluation (see conf/method/gfti.yaml).
+One harness step = one CMA-ES generation of ``popsize`` candidates, then ``tell``. How a
+candidate is scored is ``protocol``:
+
+- ``official`` (feizc's train_inversion.py, the default): the mean loss over every training
+  image x ``repeats`` (5), in shuffled batches of ``repeats``, each sample with a random
+  horizontal flip (p = 0.5), template, VAE posterior sample and noise drawn afresh for every
+  candidate; one timestep per batch position, drawn once per generation and shared by all
+  candidates. The token is e0 + mean + x P (sklearn's ``PCA.inverse_transform`` adds the
+  vocabulary mean), and the artifact is the best candidate of the last generation.
+- ``ours``: one image, timestep, noise and prompt per generation shared by all candidates
+  (common random numbers, one forward pass per candidate), token e0 + x P (x = 0 is the
+  class noun), artifact = the CMA-ES mean (cma's ``xfavorite``).
+
+The initial token e0 is the class noun's embedding in both (feizc: a unit-norm vector from a
+parameter-free cross-attention of CLIP image features over ImageNet class names, which needs
+a full CLIP model at training time: not reproduced, see conf/method/gfti.yaml).
 
 CMA-ES draws its normal samples from the step's generator (the ``randn`` option), so a run
-is reproducible; the whole CMA-ES object is pickled into the checkpoint. The artifact is the
-distribution mean (cma's ``xfavorite``, its estimate for noisy objectives), written into the
-placeholder's embedding row after every generation.
+is reproducible; the whole CMA-ES object is pickled into the checkpoint.
 
 Not FakeTensorMode-compatible: CMA-ES needs the losses as real numbers.
 """
@@ -26,29 +34,43 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
-import cma
 import numpy as np
 import torch
 
 from methods.base import require
-from methods.diffusion import denoising_loss
+from methods.diffusion import denoising_loss, noisy_latents, randn, token_ids
+from methods.latent_cache import release_weights
+from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks
 from methods.token_method import TokenConfig, TokenMethod
+
+PROTOCOLS = ("official", "ours")
 
 
 @dataclasses.dataclass
 class GFTIConfig(TokenConfig):
     quantize: str = "none"
+    quantize_scope: str = "all"
+    int4_scheme: str = "affine_group128"
     subspace_dim: int = 256
     popsize: int = 20
     sigma: float = 1.0
+    protocol: str = "official"
+    repeats: int = 5
+    flip_p: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_quantize(self.quantize)
+        check_quantize(self.quantize, self.int4_scheme, self.quantize_scope)
         require(self.subspace_dim >= 1, f"method.subspace_dim={self.subspace_dim} must be >= 1")
         require(self.popsize >= 2, f"method.popsize={self.popsize} must be >= 2 (CMA-ES ranks candidates)")
         require(self.sigma > 0, f"method.sigma={self.sigma} must be > 0")
+        require(
+            self.protocol in PROTOCOLS,
+            f"method.protocol={self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}",
+        )
+        require(self.repeats >= 1, f"method.repeats={self.repeats} must be >= 1")
+        require(0 <= self.flip_p <= 1, f"method.flip_p={self.flip_p} must be in [0, 1]")
 
 
 def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,57 +101,127 @@ class GradientFreeTI(TokenMethod):
         vocabulary = components.text_encoder.get_input_embeddings().weight
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
         self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
+        # official: PCA.inverse_transform adds the vocabulary mean to x P
+        mean = vocabulary.detach().double().mean(dim=0)
+        self.offset = mean if cfg.protocol == "official" else torch.zeros_like(mean)
         self.token_id = self.add_token(components, subject)
-        quantize_networks(components, cfg.quantize)
+        quantize_networks(components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
         self.initial_token = self.embeddings[self.token_id].detach().double().clone()
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
+        import cma  # here, not at the top: it loads matplotlib, and validation must not wait for it
+
         self.es = cma.CMAEvolutionStrategy(np.zeros(self.subspace_dim), cfg.sigma, options)
+        self.best_x = np.zeros(self.subspace_dim)  # official: the best candidate of the last generation
+        self.num_images = 0  # official: set by precompute
+
+    def precompute(self, images, seed, steps) -> None:
+        """official: the VAE posterior (mean, std) of every image and of its mirror image, once;
+        each sample then draws its latent from it (the same draw as encoding it again)."""
+        if self.cfg.protocol != "official":
+            return super().precompute(images, seed, steps)  # cache_latents (methods/latent_cache.py)
+        vae = self.c.vae
+        self.num_images = len(images)
+        with torch.no_grad():
+            dists = [
+                vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
+                for pixels in torch.cat([images, images.flip(-1)])
+            ]
+        self.posterior_mean = torch.cat([d.mean for d in dists])
+        self.posterior_std = torch.cat([d.std for d in dists])
+        if self.cfg.cache_latents:
+            release_weights(vae)  # the posteriors are all that training needs of it
 
     def token_from(self, x) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=self.basis.device)
-        return self.initial_token + x @ self.basis
+        return self.initial_token + self.offset + x @ self.basis
+
+    def saved_x(self):
+        return self.best_x if self.cfg.protocol == "official" else self.es.mean
 
     def _write_token(self, token: torch.Tensor) -> None:
         self.embeddings[self.token_id] = token.to(self.embeddings.dtype)
 
     def step(self, batch, step):
-        c, g = self.c, batch["generator"]
+        g = batch["generator"]
         with torch.no_grad():
-            z_t, t, target, ids = self.denoising_inputs(batch)
             self.randn.generator = g
             try:
                 candidates = self.es.ask()
             finally:
                 self.randn.generator = None
-            losses = []
-            for x in candidates:
-                self._write_token(self.token_from(x))
-                losses.append(denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target).float())
-            losses = torch.stack(losses).cpu()
+            losses = torch.stack(
+                self._official_losses(candidates, g)
+                if self.cfg.protocol == "official"
+                else self._shared_batch_losses(candidates, batch)
+            ).cpu()
             self.es.tell(candidates, losses.double().numpy().tolist())
-            self._write_token(self.token_from(self.es.mean))
+            self.best_x = np.asarray(candidates[int(losses.argmin())])
+            self._write_token(self.token_from(self.saved_x()))
         return {"loss": losses.mean(), "best_loss": losses.min(), "sigma": float(self.es.sigma)}
 
-    def trainable_parameters(self):
-        return {}  # CMA-ES state, not tensors: see checkpoint()
+    def _shared_batch_losses(self, candidates, batch) -> list[torch.Tensor]:
+        """ours: every candidate on the step's image, timestep, noise and prompt."""
+        c = self.c
+        z_t, t, target, ids = self.denoising_inputs(batch)
+        losses = []
+        for x in candidates:
+            self._write_token(self.token_from(x))
+            losses.append(denoising_loss(c.unet, z_t, t, c.text_encoder(ids)[0], target).float())
+        return losses
+
+    def _official_losses(self, candidates, g) -> list[torch.Tensor]:
+        """feizc's ``calculate_mse_loss``: all images x repeats, fresh draws per candidate, one
+        timestep per batch position shared by the generation."""
+        if not self.num_images:
+            raise RuntimeError("protocol=official scores every training image: call precompute() first")
+        c, cfg = self.c, self.cfg
+        num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, num_train_timesteps, (cfg.repeats,), generator=g)
+        image_of_item = torch.arange(self.num_images).repeat(cfg.repeats)
+        losses = []
+        for x in candidates:
+            self._write_token(self.token_from(x))
+            order = torch.randperm(len(image_of_item), generator=g)
+            flipped = torch.rand(len(image_of_item), generator=g) < cfg.flip_p
+            batches = order.split(cfg.repeats)
+            total = 0.0
+            for items in batches:
+                posterior = (image_of_item[items] + self.num_images * flipped[items]).to(c.device)
+                mean, std = self.posterior_mean[posterior], self.posterior_std[posterior]
+                latents = (
+                    mean + std * randn(mean.shape, g, mean.device, mean.dtype)
+                ) * c.vae.config.scaling_factor
+                z_t, target = noisy_latents(c.noise_scheduler, latents, t[: len(items)], g)
+                ids = token_ids(c.tokenizer, sample_prompts(cfg.placeholder_token, len(items), g), c.device)
+                hidden = c.text_encoder(ids)[0]
+                total = total + denoising_loss(c.unet, z_t, t[: len(items)], hidden, target).float()
+            losses.append(total / len(batches))
+        return losses
 
     def checkpoint(self):
-        return {"es": pickle.dumps(self.es)}
+        return {"es": pickle.dumps(self.es), "best_x": torch.as_tensor(self.best_x)}
 
     def restore(self, state) -> None:
         self.es = pickle.loads(state["es"])
         self.randn = self.es.opts["randn"]
+        self.best_x = state["best_x"].numpy()
         with torch.no_grad():
-            self._write_token(self.token_from(self.es.mean))
+            self._write_token(self.token_from(self.saved_x()))
 
     def record_extras(self):
         return {
-            "forward_passes_per_step": self.cfg.popsize,
+            "forward_passes_per_step": self.forward_passes_per_step(),
             "subspace_dim": self.subspace_dim,
             "cma_sigma": float(self.es.sigma),
         }
+
+    def forward_passes_per_step(self) -> int:
+        """U-Net samples per generation (official: popsize x images x repeats)."""
+        if self.cfg.protocol == "ours":
+            return self.cfg.popsize
+        return self.cfg.popsize * max(self.num_images, 1) * self.cfg.repeats
 
     def state_dict(self):
         return {
@@ -137,5 +229,5 @@ class GradientFreeTI(TokenMethod):
         }
 
     def apply(self, pipeline, artifact) -> None:
-        quantize_networks(pipeline, self.cfg.quantize)
+        quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)
         super().apply(pipeline, artifact)

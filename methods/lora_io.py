@@ -10,9 +10,6 @@ The recipe of diffusers' train_dreambooth_lora example: peft ``LoraConfig`` on
 from __future__ import annotations
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_PREFIX = "unet."
@@ -28,6 +25,8 @@ def add_unet_lora(
     """Wrap ``unet``'s target layers with trainable LoRA (rank ``rank``, alpha defaults to rank;
     A is Gaussian, B zero, drawn from ``init_seed`` without touching the global RNG).
     Returns the LoRA parameters by name; everything else stays frozen."""
+    from peft import LoraConfig  # here, not at the top: validating a config must not wait for peft
+
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -47,6 +46,9 @@ def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
     with another alpha has its scaling alpha/rank folded into the up (B) matrices."""
     config = unet.peft_config["default"]
     scaling = config.lora_alpha / config.r
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     return {
         UNET_PREFIX + k: (v.detach() * scaling if scaling != 1 and ".lora.up." in k else v.detach())

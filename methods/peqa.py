@@ -57,6 +57,9 @@ class PEQA(UNetFinetune):
     def state_dict(self):
         return {k: v.detach() for k, v in self.params.items()}
 
+    def apply_weights_dtype(self):
+        return torch.float32  # quantize the fp32 weights, as in training: the same integer codes
+
     def apply(self, pipeline, artifact) -> None:
         layers = quantize_unet(pipeline.unet, self.cfg, scale_dtype=pipeline.unet.dtype)
         check_artifact_keys(artifact, {f"{name}.scale" for name in layers}, "PEQA")

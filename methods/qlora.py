@@ -5,6 +5,12 @@ trained on the attention projections through peft's bitsandbytes LoRA layer.
 bitsandbytes has no 4-bit convolution, so Conv2d layers stay in the training dtype (as
 diffusers' own ``BitsAndBytesConfig`` quantization of a U-Net). The stored LoRA is a
 diffusers LoRA file: a stock fp16/fp32 pipeline takes it with ``load_lora_weights``.
+
+``eval_base``: the base the LoRA is evaluated on. ``full`` (default) loads it into the stock
+full-precision pipeline, as the diffusers LoRA recipe's final inference does; ``nf4`` first
+quantizes the pipeline's U-Net exactly as in training (from its fp32 weights), so the scored
+model is the trained one. ``compute_dtype``: the dtype of the 4-bit matmuls; ``auto`` is the
+QLoRA paper's bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow and gain nothing).
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from methods.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
 from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EVAL_BASES = ("full", "nf4")
+
+
+def resolve_compute_dtype(name: str, device) -> torch.dtype:
+    """``auto``: bf16 on CUDA (QLoRA paper), fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return COMPUTE_DTYPES[name]
 
 
 @dataclasses.dataclass
@@ -28,7 +42,8 @@ class QLoRAConfig(UNetFinetuneConfig):
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: str = "fp32"
+    compute_dtype: str = "auto"
+    eval_base: str = "full"
     lora_init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,8 +58,12 @@ class QLoRAConfig(UNetFinetuneConfig):
             f"method.blocksize={self.blocksize}; choose a power of two from 64 to 4096",
         )
         require(
-            self.compute_dtype in COMPUTE_DTYPES,
-            f"method.compute_dtype={self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}",
+            self.compute_dtype == "auto" or self.compute_dtype in COMPUTE_DTYPES,
+            f"method.compute_dtype={self.compute_dtype!r}; choose auto or one of {', '.join(COMPUTE_DTYPES)}",
+        )
+        require(
+            self.eval_base in EVAL_BASES,
+            f"method.eval_base={self.eval_base!r}; choose one of {', '.join(EVAL_BASES)}",
         )
 
 
@@ -86,20 +105,37 @@ class QLoRA(UNetFinetune):
     Config = QLoRAConfig
     artifact_filename = "pytorch_lora_weights.safetensors"
 
-    def prepare(self, components, subject):
-        cfg, unet = self.cfg, components.unet
-        self.quantized_layers = quantize_linear_4bit(
-            unet, cfg.quant_type, COMPUTE_DTYPES[cfg.compute_dtype], cfg.double_quant, cfg.blocksize
+    def quantize(self, unet, device) -> int:
+        cfg = self.cfg
+        self.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+        count = quantize_linear_4bit(
+            unet, cfg.quant_type, self.compute_dtype, cfg.double_quant, cfg.blocksize
         )
         # what diffusers' bnb quantizer sets: peft then wraps Linear4bit with its bnb LoRA layer
         unet.is_loaded_in_4bit = True
+        return count
+
+    def prepare(self, components, subject):
+        cfg, unet = self.cfg, components.unet
+        self.quantized_layers = self.quantize(unet, components.device)
         return add_unet_lora(unet, cfg.rank, cfg.lora_alpha, init_seed=cfg.lora_init_seed)
 
     def state_dict(self):
         return unet_lora_state_dict(self.c.unet)
 
+    def apply_weights_dtype(self):
+        # nf4: quantize the fp32 weights, as in training (fp16 weights give other NF4 codes)
+        return torch.float32 if self.cfg.eval_base == "nf4" else None
+
     def apply(self, pipeline, artifact) -> None:
+        if self.cfg.eval_base == "nf4":
+            self.quantize(pipeline.unet, pipeline.unet.device)
         load_unet_lora(pipeline, artifact)
 
     def record_extras(self):
-        return {**super().record_extras(), "quantized_linear_layers": self.quantized_layers}
+        dtype_name = {v: k for k, v in COMPUTE_DTYPES.items()}[self.compute_dtype]
+        return {
+            **super().record_extras(),
+            "quantized_linear_layers": self.quantized_layers,
+            "qlora_compute_dtype": dtype_name,  # what compute_dtype=auto resolved to
+        }

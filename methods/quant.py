@@ -14,6 +14,8 @@ not fit int8, so they are stored shifted by -128 together with the zero point (t
 difference ``q - zero_point`` is unchanged): ``dequantized = (integer - zero_point) * scale``
 holds for every case. 4-bit codes are stored as ``q + 8`` (symmetric) or ``q`` (asymmetric).
 
+Affine group-wise int4 (quanto's ``qint4``): ``methods.quant_groupwise``.
+
 Backprop through the scale does not keep a float copy of the weight alive until
 backward: ``_QuantizedOp`` saves only the layer's input and recomputes the dequantized
 weight in backward.
@@ -104,19 +106,8 @@ class QuantizedLayer(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}; quantization supports 4 or 8 bits")
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"can only quantize nn.Linear or nn.Conv2d, got {type(layer).__name__}")
         self.bits, self.symmetric = bits, symmetric
-        self.is_conv = isinstance(layer, nn.Conv2d)
-        self.weight_shape = tuple(layer.weight.shape)
-        if self.is_conv:
-            self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
-            self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
-            self.dilation, self.groups = layer.dilation, layer.groups
-            if layer.padding_mode != "zeros":
-                raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
-        else:
-            self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._copy_geometry(layer)
         integer, scale, zero_point = quantize_per_channel(layer.weight, bits, symmetric)
         device = layer.weight.device
         if bits == 8:
@@ -129,6 +120,20 @@ class QuantizedLayer(nn.Module):
         self.bias = (
             None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         )
+
+    def _copy_geometry(self, layer: nn.Linear | nn.Conv2d) -> None:
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"can only quantize nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        self.weight_shape = tuple(layer.weight.shape)
+        if self.is_conv:
+            self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+            self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+            self.dilation, self.groups = layer.dilation, layer.groups
+            if layer.padding_mode != "zeros":
+                raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported; only 'zeros'")
+        else:
+            self.in_features, self.out_features = layer.in_features, layer.out_features
 
     # -- integer weights -----------------------------------------------------------
     def integer_weight(self) -> torch.Tensor:

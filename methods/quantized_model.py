@@ -7,8 +7,11 @@ codes, one scale per output channel, dequantized on the fly one layer at a time.
 ``int8`` this is the storage of optimum-quanto's ``qint8`` weights that the official ZOODiP
 code uses (int8 data + one scale per output channel, activations in the float dtype).
 torchao's int8 weight-only quantization and bitsandbytes' Int8 cover nn.Linear only, not the
-U-Net's and VAE's Conv2d, hence the shared quantizer. ``int4`` is per-output-channel too
-(quanto's qint4 is group-wise, group size 128): a deviation, documented in the YAML.
+U-Net's and VAE's Conv2d, hence the shared quantizer. ``int4`` is, by default, quanto's
+``qint4`` as the paper used it: affine, group size 128 (``methods.quant_groupwise``);
+``int4_scheme=symmetric_channel`` keeps the per-output-channel symmetric codes. ``scope``
+says which networks are quantized: ``all`` (the paper's INT8 model, 96.4 % of the weights) or
+``unet`` (its INT4 model, Table S8).
 
 The scales are kept in the model's float dtype (as quanto does) so that diffusers'
 ``module.dtype`` (its first floating parameter) still names the activation dtype.
@@ -20,30 +23,51 @@ import torch
 
 from methods.base import require
 from methods.quant import quantize_model, quantized_layers
+from methods.quant_groupwise import quantize_model_groupwise
 
 QUANTIZE_BITS = {"int8": 8, "int4": 4, "none": None}
+INT4_SCHEMES = ("affine_group128", "symmetric_channel")
 NETWORKS = ("unet", "vae", "text_encoder")
+SCOPES = {"all": NETWORKS, "unet": ("unet",)}
 
 
-def check_quantize(mode: str) -> None:
+def check_quantize(mode: str, int4_scheme: str = "affine_group128", scope: str = "all") -> None:
     require(mode in QUANTIZE_BITS, f"method.quantize={mode!r}; choose one of: {', '.join(QUANTIZE_BITS)}")
+    require(
+        int4_scheme in INT4_SCHEMES,
+        f"method.int4_scheme={int4_scheme!r}; choose one of: {', '.join(INT4_SCHEMES)}",
+    )
+    require(scope in SCOPES, f"method.quantize_scope={scope!r}; choose one of: {', '.join(SCOPES)}")
 
 
-def quantize_frozen(module: torch.nn.Module, mode: str, dtype: torch.dtype | None = None) -> int:
+def quantize_frozen(
+    module: torch.nn.Module, mode: str, dtype: torch.dtype | None = None, int4_scheme: str = "affine_group128"
+) -> int:
     """Quantize every Linear/Conv2d of ``module`` in place (``mode`` int8 | int4 | none); the
     scales take ``dtype`` (default: the module's float dtype). Returns how many layers."""
-    check_quantize(mode)
+    check_quantize(mode, int4_scheme)
     bits = QUANTIZE_BITS[mode]
     if bits is None:
         return 0
     if dtype is None:
         dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    if bits == 4 and int4_scheme == "affine_group128":
+        return quantize_model_groupwise(module, bits=4, group_size=128, scale_dtype=dtype)
     return quantize_model(module, bits=bits, symmetric=True, scale_dtype=dtype)
 
 
-def quantize_networks(networks, mode: str) -> dict[str, int]:
-    """Quantize ``networks.unet``, ``.vae`` and ``.text_encoder`` (Components or a pipeline)."""
-    return {name: quantize_frozen(getattr(networks, name), mode) for name in NETWORKS}
+def quantize_networks(
+    networks, mode: str, scope: str = "all", int4_scheme: str = "affine_group128"
+) -> dict[str, int]:
+    """Quantize ``networks.unet`` (and, with scope ``all``, ``.vae`` and ``.text_encoder``) of
+    Components or a pipeline; returns the layer count per network (0 where not quantized)."""
+    check_quantize(mode, int4_scheme, scope)
+    return {
+        name: quantize_frozen(getattr(networks, name), mode, int4_scheme=int4_scheme)
+        if name in SCOPES[scope]
+        else 0
+        for name in NETWORKS
+    }
 
 
 def quantized_fraction(networks) -> float:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from methods.base import ConfigError, Method
+from methods.errors import ConfigError
+
+if TYPE_CHECKING:
+    from methods.base import Method
 
 METHODS: dict[str, str] = {
     "ti": "methods.textual_inversion:TextualInversion",

@@ -93,6 +93,20 @@ def compact_vocabulary(tokenizer, text_encoder, placeholder: str) -> CompactEmbe
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
+MAX_TOKEN_CHARS = 32  # a new word of the tokenizer, e.g. "<sks>" or "<dog6>"
+MAX_INITIALIZER_CHARS = 100
+
+
+def check_placeholder_token_text(token: str) -> None:
+    """One new word: printable, no spaces (a space would split it into several tokens), short."""
+    shown = token if len(token) <= 40 else f"{token[:20]}...({len(token)} characters)"
+    require(
+        0 < len(token) <= MAX_TOKEN_CHARS and token.isprintable() and not any(c.isspace() for c in token),
+        f"method.placeholder_token={shown!r}; give one new word of 1..{MAX_TOKEN_CHARS} printable "
+        "characters without spaces, e.g. '<sks>'",
+    )
+
+
 @dataclasses.dataclass
 class TokenConfig(MethodConfig):
     """Knobs every token method has; each adds its own."""
@@ -111,7 +125,12 @@ class TokenConfig(MethodConfig):
             self.precision in PRECISIONS,
             f"method.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}",
         )
-        require(bool(self.placeholder_token.strip()), "method.placeholder_token must be a non-empty string")
+        check_placeholder_token_text(self.placeholder_token)
+        require(
+            0 < len(self.initializer) <= MAX_INITIALIZER_CHARS,
+            f"method.initializer has {len(self.initializer)} characters; give 'class' or a few words "
+            f"(at most {MAX_INITIALIZER_CHARS} characters)",
+        )
         check_timestep_bounds(self.timesteps, self.T_L, self.T_U)
 
 

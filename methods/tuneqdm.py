@@ -136,6 +136,9 @@ class TuneQDM(UNetFinetune):
     def state_dict(self):
         return {k: v.detach() for k, v in self.params.items()}
 
+    def apply_weights_dtype(self):
+        return torch.float32  # quantize the fp32 weights, as in training: the same integer codes
+
     def apply(self, pipeline, artifact) -> None:
         tensors = scale_tensors(timestep_scaled_unet(pipeline.unet, self.cfg, pipeline.unet.dtype))
         check_artifact_keys(artifact, set(tensors), "TuneQDM")

@@ -27,7 +27,7 @@ from methods.quantized_model import check_quantize, quantize_networks, quantized
 from methods.subspace import SubspaceGradient
 from methods.token_method import TokenConfig, TokenMethod, compact_vocabulary, token_rows
 from methods.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
-from methods.zo_adam import ZOAdam
+from methods.zo_adam import STATE_DTYPES, ZOAdam
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class ZOODiPConfig(TokenConfig):
     precision: str = "fp16"
     timesteps: str = "puts"
     quantize: str = "int8"
+    quantize_scope: str = "all"
+    int4_scheme: str = "affine_group128"
     quantize_at_inference: bool = True
     estimator: str = "rge"
     n: int = 2
@@ -46,12 +48,13 @@ class ZOODiPConfig(TokenConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-3
+    adam_state_dtype: str = "fp32"
     compact_vocabulary: bool = True  # keep only the embedding rows the training prompts use
     batched_passes: bool = False  # the n + 1 passes in one batched call: faster, (n + 1)x activations
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_quantize(self.quantize)
+        check_quantize(self.quantize, self.int4_scheme, self.quantize_scope)
         check_estimator(self.estimator, self.n, self.mu)
         require(self.tau >= 2, f"method.tau={self.tau} must be >= 2 (history length for the PCA)")
         require(0 < self.nu < 1, f"method.nu={self.nu} must be in (0, 1)")
@@ -60,6 +63,10 @@ class ZOODiPConfig(TokenConfig):
             f"method.beta1={self.beta1}, beta2={self.beta2}: need [0, 1)",
         )
         require(self.adam_eps > 0, f"method.adam_eps={self.adam_eps} must be > 0")
+        require(
+            self.adam_state_dtype in STATE_DTYPES,
+            f"method.adam_state_dtype={self.adam_state_dtype!r}; choose one of: {', '.join(STATE_DTYPES)}",
+        )
 
 
 class ZOODiP(TokenMethod):
@@ -69,7 +76,9 @@ class ZOODiP(TokenMethod):
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
         self.token_id = self.add_token(components, subject)
-        self.quantized_layers = quantize_networks(components, cfg.quantize)
+        self.quantized_layers = quantize_networks(
+            components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme
+        )
         self.quantized_weight_fraction = quantized_fraction(components)
         self.token_row = self.token_id  # the placeholder's row in the embedding matrix
         if cfg.compact_vocabulary:
@@ -80,7 +89,7 @@ class ZOODiP(TokenMethod):
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
         )
-        self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+        self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.adam_state_dtype)
 
     def trainable_parameters(self):
         return {"token_embedding": self.token}
@@ -161,5 +170,5 @@ class ZOODiP(TokenMethod):
 
     def apply(self, pipeline, artifact) -> None:
         if self.cfg.quantize_at_inference:
-            quantize_networks(pipeline, self.cfg.quantize)
+            quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)
         super().apply(pipeline, artifact)

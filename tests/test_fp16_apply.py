@@ -10,6 +10,8 @@ import torch
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.generate import eval_prompts
+from benchmark.run import personalized_pipeline
+from methods.quant import quantized_layers
 from methods.registry import METHODS, method_class
 
 
@@ -47,9 +49,8 @@ def test_artifact_applies_to_an_fp16_pipeline(tiny_cfg, name):
     artifact = perturbed_artifact(trainer)
 
     base = models.load_pipeline(cfg.model, dtype=torch.float16)
-    personalized = models.load_pipeline(cfg.model, dtype=torch.float16)
     applier = method_class(name)(method_cfg)
-    applier.apply(personalized, artifact)
+    personalized = personalized_pipeline(cfg.model, applier, artifact, "cpu", torch.float16)
     for module in (personalized.unet, personalized.text_encoder, personalized.vae):
         assert module.dtype == torch.float16  # what the pipeline casts its inputs to
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
@@ -59,3 +60,33 @@ def test_artifact_applies_to_an_fp16_pipeline(tiny_cfg, name):
     image = fp16_image(personalized, prompt.prompt)
     assert torch.isfinite(image).all()
     assert not torch.equal(image, fp16_image(base, prompt.prompt))
+
+
+@pytest.mark.parametrize("name", ["peqa", "tuneqdm"])
+def test_fp16_evaluation_pipeline_holds_exactly_the_trained_integer_codes(tiny_cfg, name):
+    """The evaluated model is the trained one: apply quantizes the fp32 weights (then casts),
+    so every integer code and zero point equals training's; quantizing fp16 weights would not."""
+    cfg = tiny_cfg(f"method={name}")
+    method_cfg = method_config(cfg)
+    trainer = method_class(name)(method_cfg)
+    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
+    trainer.setup(components, data.get_subject("dog6"))
+    trained = quantized_layers(components.unet)
+    applier = method_class(name)(method_cfg)
+    personalized = personalized_pipeline(
+        cfg.model, applier, perturbed_artifact(trainer), "cpu", torch.float16
+    )
+    applied = quantized_layers(personalized.unet)
+    assert applied.keys() == trained.keys() and len(trained) > 0
+    for key, layer in applied.items():
+        assert torch.equal(layer.integer_weight(), trained[key].integer_weight()), key
+        assert torch.equal(layer.zero_point, trained[key].zero_point), key
+        assert layer.scale.dtype == torch.float16
+
+    from_fp16 = models.load_pipeline(cfg.model, dtype=torch.float16)
+    method_class(name)(method_cfg).apply(from_fp16, perturbed_artifact(trainer))
+    flipped = sum(
+        int((layer.integer_weight() != trained[key].integer_weight()).sum())
+        for key, layer in quantized_layers(from_fp16.unet).items()
+    )
+    assert flipped > 0  # the check above is not vacuous: fp16 weights round to other codes

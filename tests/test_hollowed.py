@@ -26,6 +26,7 @@ from methods.base import ConfigError
 from methods.hollow_unet import boundary_activations, hollowed_forward, plan_removal, unet_layers
 from methods.lora_io import load_unet_lora
 from methods.registry import method_class
+from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_tolerance
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_hollowed_forward_on_cached_activations_reproduces_the_full_unet(
             hollow = hollowed_forward(
                 components.unet, method.layers, method.plan, entry["z_t"], entry["timesteps"], text, entry
             )
-        torch.testing.assert_close(hollow, expected, rtol=1e-5, atol=1e-5)
+        assert_close_up_to_reordering(hollow, expected)
     with pytest.raises(RuntimeError, match="removed"):  # the stock forward cannot run any more
         components.unet(entry["z_t"], entry["timesteps"], text)
     folder = method.cache.directory
@@ -156,7 +157,7 @@ def test_fraction_zero_trains_exactly_like_plain_lora(tiny_cfg, dataset_root, tm
         states[name] = method.state_dict()
     assert states["lora"].keys() == states["hollowed"].keys()
     for k, v in states["lora"].items():
-        torch.testing.assert_close(states["hollowed"][k], v, rtol=1e-5, atol=1e-6)
+        assert_close_up_to_reordering(states["hollowed"][k], v)
 
 
 def test_resumed_run_ends_bit_identical(tiny_cfg, dataset_root, tmp_path):
@@ -197,8 +198,9 @@ def test_lora_trained_on_hollowed_unet_loads_into_the_full_unet(tiny_cfg, datase
     load_unet_lora(attached, artifact)
     assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # fused: no inference overhead
     fused_image = _image(fused)
-    assert not torch.allclose(fused_image, _image(stock), atol=1e-3)
-    torch.testing.assert_close(fused_image, _image(attached), rtol=1e-4, atol=1e-4)
+    attached_image = _image(attached)
+    assert_close_up_to_reordering(fused_image, attached_image)
+    assert_effect_dwarfs_tolerance(_image(stock), attached_image)  # the LoRA changed the image
     unchanged = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert torch.equal(fused.unet.state_dict()[unchanged], stock.unet.state_dict()[unchanged])
 

@@ -80,6 +80,11 @@ BAD_INPUTS = [
     _method_case("selective", "method.rank=0", expect="rank=0"),
     _method_case("hollowed", "method.fraction=1.0", expect="fraction=1.0"),
     _method_case("hollowed", "method.fraction=-0.1", expect="fraction=-0.1"),
+    _method_case("ti", "method.lr=inf", expect="method.lr=inf must be a finite number"),
+    _method_case("zoodip", "method.mu=nan", expect="method.mu=nan"),
+    pytest.param(["eval.guidance_scale=inf"], "eval.guidance_scale=inf", id="guidance scale inf"),
+    _method_case("ti", "method.placeholder_token=" + "x" * 20_000, expect="20000 characters"),
+    _method_case("zoodip", "method.placeholder_token='<my token>'", expect="without spaces"),
 ]
 
 
@@ -144,6 +149,26 @@ def test_unreadable_image_among_the_subject_s(content, tmp_path, dataset_root, n
         _data_cfg(tmp_path, tmp_path / "data"), str(folder / "03.jpg"), tmp_path / "results"
     )
     assert "remove or replace it" in message
+
+
+def test_a_truncated_jpeg_is_named_before_the_run(tmp_path, dataset_root, no_model_loads):
+    folder = _subject_copy(dataset_root, tmp_path / "data")
+    whole = (folder / "00.jpg").read_bytes()
+    (folder / "00.jpg").write_bytes(whole[: len(whole) // 2])  # the header is intact: verify() passes it
+    message = _assert_refused(
+        _data_cfg(tmp_path, tmp_path / "data"), str(folder / "00.jpg"), tmp_path / "results"
+    )
+    assert "truncated" in message and "remove or replace it" in message
+
+
+def test_the_dataset_folder_is_part_of_the_run_key(tmp_path, dataset_root, monkeypatch):
+    copy = _subject_copy(dataset_root, tmp_path / "data").parent
+    here = run_dir_for(_data_cfg(tmp_path, dataset_root))
+    assert run_dir_for(_data_cfg(tmp_path, copy)) != here  # other images: another run
+    monkeypatch.chdir(dataset_root.parent)
+    assert (
+        run_dir_for(_data_cfg(tmp_path, Path(dataset_root.name))) == here
+    )  # the same folder, spelled relatively
 
 
 def test_weights_path_that_is_not_a_diffusers_folder(tmp_path, dataset_root, no_model_loads):
@@ -443,6 +468,20 @@ def test_a_kill_during_evaluation_does_not_train_again(tiny_cfg, monkeypatch):
     monkeypatch.setattr(benchmark.run, "train", lambda *a, **k: pytest.fail("trained again"))
     record = run(cfg)
     assert record["status"] == "ok" and record["train_steps"] == 4 and record["clip_t"] is not None
+    assert record["generation_resumed_from_image"] is None  # the killed run had generated nothing
+
+
+def test_a_resumed_generation_says_so(tiny_cfg):
+    cfg = tiny_cfg("method=ti")
+    first = run(cfg)
+    run_dir = run_dir_for(cfg)
+    images = sorted((run_dir / "images").glob("*.png"))
+    images[-1].unlink()  # as if killed before the last image
+    (run_dir / "record.json").unlink()
+    again = run(cfg)
+    assert first["generation_resumed_from_image"] is None
+    assert again["generation_resumed_from_image"] == len(images) - 1
+    assert again["clip_t"] == first["clip_t"]  # the same images, whoever generated them
 
 
 # -- faults become records --------------------------------------------------------------------

@@ -198,6 +198,41 @@ def test_zo_adam_is_adam_with_eps_1e_3_and_touches_no_grad():
     torch.testing.assert_close(ours, reference.detach(), rtol=1e-5, atol=1e-6)
 
 
+def official_fp16_zo_adam_step(param, grad, m, v, iteration, lr, b1=0.9, b2=0.999):
+    """The official train_zoodip.py ZOAdam.update arithmetic, on fp16 tensors."""
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * (grad**2)
+    m_hat = m / (1 - b1**iteration)
+    v_hat = v / (1 - b2**iteration)
+    return param - lr * m_hat / (torch.sqrt(v_hat) + 1e-3), m, v
+
+
+def test_zo_adam_fp16_state_reproduces_the_official_fp16_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    token = torch.randn(64, generator=g).half()
+    ours = token.clone()
+    adam = ZOAdam([ours], lr=5e-3, state_dtype="fp16")
+    reference, m, v = token.clone(), torch.zeros_like(token), torch.zeros_like(token)
+    for i in range(1, 6):
+        grad = (torch.randn(64, generator=g) * 10 ** torch.empty(64).uniform_(-4, -1, generator=g)).half()
+        adam.step([grad])
+        reference, m, v = official_fp16_zo_adam_step(reference, grad, m, v, i, lr=5e-3)
+        assert torch.equal(ours, reference), i
+
+
+@pytest.mark.parametrize("magnitude, ratio", [(1e-3, 2.0), (3e-4, 1.3), (1e-1, 1.0)])
+def test_zo_adam_fp16_state_underflows_and_steps_larger_for_small_gradients(magnitude, ratio):
+    """(1 - b2) g^2 underflows in fp16 below |g| ~ 5e-3: v stays 0 and the step is
+    lr * m_hat / eps instead of lr * m_hat / (|g| + eps): (|g| + eps) / eps times larger."""
+    steps = {}
+    for dtype in ("fp16", "fp32"):
+        token = torch.zeros(8)
+        adam = ZOAdam([token], lr=1e-2, state_dtype=dtype)
+        adam.step([torch.full((8,), magnitude)])
+        steps[dtype] = -token
+    assert steps["fp16"].mean().item() / steps["fp32"].mean().item() == pytest.approx(ratio, rel=0.02)
+
+
 # -- timestep samplers ----------------------------------------------------------------------
 def test_puts_draws_only_in_its_range_and_uniform_covers_all():
     g = torch.Generator().manual_seed(0)

@@ -179,6 +179,16 @@ def test_resume_from_checkpoint_is_bit_identical(make_method, images):
                        straight.token)  # fmt: skip
 
 
+def test_adam_state_dtype_fp16_keeps_official_fp16_moments_and_changes_the_token(make_method, images):
+    fp32, _, _ = make_method("method.tau=2")
+    fp16, _, _ = make_method("method.tau=2", "method.adam_state_dtype=fp16")
+    run_steps(fp32, images, range(3))
+    run_steps(fp16, images, range(3))
+    assert fp16.adam.m[0].dtype == fp16.adam.v[0].dtype == torch.float16
+    assert fp32.adam.v[0].dtype == torch.float32
+    assert not torch.equal(fp16.token, fp32.token)
+
+
 def test_artifact_is_a_token_file_that_a_quantized_stock_pipeline_loads(make_method, images, tmp_path):
     method, _, cfg = make_method("method.lr=0.05")
     run_steps(method, images, range(2))
@@ -194,7 +204,8 @@ def test_artifact_is_a_token_file_that_a_quantized_stock_pipeline_loads(make_met
 @pytest.mark.parametrize(
     "override",
     ["method.estimator=fd", "method.n=0", "method.mu=0", "method.quantize=int2", "method.T_L=900",
-     "method.timesteps=cosine", "method.tau=1", "method.nu=1.5", "method.precision=fp64"],
+     "method.timesteps=cosine", "method.tau=1", "method.nu=1.5", "method.precision=fp64",
+     "method.adam_state_dtype=bf16"],
 )  # fmt: skip
 def test_bad_settings_are_config_errors(tiny_cfg, override):
     with pytest.raises(ConfigError):
