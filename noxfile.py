@@ -83,6 +83,15 @@ def paper(session: nox.Session) -> None:
 # Memory (issue 6): the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
 MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
+# ZOODiP's memory and speed options (issue 16), each a row: the defaults are cache_latents and
+# compact_vocabulary on, passes sequential.
+ZOODIP_MEMORY_VARIANTS = [
+    ["method=zoodip", "method.cache_latents=false", "method.compact_vocabulary=false"],
+    ["method=zoodip", "method.compact_vocabulary=false"],
+    ["method=zoodip", "method.batched_passes=true"],
+    ["method=ti", "method.cache_latents=false"],
+    ["method=gfti", "method.cache_latents=false"],
+]
 
 
 def memory_runs(session: nox.Session, *fixed: str) -> None:
@@ -92,6 +101,7 @@ def memory_runs(session: nox.Session, *fixed: str) -> None:
     runs = [session.posargs] if any(o.startswith("method=") for o in session.posargs) else [
         [f"method={MEMORY_METHODS}", *session.posargs],
         ["method=selective", "method.schedule=always_zo_high", *session.posargs],
+        *[[*variant, *session.posargs] for variant in ZOODIP_MEMORY_VARIANTS],
     ]  # fmt: skip
     for overrides in runs:
         session.run(
@@ -108,6 +118,19 @@ def memory(session: nox.Session) -> None:
     no weights (benchmark/memory_estimate.py): writes results/memory/sd15_predicted.csv next to
     the paper's Table 1 and prints it. `nox -s memory -- method=ti,zoodip` for a subset."""
     memory_runs(session)
+
+
+@nox.session
+def speed(session: nox.Session) -> None:
+    """Training it/s of ZOODiP sequential vs batched passes and of TI, with model=sd15_arch at
+    256 px, on the CPU and on CUDA when present (benchmark/speed.py); prints the ratios, the
+    last line `zoodip batched/sequential it/s ratio: R`. `nox -s speed -- --steps 5`."""
+    import torch  # nox runs in the project's Python
+
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        session.run(sys.executable, "-m", "benchmark.speed", "--device", device, *session.posargs,
+                    env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
 
 
 @nox.session

@@ -12,12 +12,23 @@ def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> tor
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE posterior sample x scaling factor. No gradient ever flows into the VAE encoder
-    (the ZOODiP paper blocks it for every method)."""
+def latent_distribution(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's posterior for ``pixel_values``. No gradient ever flows into the
+    VAE encoder (the ZOODiP paper blocks it for every method)."""
     dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    eps = randn(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * eps) * vae.config.scaling_factor
+    return dist.mean, dist.std
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float):
+    """One posterior sample x the VAE's scaling factor, its noise drawn from ``generator``."""
+    eps = randn(mean.shape, generator, mean.device, mean.dtype)
+    return (mean + std * eps) * scaling_factor
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE posterior sample x scaling factor (``latent_distribution`` then ``sample_latents``)."""
+    mean, std = latent_distribution(vae, pixel_values)
+    return sample_latents(mean, std, generator, vae.config.scaling_factor)
 
 
 def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -47,3 +58,13 @@ def denoising_loss(unet, z_t, timesteps, cond, target) -> torch.Tensor:
 
     pred = unet_prediction(unet, z_t, timesteps, cond)
     return F.mse_loss(pred.float(), target.float())
+
+
+def denoising_losses(unet, z_t, timesteps, encoder_hidden_states, target, groups: int) -> torch.Tensor:
+    """``groups`` denoising losses from one U-Net call: the conditioning holds ``groups``
+    consecutive blocks of len(z_t) rows, each block scored on the same (z_t, t, target)."""
+    repeat = (groups,) + (1,) * (z_t.dim() - 1)
+    pred = unet(z_t.repeat(repeat), timesteps.to(z_t.device).repeat(groups),
+                encoder_hidden_states.to(unet.dtype)).sample  # fmt: skip
+    errors = F.mse_loss(pred.float(), target.float().repeat(repeat), reduction="none")
+    return errors.reshape(groups, -1).mean(dim=1)

@@ -40,6 +40,7 @@ import torch
 from methods.base import require
 from methods.conditioning import encode_prompts, prompt_ids
 from methods.diffusion import denoising_loss, noisy_latents, randn
+from methods.latent_cache import release_weights
 from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks
 from methods.token_method import TokenConfig, TokenMethod
@@ -121,7 +122,7 @@ class GradientFreeTI(TokenMethod):
         """official: the VAE posterior (mean, std) of every image and of its mirror image, once;
         each sample then draws its latent from it (the same draw as encoding it again)."""
         if self.cfg.protocol != "official":
-            return
+            return super().precompute(images, seed, steps)  # cache_latents (methods/latent_cache.py)
         vae = self.c.vae
         self.num_images = len(images)
         with torch.no_grad():
@@ -131,6 +132,8 @@ class GradientFreeTI(TokenMethod):
             ]
         self.posterior_mean = torch.cat([d.mean for d in dists])
         self.posterior_std = torch.cat([d.std for d in dists])
+        if self.cfg.cache_latents:
+            release_weights(vae)  # the posteriors are all that training needs of it
 
     def token_from(self, x) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=self.basis.device)

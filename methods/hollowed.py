@@ -47,6 +47,7 @@ from methods.hollow_unet import (
     remove_layers,
     unet_layers,
 )
+from methods.latent_cache import release_weights
 from methods.lora import LoRA, LoRAConfig
 from methods.lora_io import ATTENTION_PROJECTIONS, add_unet_lora
 from methods.timesteps import sample_timesteps
@@ -115,16 +116,6 @@ class ActivationCache:
                 raise KeyError(f"no stage-1 cache entry for step {step}")
             tensors = self._host[step]
         return {k: v.to(device) for k, v in tensors.items()}
-
-
-def release_weights(module: torch.nn.Module) -> None:
-    """Drop every parameter and buffer of ``module`` (each becomes None, like an absent bias):
-    its weights are freed and the module can no longer run."""
-    for sub in module.modules():
-        for name in list(sub._parameters):
-            sub.register_parameter(name, None)
-        for name in list(sub._buffers):
-            sub.register_buffer(name, None)
 
 
 def downstream_lora_targets(layers: UNetLayers, plan: HollowPlan) -> str:

@@ -147,7 +147,9 @@ class QuantizedLayer(nn.Module):
         return (codes - (8 if self.symmetric else 0)).reshape(self.weight_shape)
 
     def _centered_integer(self, dtype: torch.dtype) -> torch.Tensor:
-        """q - zero_point, in ``dtype`` (exact: |q - zp| <= 255)."""
+        """q - zero_point, in ``dtype`` (exact: |q - zp| <= 255); a new tensor."""
+        if self.bits == 8 and self.zero_point is None:  # int8 is exact in any float: no int16 copy
+            return self.qweight.to(dtype, copy=True)
         integer = self.integer_weight()
         if self.zero_point is not None:
             integer = integer - self.zero_point.reshape(-1, *([1] * (integer.dim() - 1)))
@@ -155,7 +157,10 @@ class QuantizedLayer(nn.Module):
 
     def _dequantize(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         integer = self._centered_integer(dtype)
-        return integer * scale.to(dtype).reshape(-1, *([1] * (integer.dim() - 1)))
+        scale = scale.to(dtype).reshape(-1, *([1] * (integer.dim() - 1)))
+        if scale.requires_grad and torch.is_grad_enabled():
+            return integer * scale
+        return integer.mul_(scale)  # the same product in place: one weight-sized temporary, not two
 
     def dequantized_weight(self) -> torch.Tensor:
         """(q - zero_point) * scale in the original weight's shape, fp32."""

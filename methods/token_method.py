@@ -9,14 +9,19 @@ inversion ({"clip_l": (1, 768), "clip_g": (1, 1280)}), loaded into each encoder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from methods.base import ConfigError, DataConfig, Method, MethodConfig, require
 from methods.conditioning import prompt_ids
 from methods.diffusion import encode_latents, noisy_latents
-from methods.prompts import sample_prompts
+from methods.latent_cache import LatentCache, release_weights
+from methods.prompts import IMAGENET_TEMPLATES_SMALL, sample_prompts
 from methods.timesteps import check_timestep_bounds, sample_timesteps
 
 
@@ -78,6 +83,57 @@ def load_token(pipeline, artifact: dict[str, torch.Tensor], token: str) -> None:
         pipeline.load_textual_inversion(artifact[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
+@contextlib.contextmanager
+def token_rows(text_encoder, token_id: int, rows: torch.Tensor) -> Iterator[None]:
+    """While inside, prompt i's ``token_id`` embeds as ``rows[i]`` (rows: prompts x dim): one
+    text-encoder call scores several values of the token. The same bits as writing each value
+    into the embedding row: a lookup copies the row, and so does ``torch.where``."""
+
+    def replace(module, args, embedded):
+        at_token = (args[0] == token_id)[..., None]
+        return torch.where(at_token, rows[:, None, :].to(embedded.dtype), embedded)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class CompactEmbedding(torch.nn.Module):
+    """The rows of a token-embedding matrix that the training prompts can use (``ids``, sorted
+    vocabulary ids), looked up by vocabulary id: the same vectors as the full matrix, which is
+    freed (SD1.5: 49,409 x 768 fp16 rows = 76 MB; the ImageNet templates use about 60)."""
+
+    def __init__(self, weight: torch.Tensor, ids: list[int]):
+        super().__init__()
+        self.ids_list = sorted(set(ids))
+        self.register_buffer("ids", torch.tensor(self.ids_list, device=weight.device))
+        rows = weight.detach()[torch.tensor(self.ids_list, device=weight.device)].clone()
+        self.weight = torch.nn.Parameter(rows, requires_grad=False)
+
+    def row(self, token_id: int) -> int:
+        return self.ids_list.index(token_id)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.searchsorted(self.ids, input_ids).clamp(max=len(self.ids_list) - 1)
+        if detect_fake_mode() is None and not torch.equal(self.ids[rows], input_ids):
+            raise ValueError("a prompt uses a token outside the compact vocabulary of the training prompts")
+        return F.embedding(rows, self.weight)
+
+
+def compact_vocabulary(tokenizer, text_encoder, placeholder: str) -> CompactEmbedding:
+    """Replace the text encoder's token embedding by the rows the training prompts (the
+    ImageNet templates with ``placeholder``, padded) can use; returns the new module."""
+    prompts = [template.format(placeholder) for template in IMAGENET_TEMPLATES_SMALL]
+    length = tokenizer.model_max_length  # python lists: real ids also under FakeTensorMode
+    rows = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    ids = [i for row in rows for i in row]
+    compact = CompactEmbedding(text_encoder.get_input_embeddings().weight, ids)
+    text_encoder.set_input_embeddings(compact)
+    return compact
+
+
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
@@ -107,6 +163,7 @@ class TokenConfig(MethodConfig):
     timesteps: str = "uniform"
     T_L: int = 500
     T_U: int = 900
+    cache_latents: bool = True  # encode the training images once; the VAE leaves training
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,6 +200,15 @@ class TokenMethod(Method):
         self.rows = TokenRows(components.text_encoders, ids)
         return ids[0]
 
+    latent_cache: LatentCache | None = None
+
+    def precompute(self, images, seed, steps) -> None:
+        """With ``cfg.cache_latents``: the VAE posterior of every image (and its flip), then the
+        VAE's weights are released (methods/latent_cache.py)."""
+        if self.cfg.cache_latents:
+            self.latent_cache = LatentCache(self.c.vae, images)
+            release_weights(self.c.vae)
+
     def denoising_inputs(self, batch):
         """(z_t, t, target, prompt ids) of one step: latents of the batch's images, timesteps from
         ``cfg.timesteps``, noise, and ImageNet-style prompts with the token, all drawn from the
@@ -150,7 +216,10 @@ class TokenMethod(Method):
         c, cfg, g = self.c, self.cfg, batch["generator"]
         bsz = batch["pixel_values"].shape[0]
         with torch.no_grad():
-            latents = encode_latents(c.vae, batch["pixel_values"], g)
+            if self.latent_cache is not None:
+                latents = self.latent_cache.sample(batch, g)
+            else:
+                latents = encode_latents(c.vae, batch["pixel_values"], g)
             t = sample_timesteps(
                 cfg.timesteps, bsz, g, c.noise_scheduler.config.num_train_timesteps, cfg.T_L, cfg.T_U,
                 alphas_cumprod=c.noise_scheduler.alphas_cumprod,

@@ -146,9 +146,57 @@ def estimate_gradient(
                 previous = current
             loss = torch.stack(losses).mean()
 
-        d = effective_dim if effective_dim is not None else sum(p.numel() for p in params)
-        scale = 1.0 / n
-        if normalize:  # d may be a 0-d tensor (Subspace Gradient's effective dimension)
-            scale = scale / ((d + n - 1) / n) ** 0.5
-        estimate = [(g * scale).to(p.dtype) for g, p in zip(grads, params)]
-    return estimate, loss
+    return _scaled(grads, params, n, normalize, effective_dim), loss
+
+
+def _scaled(grads, params, n: int, normalize: bool, effective_dim) -> list[torch.Tensor]:
+    """The sum over directions divided by n (and with ``normalize`` by sqrt((d + n - 1) / n))."""
+    d = effective_dim if effective_dim is not None else sum(p.numel() for p in params)
+    scale = 1.0 / n
+    if normalize:  # d may be a 0-d tensor (Subspace Gradient's effective dimension)
+        scale = scale / ((d + n - 1) / n) ** 0.5
+    return [(g * scale).to(p.dtype) for g, p in zip(grads, params)]
+
+
+def estimate_gradient_batched(
+    losses_fn: Callable[[list[list[torch.Tensor]]], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    estimator: str = "rge",
+    n: int = 2,
+    mu: float = 1e-3,
+    generator: torch.Generator | None = None,
+    normalize: bool = True,
+    effective_dim: int | torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``estimate_gradient`` with all its evaluation points in one call: ``losses_fn(points)``
+    gets the ``forward_passes(estimator, n)`` parameter sets (each a list aligned with
+    ``params``, which are left untouched) and returns their losses, shape (points,). The
+    directions are the same draws in the same order, so the estimate differs from the
+    sequential one only by the batched call's rounding. Memory: every point at once."""
+    check_estimator(estimator, n, mu)
+    params = list(params)
+    generator = generator if generator is not None else torch.default_generator
+    directions = _Directions(generator, params, rademacher=estimator == "spsa")
+    with torch.no_grad():
+        clean = [p.detach().clone() for p in params]
+
+        def at(seed, scale):  # the bits _evaluate_at writes into params
+            return [torch.add(c, z.to(c.dtype), alpha=scale) for c, z in zip(clean, directions.get(seed))]
+
+        seeds = [directions.new() for _ in range(n + 1 if estimator == "one_point" else n)]
+        if estimator == "rge":
+            losses = losses_fn([clean] + [at(s, mu) for s in seeds]).detach().float()
+            loss, terms = losses[0], [(s, (losses[i + 1] - losses[0]) / mu) for i, s in enumerate(seeds)]
+        elif estimator == "spsa":
+            losses = losses_fn([q for s in seeds for q in (at(s, mu), at(s, -mu))]).detach().float()
+            plus, minus = losses[0::2], losses[1::2]
+            loss, terms = losses.mean(), [(s, (plus[i] - minus[i]) / (2 * mu)) for i, s in enumerate(seeds)]
+        else:  # one_point: each direction's loss minus the previous one's
+            losses = losses_fn([at(s, mu) for s in seeds]).detach().float()
+            loss = losses.mean()
+            terms = [(s, (losses[i + 1] - losses[i]) / mu) for i, s in enumerate(seeds[1:])]
+        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        for seed, coefficient in terms:
+            for g, z in zip(grads, directions.get(seed)):
+                g.add_(z * coefficient.to(g.device))
+    return _scaled(grads, params, n, normalize, effective_dim), loss

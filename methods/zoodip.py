@@ -23,11 +23,11 @@ import torch
 
 from methods.base import require
 from methods.conditioning import encode_prompts
-from methods.diffusion import denoising_loss
+from methods.diffusion import denoising_loss, denoising_losses
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.token_method import TokenConfig, TokenMethod
-from methods.zo import check_estimator, estimate_gradient, forward_passes
+from methods.token_method import TokenConfig, TokenMethod, TokenRows, compact_vocabulary, token_rows
+from methods.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
 from methods.zo_adam import STATE_DTYPES, ZOAdam
 
 
@@ -50,6 +50,8 @@ class ZOODiPConfig(TokenConfig):
     beta2: float = 0.999
     adam_eps: float = 1e-3
     adam_state_dtype: str = "fp32"
+    compact_vocabulary: bool = True  # keep only the embedding rows the training prompts use
+    batched_passes: bool = False  # the n + 1 passes in one batched call: faster, (n + 1)x activations
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,7 +81,15 @@ class ZOODiP(TokenMethod):
             components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme
         )
         self.quantized_weight_fraction = quantized_fraction(components)
-        self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
+        single_encoder = components.text_encoder_2 is None
+        require(
+            single_encoder or not cfg.batched_passes,
+            "method.batched_passes=true needs a model with one text encoder (SD1.5, SD2.1); "
+            "on SDXL use method.batched_passes=false",
+        )
+        if cfg.compact_vocabulary and single_encoder:  # SDXL keeps both full vocabularies
+            compact = compact_vocabulary(components.tokenizer, components.text_encoder, cfg.placeholder_token)
+            self.rows = TokenRows([components.text_encoder], [compact.row(self.token_id)])
         self.token = self.rows.read().float().clone()  # SDXL: both encoders' rows, concatenated
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
@@ -92,19 +102,41 @@ class ZOODiP(TokenMethod):
     def _write_token(self) -> None:
         self.rows.write(self.token)
 
-    def step(self, batch, step):
-        c, cfg, g = self.c, self.cfg, batch["generator"]
+    def loss_functions(self, z_t, t, target, ids):
+        """(loss of the current token, losses of a list of token values in one batched call)."""
+        c = self.c
+
+        def loss_fn() -> torch.Tensor:
+            self._write_token()
+            return denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
+
+        def losses_fn(points) -> torch.Tensor:  # one text-encoder and one U-Net call for all points
+            tokens = torch.stack([token for (token,) in points]).repeat_interleave(len(ids[0]), dim=0)
+            with token_rows(c.text_encoder, self.token_id, tokens):
+                hidden = c.text_encoder(ids[0].repeat(len(points), 1))[0]
+            return denoising_losses(c.unet, z_t, t, hidden, target, len(points))
+
+        return loss_fn, losses_fn
+
+    def estimate(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient estimate before Subspace Gradient, loss) on the step's batch: n + 1 forward
+        passes, one after another or (``batched_passes``) in one batched call."""
+        cfg, g = self.cfg, batch["generator"]
         with torch.no_grad():
-            z_t, t, target, ids = self.denoising_inputs(batch)
-
-            def loss_fn() -> torch.Tensor:
-                self._write_token()
-                return denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
-
+            loss_fn, losses_fn = self.loss_functions(*self.denoising_inputs(batch))
             effective_dim = self.subspace.effective_dim() if self.subspace is not None else None
-            (grad,), loss = estimate_gradient(
-                loss_fn, [self.token], cfg.estimator, cfg.n, cfg.mu, g, cfg.normalize, effective_dim
+            if cfg.batched_passes:
+                estimator, fn = estimate_gradient_batched, losses_fn
+            else:
+                estimator, fn = estimate_gradient, loss_fn
+            (grad,), loss = estimator(
+                fn, [self.token], cfg.estimator, cfg.n, cfg.mu, g, cfg.normalize, effective_dim
             )
+        return grad, loss
+
+    def step(self, batch, step):
+        grad, loss = self.estimate(batch)
+        with torch.no_grad():
             if self.subspace is not None:
                 grad = self.subspace.project(grad)
             self.adam.step([grad])

@@ -103,6 +103,35 @@ def test_zoodip_prediction_has_no_backward_and_no_gradients(tiny_cfg):
     assert 0 < est.breakdown["optimizer_state"] <= 2 * 512  # ZO-Adam's two moments of one token
 
 
+def test_zoodip_memory_options_free_the_vae_and_the_unused_vocabulary(tiny_cfg):
+    from benchmark import data, models
+    from methods.zoodip import ZOODiP
+
+    def weight_bytes(module, dtype):
+        tensors = [*module.parameters(), *module.buffers()]
+        return sum(allocator_bytes(t.untyped_storage().nbytes()) for t in tensors if t.dtype == dtype)
+
+    cfg = tiny_cfg("method=zoodip")
+    components = models.load_components(cfg.model, dtype=torch.float16)
+    method = ZOODiP(ZOODiP.Config(**{**dict(cfg.method), "compact_vocabulary": False}))
+    method.setup(components, data.get_subject("dog6"))
+    vae_int8, vae_fp16 = weight_bytes(components.vae, torch.int8), weight_bytes(components.vae, torch.float16)
+    vocabulary = components.text_encoder.get_input_embeddings().weight
+    full_vocabulary = allocator_bytes(vocabulary.numel() * 2)
+    lean = estimate(cfg)
+    full = estimate(
+        tiny_cfg("method=zoodip", "method.cache_latents=false", "method.compact_vocabulary=false")
+    )
+    assert full.breakdown["weights_int8"] - lean.breakdown["weights_int8"] == vae_int8
+    freed_fp16 = full.breakdown["weights_fp16"] - lean.breakdown["weights_fp16"]
+    compact = full_vocabulary + vae_fp16 - freed_fp16  # what the compact vocabulary keeps
+    assert 0 < compact < allocator_bytes(100 * vocabulary.shape[1] * 2)  # about 60 of 49,409 rows
+    batched = estimate(tiny_cfg("method=zoodip", "method.batched_passes=true"))
+    # n + 1 = 3 rows of activations at once (the dequantized weight temporaries are shared)
+    assert batched.breakdown["activations"] > lean.breakdown["activations"]
+    assert batched.peak_bytes > lean.peak_bytes
+
+
 def real_4bit_weight_bytes(unet) -> int:
     """Allocator bytes of what bitsandbytes stores for a U-Net's 4-bit layers: each packed
     weight and its QuantState (absmax, code table, and with double quantization the offset and

@@ -100,6 +100,19 @@ def test_backward_saves_no_float_weight(kind):
     assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind,bits,symmetric", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dequantized_weight_is_integer_times_scale_and_leaves_the_codes_alone(kind, bits, symmetric, dtype):
+    q = QuantizedLayer(_layer(kind), bits=bits, symmetric=symmetric)
+    codes = q.qweight.clone()
+    integer = q.integer_weight().float()
+    if q.zero_point is not None:
+        integer = integer - q.zero_point.reshape(-1, *([1] * (integer.dim() - 1))).float()
+    expected = integer.to(dtype) * q.scale.to(dtype).reshape(-1, *([1] * (integer.dim() - 1)))
+    assert torch.equal(q._dequantize(q.scale, dtype), expected)  # the same bits as out of place
+    assert torch.equal(q.qweight, codes)
+
+
 def test_nibble_packing_round_trips_odd_lengths():
     codes = torch.randint(0, 16, (11,), dtype=torch.int16)
     packed = _pack_nibbles(codes)

@@ -12,7 +12,7 @@ import torch
 from methods.base import ConfigError
 from methods.subspace import SubspaceGradient
 from methods.timesteps import sample_timesteps, sd_alphas_cumprod, snr_sampling_weights
-from methods.zo import estimate_gradient, forward_passes
+from methods.zo import estimate_gradient, estimate_gradient_batched, forward_passes
 from methods.zo_adam import ZOAdam
 
 D = 10
@@ -80,6 +80,35 @@ def test_estimate_uses_stated_forward_passes_without_autograd_and_restores_param
     assert torch.equal(p, before)  # bit-exact restore, even in fp16
     assert g.dtype == p.dtype and g.shape == p.shape and loss.dtype == torch.float32
     assert sum(not torch.equal(c, before) for c in calls) >= 3  # the perturbed evaluations moved p
+
+
+@pytest.mark.parametrize("estimator", ["rge", "spsa", "one_point"])
+def test_batched_points_give_the_sequential_estimate_bit_for_bit(estimator):
+    # the same directions in the same order and the same combination: with losses that do not
+    # depend on batching, the two estimates are the same bits
+    loss_fn, _, p = quadratic()
+    batches = []
+
+    def losses_fn(points):
+        batches.append(len(points))
+        losses = []
+        for (point,) in points:
+            saved = p.clone()
+            p.copy_(point)
+            losses.append(loss_fn())
+            p.copy_(saved)
+        return torch.stack(losses)
+
+    before = p.clone()
+    (sequential,), loss = estimate_gradient(
+        loss_fn, [p], estimator, 3, 1e-3, torch.Generator().manual_seed(4)
+    )
+    (batched,), batched_loss = estimate_gradient_batched(
+        losses_fn, [p], estimator, 3, 1e-3, torch.Generator().manual_seed(4)
+    )
+    assert batches == [forward_passes(estimator, 3)]
+    assert torch.equal(batched, sequential) and torch.equal(batched_loss, loss)
+    assert torch.equal(p, before)
 
 
 def test_same_generator_state_gives_the_same_estimate():

@@ -99,8 +99,56 @@ def test_step_is_n_plus_one_forward_passes_without_autograd(
     assert method.token.grad is None and not method.token.requires_grad
 
 
-def test_only_the_placeholder_row_changes_and_quantized_weights_stay_untouched(make_method, images):
-    method, components, _ = make_method("method.tau=2", "method.lr=0.05")
+def test_batched_passes_estimate_the_sequential_gradient_within_fp32_tolerance(make_method, images):
+    # rtol 1e-5: the fp32 loss's relative rounding (a few ulp of 1.2e-7 over the layers). mu = 1
+    # keeps the finite differences L_i - L_0 well above it, so the gradients can be compared.
+    rtol, mu, n = 1e-5, 1.0, 3
+    method, _, _ = make_method("method.precision=fp32", f"method.mu={mu}", f"method.n={n}")
+    estimates = {}
+    for batched in (False, True):
+        method.cfg.batched_passes = batched
+        batch = {"pixel_values": images[:1], "index": torch.tensor([0]), "generator": step_generator(0, 7)}
+        estimates[batched] = method.estimate(batch)
+    (sequential, loss), (batched, batched_loss) = estimates[False], estimates[True]
+    torch.testing.assert_close(batched_loss, loss, rtol=rtol, atol=0)
+    # each of the n coefficients (L_i - L_0) / mu may be off by 2 rtol L / mu, times |z| < 6
+    scale = 1 / (n * ((method.token.numel() + n - 1) / n) ** 0.5)
+    atol = n * 2 * rtol * float(loss) / mu * 6 * scale
+    assert sequential.abs().max() > 10 * atol  # a gradient much larger than the tolerance
+    torch.testing.assert_close(batched, sequential, rtol=0, atol=atol)
+
+
+def test_batched_fp16_losses_match_one_pass_per_token_value(make_method, images):
+    # fp16 (the paper's precision): the U-Net output rounds at ~1e-3 relative; the MSE averages
+    # that down, so 2e-3 bounds each loss
+    method, _, _ = make_method("method.precision=fp16")
+    batch = {"pixel_values": images[:1], "index": torch.tensor([0]), "generator": step_generator(0, 7)}
+    with torch.no_grad():
+        loss_fn, losses_fn = method.loss_functions(*method.denoising_inputs(batch))
+        clean = method.token.clone()
+        points = [[clean + 0.5 * k * torch.randn(clean.shape, generator=torch.Generator().manual_seed(k))]
+                  for k in range(3)]  # fmt: skip
+        sequential = []
+        for (token,) in points:
+            method.token.copy_(token)
+            sequential.append(loss_fn().float())
+        method.token.copy_(clean)
+        batched = losses_fn(points)
+    torch.testing.assert_close(batched, torch.stack(sequential), rtol=2e-3, atol=0)
+
+
+def test_batched_step_calls_the_unet_once_with_n_plus_one_rows(make_method, images):
+    method, components, _ = make_method("method.batched_passes=true")
+    batch_sizes = []
+    handle = components.unet.register_forward_hook(lambda m, args, out: batch_sizes.append(len(args[0])))
+    run_steps(method, images, [0])
+    handle.remove()
+    assert batch_sizes == [3]
+
+
+@pytest.mark.parametrize("batched", ["false", "true"])
+def test_only_the_placeholder_row_changes_and_quantized_weights_stay_untouched(make_method, images, batched):
+    method, components, _ = make_method("method.tau=2", "method.lr=0.05", f"method.batched_passes={batched}")
     before = {
         name: {k: v.clone() for k, v in getattr(components, name).state_dict().items()}
         for name in ("unet", "vae", "text_encoder")
@@ -113,7 +161,7 @@ def test_only_the_placeholder_row_changes_and_quantized_weights_stay_untouched(m
                 assert value.dtype == torch.int8
             if key.endswith("token_embedding.weight"):
                 moved = (value != state[key]).any(dim=1).nonzero().flatten().tolist()
-                assert moved == [method.token_id]
+                assert moved == [method.token_row]
             else:
                 assert torch.equal(value, state[key]), f"{name}.{key} changed"
 
@@ -128,7 +176,7 @@ def test_resume_from_checkpoint_is_bit_identical(make_method, images):
     resumed.restore(state)
     run_steps(resumed, images, range(2, 4))
     assert torch.equal(resumed.token, straight.token)
-    assert torch.equal(components.text_encoder.get_input_embeddings().weight[resumed.token_id],
+    assert torch.equal(components.text_encoder.get_input_embeddings().weight[resumed.token_row],
                        straight.token)  # fmt: skip
 
 

@@ -1,0 +1,86 @@
+"""`python -m benchmark.speed [--device cpu] [--resolution 256] [--steps 3]`: training it/s of
+ZOODiP with sequential and with batched forward passes, and of TI, in one process on one
+device, with model=sd15_arch (random weights: speed needs none). ZOODiP's model is loaded once
+and its sequential and batched steps alternate (the same machine load for both); TI follows.
+After setup, precompute (cached latents) and one warm-up step each, ``--steps`` steps of each
+are timed, the method's own step only, on 5 random images. Prints one line per variant, then
+the ratios; the last line is ``zoodip batched/sequential it/s ratio: R``. `nox -s speed` runs
+it on the CPU and, when one is present, on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from benchmark import data, models
+from benchmark.config import method_config, training_dtype
+from benchmark.train import step_generator
+from methods.registry import method_class
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def prepared(overrides: list[str], device: torch.device, steps: int, num_images: int = 5):
+    """(method after setup and precompute, a function running its step s on random images)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    method_cfg = method_config(cfg)
+    components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
+    method = method_class(method_cfg.name)(method_cfg)
+    method.setup(components, data.get_subject("dog6"))
+    size = method_cfg.resolution
+    images = torch.rand(num_images, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    method.precompute(images, 0, steps + 1)
+    images = images.to(device)
+
+    def step(s: int) -> float:
+        """Seconds of step ``s`` (reading the loss waits for the device)."""
+        start = time.perf_counter()
+        generator = step_generator(0, s)
+        index = torch.randint(num_images, (method_cfg.batch_size,), generator=generator)
+        batch = {"pixel_values": images[index.to(device)], "generator": generator, "index": index}
+        float(method.step(batch, s)["loss"])
+        return time.perf_counter() - start
+
+    return method, step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    fixed = ["model=sd15_arch", f"model.resolution={args.resolution}"]
+    where = f"{device.type} · sd15_arch · {args.resolution} px"
+    # ZOODiP: one model, sequential and batched steps alternating, so that both see the same
+    # machine load; one warm-up step of each first
+    zoodip, step = prepared(fixed + ["method=zoodip"], device, 2 * args.steps + 1)
+    seconds = {False: 0.0, True: 0.0}
+    for s in range(2 * args.steps + 2):
+        zoodip.cfg.batched_passes = bool(s % 2)
+        elapsed = step(s)
+        seconds[zoodip.cfg.batched_passes] += elapsed if s >= 2 else 0.0
+    del zoodip, step
+    speeds = {"zoodip sequential": args.steps / seconds[False], "zoodip batched": args.steps / seconds[True]}
+    for name in speeds:
+        print(f"{where} · {name}: {speeds[name]:.3f} it/s", flush=True)
+    _, step = prepared(fixed + ["method=ti"], device, args.steps)
+    step(0)  # warm-up
+    speeds["ti"] = args.steps / sum(step(s) for s in range(1, args.steps + 1))
+    print(f"{where} · ti: {speeds['ti']:.3f} it/s", flush=True)
+    print(f"zoodip sequential/ti it/s ratio: {speeds['zoodip sequential'] / speeds['ti']:.2f}")
+    print(f"zoodip batched/ti it/s ratio: {speeds['zoodip batched'] / speeds['ti']:.2f}")
+    print(
+        f"zoodip batched/sequential it/s ratio: {speeds['zoodip batched'] / speeds['zoodip sequential']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
