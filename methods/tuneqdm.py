@@ -77,6 +77,14 @@ class TimestepScaledLayer(nn.Module):
             else None
         )
 
+    @property
+    def in_features(self) -> int:  # SDXL's pipeline reads add_embedding.linear_1.in_features
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def _per_sample(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, C) -> broadcastable over x's channel axis (dim 1 for conv, last for linear)."""
         if self.base.is_conv:

@@ -172,7 +172,7 @@ def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from benchmark.plots import GALLERY_PROMPTS, gallery
+    from benchmark.plots import GALLERY_PROMPTS, PNG_DPI, gallery
 
     runs = []
     for i, state in enumerate(["ok", "failed"]):
@@ -182,9 +182,10 @@ def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
             Image.new("RGB", (8, 8), (60 * p, 0, 0)).save(run_dir / "images" / f"p{p:02d}_000.png")
         runs.append({"model.name": f"m{i}", "subject": "dog6", "state": state, "path": str(run_dir)})
     report = type("Report", (), {"spec": {"rows": ["model.name"]}, "runs": pd.DataFrame(runs)})
-    (path,) = gallery(report, tmp_path)
-    # 120 dpi, 2.2 x 2.3 inches per image: one row of GALLERY_PROMPTS images (the failed run is left out)
-    assert Image.open(path).size == (round(2.2 * GALLERY_PROMPTS * 120), round(2.3 * 120))
+    pdf, png = gallery(report, tmp_path)
+    assert pdf.suffix == ".pdf" and pdf.exists()
+    # 2.2 x 2.3 inches per image: one row of GALLERY_PROMPTS images (the failed run is left out)
+    assert Image.open(png).size == (round(2.2 * GALLERY_PROMPTS * PNG_DPI), round(2.3 * PNG_DPI))
 
 
 def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_margin(tmp_path):

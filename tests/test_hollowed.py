@@ -104,7 +104,7 @@ def test_hollowed_forward_on_cached_activations_reproduces_the_full_unet(
     for step in range(2):
         entry = method.cache.get(step, CPU)
         assert set(method.plan.boundary_keys()) < set(entry)
-        text = method.text.expand(entry["z_t"].shape[0], -1, -1)
+        text = method.text.expand(entry["z_t"].shape[0]).hidden  # SD1: hidden states alone
         with torch.no_grad():
             expected = full(entry["z_t"], entry["timesteps"], text).sample
             hollow = hollowed_forward(
@@ -178,7 +178,7 @@ def _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, scope, k=3):
             live_params[name].copy_(p)
         entry = method.cache.get(k, CPU)
         z_t, t, target = entry["z_t"], entry["timesteps"], entry["target"]
-        text = method.text.expand(z_t.shape[0], -1, -1)
+        text = method.text.expand(z_t.shape[0]).hidden
         hollow = components.unet
         live_boundary = boundary_activations(full, method.layers, method.plan, z_t, t, text)
         cached = method.loss(

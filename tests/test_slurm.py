@@ -26,6 +26,13 @@ from benchmark.train import CHECKPOINT_NAME
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("slurm")
 
+
+# Minutes each on 2 cores, and not yet seen to pass end to end (issue 17 stays open): run them
+# with SLURM_LONG_TESTS=1 against the cluster.
+long_slurm_test = pytest.mark.skipif(
+    os.environ.get("SLURM_LONG_TESTS") != "1", reason="set SLURM_LONG_TESTS=1 (requeue and scancel tests)"
+)
+
 # What a CPU-only one-node cluster can give each job; everything else is the README's command.
 LAUNCHER = (
     "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
@@ -196,6 +203,7 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     ).stdout  # fmt: skip
 
 
+@long_slurm_test
 def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(
     slurm, tmp_path, dataset_root, uninterrupted
 ):
@@ -234,6 +242,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(
     assert f"Requeued job {job_id}" in log.read_text()
 
 
+@long_slurm_test
 def test_a_cancelled_job_is_the_only_one_the_next_sweep_trains_and_it_resumes(
     slurm, tmp_path, dataset_root, uninterrupted
 ):
