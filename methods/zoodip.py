@@ -96,6 +96,11 @@ class ZOODiP(TokenMethod):
         )
         self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.adam_state_dtype)
 
+    @property
+    def token_row(self) -> int:
+        """The placeholder's row in the (first) text encoder's embedding matrix, compacted or not."""
+        return self.rows.token_ids[0]
+
     def trainable_parameters(self):
         return {"token_embedding": self.token}
 
