@@ -537,11 +537,11 @@ def write_report(report: Report) -> list[Path]:
 
 def main(argv: Sequence[str]) -> int:
     """Exit 2 on bad input (every bad value listed, one line each), 0 otherwise."""
-    if OmegaConf.select(primary_config(argv), "report.kind") == "recovery":  # its own layout
-        from benchmark import recovery_report
-
-        return recovery_report.main(argv)
     try:
+        if OmegaConf.select(primary_config(argv), "report.kind") == "recovery":  # its own layout
+            from benchmark import recovery_report
+
+            return recovery_report.main(argv)
         report = build_report(argv)
     except InvalidSweep as e:
         print("\n".join(e.lines()), file=sys.stderr)
