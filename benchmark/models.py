@@ -331,6 +331,29 @@ def locate_weights(model_cfg) -> tuple[str, dict]:
     return str(hub_id), kwargs
 
 
+def locate_clip(source: str) -> str:
+    """Check that a CLIP model (``random``, a local folder or a hub id) can load; raises
+    WeightsUnavailable at once (one line, saying how to get it) otherwise. GF-TI's init."""
+    if source == "random":
+        return source
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise WeightsUnavailable(f"CLIP folder {source!r} has no config.json: pass a CLIPModel folder")
+        return str(folder)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(source, "config.json", local_files_only=not _hub_reachable())
+    except _hub_errors() as e:
+        raise WeightsUnavailable(
+            f"cannot load the CLIP model {source!r} (no network/cache: {type(e).__name__}); download it once "
+            f"with `hf download {source} config.json model.safetensors --local-dir <dir>` and pass "
+            "model.text_encoder_clip=[<dir>], or use method.init=initializer"
+        ) from e
+    return source
+
+
 def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:
     return WeightsUnavailable(
         f"cannot load Stable Diffusion weights {source!r} (no network/cache: {type(e).__name__}); "
