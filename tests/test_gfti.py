@@ -256,3 +256,14 @@ def test_cross_attention_init_needs_a_clip_per_text_encoder(tiny_cfg):
     with pytest.raises(ConfigError, match="model.text_encoder_clip"):
         method_config(tiny_cfg("method=gfti", "model.text_encoder_clip=null"))
     assert method_config(tiny_cfg("method=gfti", "model.text_encoder_clip=null", "method.init=initializer"))
+
+
+def test_table1_runs_gfti_with_feizcs_protocol_init_and_the_papers_evaluations(tmp_path):
+    from benchmark.sweep import plan_sweep
+
+    args = ["experiment=table1", "method=gfti", "subject=dog6", f"paths.results={tmp_path}"]
+    (planned,) = plan_sweep(args)
+    assert planned.value("method.protocol") == "official"
+    assert planned.value("method.init") == "cross_attention"
+    assert planned.value("method.init_clip") == ["openai/clip-vit-large-patch14"]  # feizc's ./clip for SD1.5
+    assert planned.value("method.steps") * planned.value("method.popsize") == 13_000  # ZOODiP's GF-TI row
