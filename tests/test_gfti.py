@@ -267,3 +267,21 @@ def test_table1_runs_gfti_with_feizcs_protocol_init_and_the_papers_evaluations(t
     assert planned.value("method.init") == "cross_attention"
     assert planned.value("method.init_clip") == ["openai/clip-vit-large-patch14"]  # feizc's ./clip for SD1.5
     assert planned.value("method.steps") * planned.value("method.popsize") == 13_000  # ZOODiP's GF-TI row
+
+
+def test_a_missing_init_clip_is_refused_before_training_with_one_line(tiny_cfg, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from benchmark.schema import validate
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(models.WeightsUnavailable) as err:
+        validate(tiny_cfg("method=gfti", "model.text_encoder_clip=[zo-bench-tests/no-such-clip]"))
+    message = str(err.value)
+    assert "\n" not in message and "zo-bench-tests/no-such-clip" in message
+    assert "method.init=initializer" in message  # says what to do
+    (tmp_path / "clip").mkdir()  # a folder without config.json
+    with pytest.raises(models.WeightsUnavailable, match="config.json"):
+        validate(tiny_cfg("method=gfti", f"model.text_encoder_clip=[{tmp_path / 'clip'}]"))
+    with pytest.raises(ConfigError, match="give one per encoder"):  # SD1: one text encoder
+        validate(tiny_cfg("method=gfti", "model.text_encoder_clip=[random,random]"))
