@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmark.records import RECORD_NAME, read_record
-from benchmark.train import CHECKPOINT_NAME
+from benchmark.train import CHECKPOINT_NAME, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -42,6 +43,7 @@ LONG_RUNS = (
     "method=ti", "subject=dog6", "seed=0,1", f"train.max_steps={LONG_STEPS}", f"method.steps={LONG_STEPS}",
     "train.checkpoint_every=1",
 )  # fmt: skip
+CANCEL_AT_STEP = 30  # the seed-1 run is cancelled once it has done this many steps; the rerun does the rest
 NUMBERS = ("clip_t", "clip_i", "dino", "dino_inter", "final_loss", "train_steps", "n_images")
 # One thread per process: a job and the local reference run compute alike (the same numbers), and
 # the node's jobs do not oversubscribe its cores. sbatch passes the environment on to the jobs.
@@ -187,6 +189,10 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     ).stdout  # fmt: skip
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    return load_checkpoint(run_dir / CHECKPOINT_NAME, torch.device("cpu"))["step"]
+
+
 def by_seed(results: Path, name: str) -> dict[int, Path]:
     """Run directories with `name` (a file) in them, by their run's seed."""
     found = [p.parent for p in results.glob(f"runs/**/{name}")]
@@ -247,19 +253,24 @@ def interrupted(slurm, tmp_path_factory, dataset_root, uninterrupted) -> Interru
     sweep = start_sweep(*args)
     jobs = {}
 
-    def stop_each_after_its_first_checkpoint() -> bool:
-        for seed in by_seed(results, CHECKPOINT_NAME).keys() - jobs.keys():
-            (jobs[seed],) = [j for j in job_ids(name) if j.endswith(f"_{seed}")]  # task n: seed=n
-            if seed == 0:
-                minutes_run = run_seconds(job_field(jobs[0], "RunTime")) // 60
-                subprocess.run(
-                    ["scontrol", "update", f"JobId={jobs[0]}", f"TimeLimit={minutes_run + 2}"], check=True
-                )
-            else:
-                subprocess.run(["scancel", jobs[1]], check=True)
+    def task(seed: int) -> str:
+        (job_id,) = [j for j in job_ids(name) if j.endswith(f"_{seed}")]  # task n: seed=n
+        return job_id
+
+    def stop_each_run_mid_training() -> bool:
+        checkpoints = by_seed(results, CHECKPOINT_NAME)
+        if 0 in checkpoints and 0 not in jobs:  # at once: the signal may take 30 s to come
+            jobs[0] = task(0)
+            minutes_run = run_seconds(job_field(jobs[0], "RunTime")) // 60
+            subprocess.run(
+                ["scontrol", "update", f"JobId={jobs[0]}", f"TimeLimit={minutes_run + 2}"], check=True
+            )
+        if 1 in checkpoints and 1 not in jobs and checkpoint_step(checkpoints[1]) >= CANCEL_AT_STEP:
+            jobs[1] = task(1)
+            subprocess.run(["scancel", jobs[1]], check=True)
         return len(jobs) == 2
 
-    wait_for(stop_each_after_its_first_checkpoint, "a checkpoint of each run")
+    wait_for(stop_each_run_mid_training, "the runs' checkpoints")
 
     def requeued() -> bool:  # and pending again: only then does StartTime stick
         return int(job_field(jobs[0], "Restarts")) >= 1 and job_field(jobs[0], "JobState") == "PENDING"
@@ -308,7 +319,7 @@ def test_a_cancelled_job_is_the_only_one_the_next_sweep_trains_and_it_resumes(in
     resumed = after[cancelled_dir]
     reference = uninterrupted()[1]
     assert resumed["status"] == "ok"
-    assert 0 < resumed["resumed_from_step"] < LONG_STEPS
+    assert CANCEL_AT_STEP <= resumed["resumed_from_step"] < LONG_STEPS
     assert {k: resumed[k] for k in NUMBERS} == {k: reference[k] for k in NUMBERS}
 
 
