@@ -110,12 +110,12 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     if base is not None:
         components.unet.load_state_dict(base)
     method.setup(components, subject)
-    teacher = teacher_artifact(kind, change, method.state_dict())
+    teacher = teacher_artifact(kind, change, method.state_dict() if kind == "scales" else {})
     images = stored_images(run_dir)
     if images is None:
         if rc.fit_steps:  # the subject's real images; held out: fresh (noise, t) draws on them
             subject_images = data.load_images(image_paths, method_cfg.resolution)
-            images = {"train": subject_images, "heldout": subject_images}
+            images = {"train": subject_images, "heldout": subject_images.clone()}
         else:
             images = teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device)
         if run_dir is not None:

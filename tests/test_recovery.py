@@ -136,7 +136,7 @@ def test_recovery_config_refuses_bad_values(tiny_cfg):
 
 @pytest.mark.parametrize(
     "arm, extra",
-    [("ti", []), ("peqa", []), ("hollowed_f05", GENERATED)],  # token, scales, LoRA-shaped teachers
+    [("ti", []), ("peqa", GENERATED), ("hollowed_f05", [])],  # token, scales, LoRA-shaped teachers
 )
 def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, dataset_root, arm, extra):
     cfg = tiny_cfg(*SMALL, f"+experiment/recovery={arm}", *extra)
