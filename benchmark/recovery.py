@@ -3,7 +3,11 @@
 1. A teacher is drawn from the run's seed and kept from the method: a token embedding for the
    token methods (TI, GF-TI, ZOODiP), per-channel scale factors for PEQA / TuneQDM, a low-rank
    (LoRA-shaped) change of every attention projection for the other weight methods.
-2. The base model with the teacher in place generates the training and the held-out images.
+2. The base: with ``recovery.fit_steps > 0`` (the tiny model's default) its U-Net is first fitted
+   so that with the teacher in place it models the subject's real images, without it the class's
+   (benchmark/recovery_fit.py); training images = the subject's, held out = fresh draws on them.
+   With ``fit_steps=0`` (real weights) the model with the teacher in place generates the training
+   and the held-out images.
 3. The method personalizes from its usual initialization on the training images, through the
    ordinary train loop; its artifact is snapshotted at a few steps (the curve).
 4. Every snapshot, the initial artifact and the teacher are put into a fresh stock pipeline by

@@ -134,13 +134,35 @@ def test_recovery_config_refuses_bad_values(tiny_cfg):
         validate(tiny_cfg(*SMALL, "+experiment/recovery=ti", "+recovery.nope=1"))
 
 
+@pytest.fixture(scope="module")
+def arm_run(tmp_path_factory, dataset_root):
+    """(cfg, record) of one small run of an arm, run once per module: the runs are the slow part,
+    and the end-to-end test and the report test read the same one."""
+    done = {}
+
+    def get(arm: str, extra: list[str]):
+        key = (arm, tuple(extra))
+        if key not in done:
+            results = tmp_path_factory.mktemp(f"recovery_{arm}") / "results"
+            base = [
+                "model=tiny",
+                f"data.root={dataset_root}",
+                f"paths.results={results}",
+                "train.progress=false",
+            ]
+            cfg = compose([*base, *SMALL, f"+experiment/recovery={arm}", *extra])
+            done[key] = cfg, run(cfg)
+        return done[key]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "arm, extra",
     [("ti", []), ("peqa", GENERATED), ("hollowed_f05", [])],  # token, scales, LoRA-shaped teachers
 )
-def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, dataset_root, arm, extra):
-    cfg = tiny_cfg(*SMALL, f"+experiment/recovery={arm}", *extra)
-    record = run(cfg)
+def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, extra):
+    cfg, record = arm_run(arm, extra)
     assert record["status"] == "ok", record["error"]
     (run_dir,) = Path(cfg.paths.results).glob("runs/*/dog6/*")
     assert record["curve_step"] == [0, 1, 2]
@@ -181,11 +203,11 @@ def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, dataset_root, arm,
     assert run(cfg)["run_key"] == record["run_key"]  # done: the rerun reads the record
 
 
-def test_report_draws_the_table_and_the_curves(tiny_cfg, capsys):
+def test_report_draws_the_table_and_the_curves(arm_run, capsys):
     from benchmark.report import main as report_main
 
-    cfg = tiny_cfg(*SMALL, "+experiment/recovery=ti")
-    assert run(cfg)["status"] == "ok"
+    cfg, record = arm_run("ti", [])
+    assert record["status"] == "ok"
     args = [*SMALL, "+experiment/recovery=ti", "seed=0", f"data.root={cfg.data.root}"]
     args.append(f"paths.results={cfg.paths.results}")
     assert report_main(args) == 0
