@@ -167,7 +167,7 @@ def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path,
     result = train(
         method, images, steps, method_cfg.batch_size, cfg.seed, run_dir, device,
         checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
-        progress=cfg.train.progress, monitor=monitor,
+        progress=cfg.train.progress, monitor=monitor, step_delay_s=cfg.train.step_delay_s,
     )  # fmt: skip
     artifact_path = method.save_artifact(run_dir)
     fields: dict[str, Any] = {

@@ -63,6 +63,7 @@ class TrainSchema:
     checkpoint_every: int = 500
     log_every: int = 50
     progress: bool = True
+    step_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         require(
@@ -74,6 +75,7 @@ class TrainSchema:
             f"train.checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)",
         )
         require(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0 (0: never)")
+        require(self.step_delay_s >= 0, f"train.step_delay_s={self.step_delay_s} must be >= 0 (seconds)")
 
 
 @dataclass
