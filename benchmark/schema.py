@@ -98,6 +98,7 @@ class ModelSchema:
     vae: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
     text_encoder_2: dict[str, Any] | None = None  # tiny sdxl
+    vae_posterior_logvar: float | None = None  # tiny, arch: benchmark.models.set_posterior_logvar
 
     def __post_init__(self) -> None:
         _require_choice("model.kind", self.kind, MODEL_KINDS)
