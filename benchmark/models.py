@@ -266,9 +266,23 @@ def _build(model_cfg, build_dtype: torch.dtype, dtype: torch.dtype) -> Networks:
             text_encoder_2 = _freeze(CLIPTextModelWithProjection(CLIPTextConfig(**text_2_kw)), dtype)
         torch.manual_seed(seed)
         vae = AutoencoderKL(**vae_kw)
+        set_posterior_logvar(vae, _get(model_cfg, "vae_posterior_logvar"))
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_kw)
     return Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype), text_encoder_2)
+
+
+def set_posterior_logvar(vae, logvar: float | None) -> None:
+    """A random VAE's posterior has log-variance ~0: its samples are noise around a mean of std
+    ~0.25 (tiny model, real photos), so the images hardly reach the latents. A fixed ``logvar``
+    (the log-variance half of ``quant_conv``: weights 0, bias ``logvar``) makes the posterior
+    nearly deterministic, as a trained SD VAE's; None leaves the random one."""
+    if logvar is None:
+        return
+    channels = vae.quant_conv.out_channels // 2
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = float(logvar)
 
 
 def _architecture(model_cfg, kind: str, name: str) -> tuple[dict, dict, dict, dict | None]:
