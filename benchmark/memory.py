@@ -82,7 +82,7 @@ def render(est: Estimate, measured: dict[str, Any] | None = None) -> str:
             f"  {est.data_dependent_values} values read back to Python got placeholders; "
             f"{est.data_dependent_shapes} data-dependent sizes counted at their upper bound"
         )
-    lines.append(f"  note: {est.not_included}; {est.seconds:.0f} s")
+    lines.append(f"  note: {est.not_included}; {est.seconds:.0f} s ({est.cpu_seconds:.0f} s CPU)")
     return "\n".join(lines)
 
 
@@ -94,6 +94,8 @@ def csv_row(keys: dict[str, Any], est: Estimate | None, measured: dict[str, Any]
         row["predicted_peak_bytes"] = est.peak_bytes
         row.update({f"predicted_{c}_bytes": v for c, v in est.breakdown.items()})
         row.update({f"predicted_{p}_peak_bytes": est.phase_peak_bytes[p] for p in PHASES})
+        row["predicted_seconds"] = round(est.seconds, 1)
+        row["predicted_cpu_seconds"] = round(est.cpu_seconds, 1)
     if measured:
         peak = measured.get("peak_allocated_bytes")
         row["measured_peak_allocated_gb"] = None if peak is None else round(peak / GB, 3)

@@ -99,11 +99,25 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def seconds(csv: Path) -> str:
+    """Each prediction's wall and CPU seconds (the CSV's ``predicted_*seconds``), one line each."""
+    table = pd.read_csv(csv, keep_default_na=False)
+    if "predicted_cpu_seconds" not in table.columns:
+        return "seconds: not in this CSV"
+    lines = [f"{'method':<28}{'model':<12}{'wall s':>8}{'CPU s':>8}"]
+    for _, row in table.iterrows():
+        method = f"{row['method']} {row['variant']}".strip()
+        wall, cpu = row["predicted_seconds"], row["predicted_cpu_seconds"]
+        lines.append(f"{method:<28}{row['model']:<12}{str(wall):>8}{str(cpu):>8}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     csv = Path(argv[0]) if argv else DEFAULT_CSV
     figure = Path(argv[1]) if len(argv) > 1 else csv.with_name("memory_map.png")
     grid = memory_grid(csv)
     print(markdown(grid))
+    print(seconds(csv))
     print(f"figure: {draw(grid, figure)}")
 
 

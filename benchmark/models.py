@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from benchmark import families
 
@@ -212,21 +213,50 @@ def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks
     """The random-weight networks of a ``tiny`` or ``arch`` model; no I/O, so it also runs
     under ``FakeTensorMode``. Each network is initialised after ``torch.manual_seed(init_seed)``:
     the same config always gives bit-identical weights. The global RNG is left as it was."""
-    kind = _kind(model_cfg)
-    if kind == "hub":
+    if _kind(model_cfg) == "hub":
         raise ValueError("model.kind=hub has real weights; use load_components, not build_from_config")
+    fake_mode = detect_fake_mode()
+    if fake_mode is None:  # real weights are drawn in fp32 and then rounded: every dtype holds one model
+        return _build(model_cfg, torch.float32, dtype)
+    # Fake tensors (memory prediction) have no values: build on the meta device in ``dtype``, where
+    # no initialisation kernel runs (a third of the ops of a fake build), then make each tensor fake.
+    with unset_fake_temporarily(), torch.device("meta"):
+        networks = _build(model_cfg, dtype, dtype)
+    return Networks(*(None if m is None else _as_fake(m, fake_mode) for m in networks))
+
+
+def _as_fake(module: torch.nn.Module, fake_mode) -> torch.nn.Module:
+    """``module`` with its meta parameters and buffers replaced by fake CPU tensors (the same
+    storages: a memory tracker that saw them created keeps counting them)."""
+    cpu, fakes = torch.device("cpu"), {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in fakes:  # shared (tied) tensors stay shared
+            fakes[id(t)] = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, t, cpu)
+        return fakes[id(t)]
+
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
+        for name, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[name] = fake(b)
+    return module
+
+
+def _build(model_cfg, build_dtype: torch.dtype, dtype: torch.dtype) -> Networks:
+    """The networks drawn in ``build_dtype``, then cast to ``dtype`` and frozen."""
+    kind = _kind(model_cfg)
     seed = int(_get(model_cfg, "init_seed", 0))
     resolution = int(_get(model_cfg, "resolution", 64 if kind == "tiny" else 512))
     unet_kw, vae_kw, text_kw, text_2_kw = _architecture(model_cfg, kind, family(model_cfg))
     unet_kw["sample_size"] = resolution // 8
     vae_kw["sample_size"] = resolution
 
-    # Real weights are drawn in fp32 and then rounded, so every dtype holds the same model.
-    # Fake tensors (memory prediction) have no values and cannot be cast: build in ``dtype``.
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    build_dtype = dtype if detect_fake_mode() is not None else torch.float32
     text_encoder_2 = None
     with torch.random.fork_rng(devices=[]), _default_dtype(build_dtype):
         torch.manual_seed(seed)

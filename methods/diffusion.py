@@ -60,11 +60,13 @@ def denoising_loss(unet, z_t, timesteps, cond, target) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def denoising_losses(unet, z_t, timesteps, encoder_hidden_states, target, groups: int) -> torch.Tensor:
-    """``groups`` denoising losses from one U-Net call: the conditioning holds ``groups``
-    consecutive blocks of len(z_t) rows, each block scored on the same (z_t, t, target)."""
+def denoising_losses(unet, z_t, timesteps, cond, target, groups: int) -> torch.Tensor:
+    """``groups`` denoising losses from one U-Net call: the conditioning (a Conditioning or
+    SD1/SD2 hidden states) holds ``groups`` consecutive blocks of len(z_t) rows, each block
+    scored on the same (z_t, t, target)."""
+    from methods.conditioning import unet_prediction
+
     repeat = (groups,) + (1,) * (z_t.dim() - 1)
-    pred = unet(z_t.repeat(repeat), timesteps.to(z_t.device).repeat(groups),
-                encoder_hidden_states.to(unet.dtype)).sample  # fmt: skip
+    pred = unet_prediction(unet, z_t.repeat(repeat), timesteps.to(z_t.device).repeat(groups), cond)
     errors = F.mse_loss(pred.float(), target.float().repeat(repeat), reduction="none")
     return errors.reshape(groups, -1).mean(dim=1)

@@ -50,12 +50,26 @@ SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion file: one 
 
 class TokenRows:
     """The new token's input-embedding row in each text encoder, seen as one vector (the rows
-    concatenated in encoder order). ``weights`` are the embedding matrices (frozen)."""
+    concatenated in encoder order). ``weights`` are the embedding matrices (frozen);
+    ``token_ids`` the token's rows in them, ``vocabulary_ids`` its ids in the tokenizers (the
+    same unless the vocabulary is compacted)."""
 
-    def __init__(self, text_encoders, token_ids: list[int]):
-        self.weights = [e.get_input_embeddings().weight for e in text_encoders]
+    def __init__(self, text_encoders, token_ids: list[int], vocabulary_ids: list[int] | None = None):
+        self.encoders = list(text_encoders)
+        self.weights = [e.get_input_embeddings().weight for e in self.encoders]
         self.token_ids = token_ids
+        self.vocabulary_ids = list(token_ids if vocabulary_ids is None else vocabulary_ids)
         self.dims = [w.shape[1] for w in self.weights]
+
+    @contextlib.contextmanager
+    def substituted(self, vectors: torch.Tensor) -> Iterator[None]:
+        """While inside, prompt i embeds the token as ``vectors[i]`` (prompts x the
+        concatenated dims), each encoder its part (``token_rows``)."""
+        with contextlib.ExitStack() as stack:
+            parts = vectors.split(self.dims, dim=1)
+            for encoder, token_id, part in zip(self.encoders, self.vocabulary_ids, parts):
+                stack.enter_context(token_rows(encoder, token_id, part))
+            yield
 
     def read(self) -> torch.Tensor:
         return torch.cat([w[i].detach() for w, i in zip(self.weights, self.token_ids)])

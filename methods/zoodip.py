@@ -26,7 +26,7 @@ from methods.conditioning import encode_prompts
 from methods.diffusion import denoising_loss, denoising_losses
 from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
 from methods.subspace import SubspaceGradient
-from methods.token_method import TokenConfig, TokenMethod, TokenRows, compact_vocabulary, token_rows
+from methods.token_method import TokenConfig, TokenMethod, TokenRows, compact_vocabulary
 from methods.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
 from methods.zo_adam import STATE_DTYPES, ZOAdam
 
@@ -81,15 +81,13 @@ class ZOODiP(TokenMethod):
             components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme
         )
         self.quantized_weight_fraction = quantized_fraction(components)
-        single_encoder = components.text_encoder_2 is None
-        require(
-            single_encoder or not cfg.batched_passes,
-            "method.batched_passes=true needs a model with one text encoder (SD1.5, SD2.1); "
-            "on SDXL use method.batched_passes=false",
-        )
-        if cfg.compact_vocabulary and single_encoder:  # SDXL keeps both full vocabularies
-            compact = compact_vocabulary(components.tokenizer, components.text_encoder, cfg.placeholder_token)
-            self.rows = TokenRows([components.text_encoder], [compact.row(self.token_id)])
+        if cfg.compact_vocabulary:  # SDXL: each encoder keeps its own rows
+            compact = [
+                compact_vocabulary(tokenizer, encoder, cfg.placeholder_token)
+                for tokenizer, encoder in zip(components.tokenizers, components.text_encoders)
+            ]
+            ids = [c.row(i) for c, i in zip(compact, self.rows.token_ids)]
+            self.rows = TokenRows(components.text_encoders, ids, self.rows.vocabulary_ids)
         self.token = self.rows.read().float().clone()  # SDXL: both encoders' rows, concatenated
         self.subspace = (
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
@@ -117,9 +115,10 @@ class ZOODiP(TokenMethod):
 
         def losses_fn(points) -> torch.Tensor:  # one text-encoder and one U-Net call for all points
             tokens = torch.stack([token for (token,) in points]).repeat_interleave(len(ids[0]), dim=0)
-            with token_rows(c.text_encoder, self.token_id, tokens):
-                hidden = c.text_encoder(ids[0].repeat(len(points), 1))[0]
-            return denoising_losses(c.unet, z_t, t, hidden, target, len(points))
+            repeated = tuple(i.repeat(len(points), 1) for i in ids)
+            with self.rows.substituted(tokens):  # SDXL: each encoder its part of the vector
+                cond = encode_prompts(c, repeated)
+            return denoising_losses(c.unet, z_t, t, cond, target, len(points))
 
         return loss_fn, losses_fn
 

@@ -29,7 +29,8 @@ def trained_token(tiny_cfg, images, tmp_path, *overrides):
     method.setup(components, data.get_subject("dog6"))
     method.precompute(images, 0, 3)
     train(method, images, 3, method_cfg.batch_size, 0, tmp_path, torch.device("cpu"), progress=False)
-    return method.state_dict()[method_cfg.placeholder_token], components
+    artifact = method.state_dict()  # SDXL: {"clip_l": row, "clip_g": row}
+    return artifact.get(method_cfg.placeholder_token, torch.cat(list(artifact.values()), dim=1)), components
 
 
 @pytest.mark.parametrize(
@@ -50,13 +51,15 @@ def test_token_after_three_steps_is_bit_identical_with_and_without_the_cache(
     assert list(components.vae.parameters()) == []  # released: training does not need it
 
 
-def test_zoodip_token_is_bit_identical_with_every_memory_option_on_or_off(tiny_cfg, images, tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_zoodip_token_is_bit_identical_with_every_memory_option_on_or_off(tiny_cfg, images, tmp_path, model):
     on = ("method.cache_latents=true", "method.compact_vocabulary=true")
     off = ("method.cache_latents=false", "method.compact_vocabulary=false")
-    lean, components = trained_token(tiny_cfg, images, tmp_path / "a", "method=zoodip", *on)
-    full, _ = trained_token(tiny_cfg, images, tmp_path / "b", "method=zoodip", *off)
+    lean, components = trained_token(tiny_cfg, images, tmp_path / "a", f"model={model}", "method=zoodip", *on)
+    full, _ = trained_token(tiny_cfg, images, tmp_path / "b", f"model={model}", "method=zoodip", *off)
     assert torch.equal(lean, full)
-    assert components.text_encoder.get_input_embeddings().weight.shape[0] < 100  # of 49,409
+    for encoder in components.text_encoders:  # SDXL: both vocabularies compacted
+        assert encoder.get_input_embeddings().weight.shape[0] < 100  # of 49,409
 
 
 def test_a_flipped_image_samples_the_posterior_of_its_mirror_image(tiny_cfg, images):
