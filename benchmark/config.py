@@ -139,13 +139,19 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_key(cfg: DictConfig) -> str:
+def run_key(cfg: DictConfig | dict[str, Any]) -> str:
     """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
-    return f"seed{cfg.seed}-{config_digest(cfg)}"
+    values = plain(cfg)
+    return f"seed{values['seed']}-{config_digest(values)}"
 
 
-def config_digest(cfg: DictConfig) -> str:
-    values = flat(OmegaConf.to_container(cfg, resolve=True))
+def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config resolved to plain Python (a plain dict, as planning a sweep makes, as it is)."""
+    return cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
+    values = flat(plain(cfg))
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
@@ -154,14 +160,17 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
-    if cfg.get("mode") == "real":
-        return real_run_dir(cfg)
-    return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)
+def run_dir_for(cfg: DictConfig | dict[str, Any]) -> Path:
+    values = plain(cfg)
+    if values.get("mode") == "real":
+        return real_run_dir(values)
+    method, subject = values["method"]["name"], values["subject"]
+    return Path(values["paths"]["results"]) / "runs" / method / subject / run_key(values)
 
 
-def real_run_dir(cfg: DictConfig) -> Path:
+def real_run_dir(cfg: DictConfig | dict[str, Any]) -> Path:
     """mode=real scores the subject's images against each other: nothing random, no method, no
     model, so the key is the subject and the evaluation protocol alone (no seed)."""
-    key = config_digest(OmegaConf.create({"subject": cfg.subject, "eval": cfg.eval}))
-    return Path(cfg.paths.results) / "runs" / "real" / cfg.subject / f"real-{key}"
+    values = plain(cfg)
+    key = config_digest({"subject": values["subject"], "eval": values["eval"]})
+    return Path(values["paths"]["results"]) / "runs" / "real" / values["subject"] / f"real-{key}"

@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
+from benchmark.jobs import CONF_DIR
 from benchmark.recovery import draw_teacher, generate, heldout_loss, install, teacher_kind
 from benchmark.recovery_run import recovery_config
 from benchmark.report import bootstrap_ci
-from benchmark.sweep import CONF_DIR
 from methods.registry import method_class
 
 

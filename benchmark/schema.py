@@ -389,7 +389,7 @@ class Checker:
         return ValidRun(run_cfg, method_cfg, subject, device, image_paths or [])
 
 
-def validate(cfg: DictConfig) -> ValidRun:
+def validate(cfg: DictConfig | dict[str, Any]) -> ValidRun:
     """Check the whole run configuration and its inputs on disk; raise ConfigError (or
     DatasetUnavailable / WeightsUnavailable / MetricModelsUnavailable) naming the first bad value.
     Loads no model."""
@@ -397,7 +397,10 @@ def validate(cfg: DictConfig) -> ValidRun:
 
 
 def problems(
-    cfg: DictConfig, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+    cfg: DictConfig | dict[str, Any],
+    disk: DiskChecks | None = None,
+    check_device: bool = True,
+    inputs: bool = True,
 ) -> list[str]:
     """Every bad value of a run config, one line each (empty: the run can start)."""
     checker = Checker(collect=True, disk=disk, check_device=check_device, inputs=inputs)
