@@ -27,7 +27,7 @@ from benchmark.config import config_error, resolve_device, typed_method, typed_o
 from benchmark.families import FAMILIES
 from benchmark.metrics import MetricModelsUnavailable
 from methods.base import ConfigError, MethodConfig, require
-from methods.errors import every_problem, problem_messages
+from methods.errors import ConfigErrors, every_problem, problem_messages
 
 MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
@@ -329,7 +329,9 @@ class Checker:
         try:
             return check(*args)
         except INPUT_ERRORS as e:
-            if not self.collect:
+            if not self.collect:  # validate: the first bad value, as a plain ConfigError
+                if isinstance(e, ConfigErrors):
+                    raise ConfigError(e.messages[0]) from None
                 raise
             self.found += [m for m in problem_messages(e) if m not in self.found]
             return None
