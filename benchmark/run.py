@@ -81,8 +81,8 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
     base = record_base(cfg, run_dir, subject.name, str(device))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
-    # step 1 (the first with optimizer state) is profiled for the breakdown; +train.profile_steps=0: off
-    monitor = TrainingMonitor(device, profile_steps=OmegaConf.select(cfg, "train.profile_steps", default=1))
+    # step 1 (the first with optimizer state) is profiled for the breakdown; train.profile_steps=0: off
+    monitor = TrainingMonitor(device, profile_steps=cfg.train.profile_steps)
     try:
         fields = execute(cfg, method_cfg, subject, checked.image_paths, device, run_dir, monitor)
         record = new_record(**base, status="ok", **fields)
@@ -167,7 +167,7 @@ def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path,
     result = train(
         method, images, steps, method_cfg.batch_size, cfg.seed, run_dir, device,
         checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
-        progress=cfg.train.progress, monitor=monitor,
+        progress=cfg.train.progress, monitor=monitor, step_delay_s=cfg.train.step_delay_s,
     )  # fmt: skip
     artifact_path = method.save_artifact(run_dir)
     fields: dict[str, Any] = {

@@ -64,6 +64,8 @@ class TrainSchema:
     checkpoint_every: int = 500
     log_every: int = 50
     progress: bool = True
+    step_delay_s: float = 0.0
+    profile_steps: int = 1
 
     def __post_init__(self) -> None:
         require(
@@ -75,6 +77,8 @@ class TrainSchema:
             f"train.checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)",
         )
         require(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0 (0: never)")
+        require(self.step_delay_s >= 0, f"train.step_delay_s={self.step_delay_s} must be >= 0 (seconds)")
+        require(self.profile_steps >= 0, f"train.profile_steps={self.profile_steps} must be >= 0 (0: off)")
 
 
 @dataclass

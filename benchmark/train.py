@@ -115,11 +115,13 @@ def train(
     progress: bool = True,
     monitor=None,
     after_step=None,
+    step_delay_s: float = 0.0,
 ) -> TrainResult:
     """Run ``steps`` steps of ``method`` on ``images`` (N,3,H,W in [-1,1], CPU), resuming from
     ``run_dir/checkpoint.pt`` if present. Images are drawn as ``method.cfg.data`` says.
     ``after_step(n)`` (optional) is called once n steps are done (e.g. to snapshot the artifact
-    for a learning curve)."""
+    for a learning curve). ``step_delay_s`` (tests only) sleeps after each step, so that a signal
+    sent at some point lands mid-training on any machine; the numbers do not change."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
     start, seconds_before, loss_value = 0, 0.0, None
     if ckpt_path.exists():
@@ -148,6 +150,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if log_every and (step + 1) % log_every == 0:
                 log.info("step %d/%d loss %.5f", step + 1, steps, loss_value)
+            if step_delay_s and not received:
+                time.sleep(step_delay_s)
             seconds = seconds_before + time.perf_counter() - t0
             if received:  # SIGTERM/SIGINT: keep this step's work
                 save_checkpoint(ckpt_path, step + 1, method, seconds, loss_value)

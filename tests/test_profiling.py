@@ -89,12 +89,13 @@ def test_nvml_is_unavailable_without_a_gpu():
 def test_records_carry_every_figure(tiny_cfg):
     from benchmark.run import run
 
-    record = run(tiny_cfg("method=zoodip", "train.max_steps=3"))  # step 0 warm-up, 1 profiled, 2 timed
+    record = run(tiny_cfg("method=zoodip", "train.max_steps=3", "train.profile_steps=1"))  # step 0 warm-up, 1 profiled, 2 timed
     assert record["status"] == "ok"
     for key in CUDA_FIELDS:  # the CPU cannot measure them: None, never 0
         assert key in record and record[key] is None, key
     for key in BREAKDOWN_FIELDS:
         assert isinstance(record[key], int), key
+    assert record["breakdown_steps"] == 1
     assert record["breakdown_gradients_bytes"] == 0 and record["breakdown_peak_bytes"] > 0
     for key in ("it_per_s", "train_seconds", "generation_seconds"):
         assert record[key] > 0, key
@@ -210,3 +211,11 @@ def test_nvml_without_this_process_keeps_the_device_figure_only(monkeypatch):
     assert summary["nvml_process_peak_bytes"] is None and summary["cuda_context_bytes"] is None
     assert summary["nvml_device_peak_bytes"] == 13 * GiB + GiB // 2 + GiB
     assert summary["peak_allocated_bytes"] == 13 * GiB
+
+
+def test_profile_steps_zero_turns_the_profiler_off(tiny_cfg):
+    from benchmark.run import run
+
+    record = run(tiny_cfg("method=ti", "train.max_steps=2", "train.profile_steps=0"))
+    assert record["status"] == "ok"
+    assert all(record[key] is None for key in BREAKDOWN_FIELDS)

@@ -53,6 +53,7 @@ BAD_INPUTS = [
     pytest.param(["device=tpu"], "device='tpu'", id="unknown device"),
     pytest.param(["method.steps=0"], "method.steps=0", id="steps < 1"),
     pytest.param(["train.max_steps=0"], "train.max_steps=0", id="max_steps < 1"),
+    pytest.param(["train.step_delay_s=-1"], "train.step_delay_s=-1", id="step delay < 0"),
     pytest.param(["method.resolution=60"], "method.resolution=60", id="resolution not a multiple of 8"),
     pytest.param(["model.resolution=100"], "model.resolution=100", id="model resolution not a multiple of 8"),
     pytest.param(["method.timesteps=puts", "method.T_L=900", "method.T_U=500"], "T_L=900", id="T_L >= T_U"),
@@ -172,6 +173,13 @@ def test_the_dataset_folder_is_part_of_the_run_key(tmp_path, dataset_root, monke
     assert (
         run_dir_for(_data_cfg(tmp_path, Path(dataset_root.name))) == here
     )  # the same folder, spelled relatively
+
+
+def test_the_tests_step_delay_is_not_part_of_the_run_key(tiny_cfg):
+    """A run slowed down for a SLURM test (train.step_delay_s) is the run an unslowed one makes."""
+    here = run_dir_for(tiny_cfg())
+    assert run_dir_for(tiny_cfg("train.step_delay_s=1")) == here
+    assert run_dir_for(tiny_cfg("train.max_steps=3")) != here  # what a run computes is in it
 
 
 def test_weights_path_that_is_not_a_diffusers_folder(tmp_path, dataset_root, no_model_loads):

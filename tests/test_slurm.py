@@ -15,38 +15,39 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmark.records import RECORD_NAME, read_record
-from benchmark.train import CHECKPOINT_NAME
+from benchmark.train import CHECKPOINT_NAME, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("slurm")
 
-
-# Minutes each on 2 cores, and not yet seen to pass end to end (issue 17 stays open): run them
-# with SLURM_LONG_TESTS=1 against the cluster.
-long_slurm_test = pytest.mark.skipif(
-    os.environ.get("SLURM_LONG_TESTS") != "1", reason="set SLURM_LONG_TESTS=1 (requeue and scancel tests)"
-)
 
 # What a CPU-only one-node cluster can give each job; everything else is the README's command.
 LAUNCHER = (
     "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30",
 )  # fmt: skip
-# A run that trains long enough to be stopped mid-training (about a minute on one core), with a
-# checkpoint every 20 steps. The time-limit and cancel tests compare it with an uninterrupted run.
-LONG_STEPS = 400
-LONG_RUN = (
-    "method=ti", "subject=dog6", "seed=0", f"train.max_steps={LONG_STEPS}", f"method.steps={LONG_STEPS}",
-    "train.checkpoint_every=20",
+# Two runs (seeds 0 and 1) that are stopped mid-training: a checkpoint after every step, and a
+# second of sleep after every step (train.step_delay_s, not in the run key), so that on any machine
+# training outlasts SLURM's 30-s time-limit tick after the first checkpoint. Each resumed run must
+# end with the numbers of an uninterrupted local run of the same config (no sleep).
+LONG_STEPS = 50
+LONG_RUNS = (
+    "method=ti", "subject=dog6", "seed=0,1", f"train.max_steps={LONG_STEPS}", f"method.steps={LONG_STEPS}",
+    "train.checkpoint_every=1",
 )  # fmt: skip
+CANCEL_AT_STEP = 30  # the seed-1 run is cancelled once it has done this many steps; the rerun does the rest
 NUMBERS = ("clip_t", "clip_i", "dino", "dino_inter", "final_loss", "train_steps", "n_images")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+# One thread per process: a job and the local reference run compute alike (the same numbers), and
+# the node's jobs do not oversubscribe its cores. sbatch passes the environment on to the jobs.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cluster_problem() -> str | None:
@@ -111,6 +112,13 @@ def job_field(job_id: str, field: str) -> str:
     return re.search(rf"\b{field}=(\S*)", shown.stdout).group(1)
 
 
+def run_seconds(elapsed: str) -> int:
+    """scontrol's RunTime, [D-]HH:MM:SS, in seconds."""
+    days, _, clock = elapsed.rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def wait_for(condition, what: str, timeout_s: float = 900, every_s: float = 1.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -126,28 +134,6 @@ def assert_readable(output: str) -> None:
     assert "Bypassing sacct error" not in output
     assert sum("sacct" in line for line in output.splitlines()) <= 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, dataset_root):
-    """LONG_RUN's record from one uninterrupted local run (the same config, no SLURM). It starts
-    when first asked for and trains beside the test's SLURM job; calling the fixture waits for it."""
-    results = tmp_path_factory.mktemp("uninterrupted") / "results"
-    command = [sys.executable, "-m", "benchmark", *LONG_RUN, *tiny(results, dataset_root)]
-    run = subprocess.Popen(
-        command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-    def record() -> dict:
-        output = run.communicate(timeout=1500)[0]
-        assert run.returncode == 0, output[-3000:]
-        (found,) = records(results).values()
-        assert found["resumed_from_step"] == 0
-        return found
-
-    yield record
-    run.kill()
-    run.wait()
 
 
 def test_a_2x2_sweep_runs_as_four_jobs_and_reports_four_done(slurm, tmp_path, dataset_root):
@@ -203,81 +189,137 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     ).stdout  # fmt: skip
 
 
-@long_slurm_test
-def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(
-    slurm, tmp_path, dataset_root, uninterrupted
-):
-    """Once the run has a checkpoint, the job's time limit is cut to a minute or two ahead:
-    SLURM sends submitit's SIGUSR2 (signal_delay_s=90 before the limit), submitit requeues the
-    job, and the requeued job resumes the run from its checkpoint."""
-    results = tmp_path / "results"
-    name = unique_job_name()
-    name_args = [*tiny(results, dataset_root), f"hydra.launcher.name={name}"]
-    # timeout_min <= 10: submitit counts any SIGUSR2 as a time-out (else as a preemption)
-    sweep = start_sweep(
-        *LONG_RUN, *name_args, "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=90"
+def checkpoint_step(run_dir: Path) -> int:
+    return load_checkpoint(run_dir / CHECKPOINT_NAME, torch.device("cpu"))["step"]
+
+
+def by_seed(results: Path, name: str) -> dict[int, Path]:
+    """Run directories with `name` (a file) in them, by their run's seed."""
+    found = [p.parent for p in results.glob(f"runs/**/{name}")]
+    return {yaml.safe_load((d / "config.yaml").read_text())["seed"]: d for d in found}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, dataset_root):
+    """LONG_RUNS' records by seed, from one uninterrupted local sweep of the same configs (no
+    SLURM, no sleep). It starts at once and trains beside the SLURM jobs; calling waits for it."""
+    results = tmp_path_factory.mktemp("uninterrupted") / "results"
+    command = [sys.executable, "-m", "benchmark", "-m", *LONG_RUNS, *tiny(results, dataset_root)]
+    run = subprocess.Popen(
+        command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    wait_for(lambda: list(results.glob(f"runs/**/{CHECKPOINT_NAME}")), "the run's first checkpoint")
-    (job_id,) = job_ids(name)
-    elapsed = job_field(job_id, "RunTime").split(":")  # [D-]HH:MM:SS
-    minutes = int(elapsed[-3].split("-")[-1]) * 60 + int(elapsed[-2]) + 2
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+
+    def records_by_seed() -> dict[int, dict]:
+        output = run.communicate(timeout=1500)[0]
+        assert run.returncode == 0, output[-3000:]
+        found = {r["seed"]: r for r in records(results).values()}
+        assert sorted(found) == [0, 1] and all(r["resumed_from_step"] == 0 for r in found.values())
+        return found
+
+    yield records_by_seed
+    run.kill()
+    run.wait()
+
+
+@dataclass
+class Interrupted:
+    """The sweep of LONG_RUNS once it has ended: the seed-0 job hit its time limit, the seed-1 job
+    was cancelled."""
+
+    results: Path
+    args: list[str]
+    output: str  # the submitting command's
+    timed_out: str  # job ids, <array>_<task>
+    cancelled: str
+    records: dict[Path, dict]  # and when each was written
+    written_ns: dict[Path, int]
+    cancelled_dir: Path  # the seed-1 run
+
+
+@pytest.fixture(scope="module")
+def interrupted(slurm, tmp_path_factory, dataset_root, uninterrupted) -> Interrupted:
+    """One sweep for both stops (one job start less than a sweep each). Once a run has its first
+    checkpoint: the seed-0 job's time limit is cut to 1-2 minutes ahead, inside submitit's signal
+    window (signal_delay_s before the limit), so SLURM sends SIGUSR2 at its next time-limit tick
+    (every 30 s) and submitit requeues the job; the seed-1 job is `scancel`led (SIGTERM: the run
+    checkpoints after its step and stops, leaving no record)."""
+    results = tmp_path_factory.mktemp("interrupted") / "results"
+    name = unique_job_name()
+    # timeout_min <= 10: submitit counts any SIGUSR2 as a time-out (else as a preemption)
+    args = [
+        *LONG_RUNS, "train.step_delay_s=1", *tiny(results, dataset_root), f"hydra.launcher.name={name}",
+        "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=150",
+    ]  # fmt: skip
+    sweep = start_sweep(*args)
+    jobs = {}
+
+    def task(seed: int) -> str:
+        (job_id,) = [j for j in job_ids(name) if j.endswith(f"_{seed}")]  # task n: seed=n
+        return job_id
+
+    def stop_each_run_mid_training() -> bool:
+        checkpoints = by_seed(results, CHECKPOINT_NAME)
+        if 0 in checkpoints and 0 not in jobs:  # at once: the signal may take 30 s to come
+            jobs[0] = task(0)
+            minutes_run = run_seconds(job_field(jobs[0], "RunTime")) // 60
+            subprocess.run(
+                ["scontrol", "update", f"JobId={jobs[0]}", f"TimeLimit={minutes_run + 2}"], check=True
+            )
+        if 1 in checkpoints and 1 not in jobs and checkpoint_step(checkpoints[1]) >= CANCEL_AT_STEP:
+            jobs[1] = task(1)
+            subprocess.run(["scancel", jobs[1]], check=True)
+        return len(jobs) == 2
+
+    wait_for(stop_each_run_mid_training, "the runs' checkpoints")
 
     def requeued() -> bool:  # and pending again: only then does StartTime stick
-        return int(job_field(job_id, "Restarts")) >= 1 and job_field(job_id, "JobState") == "PENDING"
+        return int(job_field(jobs[0], "Restarts")) >= 1 and job_field(jobs[0], "JobState") == "PENDING"
 
     wait_for(requeued, "the requeue", timeout_s=300)
     # the requeued job gets its time back, and may start now (SLURM holds a requeued job for 2 min)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"], check=True)
-    output = finish(sweep)
-    assert_readable(output)
+    subprocess.run(["scontrol", "update", f"JobId={jobs[0]}", "TimeLimit=10", "StartTime=now"], check=True)
+    output = finish(sweep, expect_rc=1)
+    found = records(results)
+    return Interrupted(
+        results, args, output, jobs[0], jobs[1], found,
+        {d: (d / RECORD_NAME).stat().st_mtime_ns for d in found}, by_seed(results, "config.yaml")[1],
+    )  # fmt: skip
 
-    (record,) = records(results).values()
-    reference = uninterrupted()
+
+def test_a_job_at_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(interrupted, uninterrupted):
+    assert_readable(interrupted.output)
+    assert f"SLURM job {interrupted.timed_out} " not in interrupted.output  # not listed as failed or lost
+    (record,) = [r for r in interrupted.records.values() if r["seed"] == 0]
+    reference = uninterrupted()[0]
     assert record["status"] == "ok"
     assert 0 < record["resumed_from_step"] < LONG_STEPS
     assert {k: record[k] for k in NUMBERS} == {k: reference[k] for k in NUMBERS}
-    (log,) = results.glob("hydra/multirun-*/.submitit/*/*_log.err")
-    assert "this job is timed-out" in log.read_text()  # submitit's words on SIGUSR2
-    assert f"Requeued job {job_id}" in log.read_text()
+    (log,) = interrupted.results.glob(f"hydra/multirun-*/.submitit/{interrupted.timed_out}/*_log.err")
+    log = log.read_text()
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log  # submitit's words
+    assert re.search(r"JOB \S+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE", log)  # slurmstepd's
 
 
-@long_slurm_test
-def test_a_cancelled_job_is_the_only_one_the_next_sweep_trains_and_it_resumes(
-    slurm, tmp_path, dataset_root, uninterrupted
-):
-    results = tmp_path / "results"
-    name = unique_job_name()
-    args = [*LONG_RUN, *tiny(results, dataset_root), f"hydra.launcher.name={name}"]
-    args[args.index("seed=0")] = "seed=0,1"
-    sweep = start_sweep(*args)
-
-    def seed0_checkpoint():
-        found = [p.parent for p in results.glob(f"runs/**/{CHECKPOINT_NAME}")]
-        return [d for d in found if yaml.safe_load((d / "config.yaml").read_text())["seed"] == 0]
-
-    (cancelled_dir,) = wait_for(seed0_checkpoint, "a checkpoint of the seed-0 run")
-    (cancelled,) = [j for j in job_ids(name) if j.endswith("_0")]  # array task 0: seed=0, the first
-    subprocess.run(["scancel", cancelled], check=True)
-    output = finish(sweep, expect_rc=1)
+def test_a_cancelled_job_is_the_only_one_the_next_sweep_trains_and_it_resumes(interrupted, uninterrupted):
+    output, cancelled_dir = interrupted.output, interrupted.cancelled_dir
     assert_readable(output)
     lost = [line for line in output.splitlines() if "ended without a result (state" in line]
-    assert len(lost) == 1 and f"SLURM job {cancelled} " in lost[0] and "(state CANCELLED)" in lost[0]
+    assert (
+        len(lost) == 1 and f"SLURM job {interrupted.cancelled} " in lost[0] and "(state CANCELLED)" in lost[0]
+    )
     assert output.count("1 of 2 SLURM jobs failed or ended without a result") == 1
-
-    before = records(results)
-    assert cancelled_dir not in before
-    (other_dir,) = before
-    other_stamp = (other_dir / RECORD_NAME).stat().st_mtime_ns
+    assert cancelled_dir not in interrupted.records
     assert (cancelled_dir / CHECKPOINT_NAME).exists()
 
-    finish(start_sweep(*args))
-    after = records(results)
-    assert (other_dir / RECORD_NAME).stat().st_mtime_ns == other_stamp  # not run again
+    rerun = finish(start_sweep(*interrupted.args))
+    assert "sweep finished: 2/2 done" in rerun
+    after = records(interrupted.results)
+    for run_dir, written_ns in interrupted.written_ns.items():
+        assert (run_dir / RECORD_NAME).stat().st_mtime_ns == written_ns  # not run again
     resumed = after[cancelled_dir]
-    reference = uninterrupted()
+    reference = uninterrupted()[1]
     assert resumed["status"] == "ok"
-    assert 0 < resumed["resumed_from_step"] < LONG_STEPS
+    assert CANCEL_AT_STEP <= resumed["resumed_from_step"] < LONG_STEPS
     assert {k: resumed[k] for k in NUMBERS} == {k: reference[k] for k in NUMBERS}
 
 

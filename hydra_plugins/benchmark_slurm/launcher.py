@@ -34,7 +34,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("SLURM sweep of %d jobs; logs in %s/.submitit/<id>_<task>/", len(job_overrides), sweep_dir)
+        folder = "<id>_<task>" if len(job_overrides) > 1 else "<id>"  # one run: a plain job, no array
+        log.info("SLURM sweep of %d jobs; logs in %s/.submitit/%s/", len(job_overrides), sweep_dir, folder)
         state = Singleton.get_state()
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
         for n, overrides in zip(numbers, job_overrides):
