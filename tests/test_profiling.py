@@ -89,7 +89,8 @@ def test_nvml_is_unavailable_without_a_gpu():
 def test_records_carry_every_figure(tiny_cfg):
     from benchmark.run import run
 
-    record = run(tiny_cfg("method=zoodip", "train.max_steps=3", "train.profile_steps=1"))  # step 0 warm-up, 1 profiled, 2 timed
+    # step 0 warm-up, 1 profiled, 2 timed
+    record = run(tiny_cfg("method=zoodip", "train.max_steps=3", "train.profile_steps=1"))
     assert record["status"] == "ok"
     for key in CUDA_FIELDS:  # the CPU cannot measure them: None, never 0
         assert key in record and record[key] is None, key
