@@ -27,8 +27,8 @@ LOCK_NAME = ".lock"  # held (flock) by the process running the run directory
 # kept (normalized): other images are another run.
 NOT_IN_RUN_KEY = (
     "paths", "data.download", "data.cache_dir", "skip_done", "device",
-    "train.progress", "train.log_every", "train.checkpoint_every",
-    "train.step_delay_s", "train.profile_steps",
+    "train.progress", "train.log_every", "train.checkpoint_every", "train.step_delay_s",
+    "train.profile_steps",
     "method.class_images_dir",  # DreamBooth's class-image cache: a location
     "report",  # how an experiment's table is drawn (conf/experiment/*.yaml), not what a run computes
     "method.cache_dir",  # Hollowed Net's activation cache: a location

@@ -236,9 +236,23 @@ def build_from_config(model_cfg, dtype: torch.dtype = torch.float32) -> Networks
             text_encoder_2 = _freeze(CLIPTextModelWithProjection(CLIPTextConfig(**text_2_kw)), dtype)
         torch.manual_seed(seed)
         vae = AutoencoderKL(**vae_kw)
+        set_posterior_logvar(vae, _get(model_cfg, "vae_posterior_logvar"))
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**unet_kw)
     return Networks(_freeze(text_encoder, dtype), _freeze(vae, dtype), _freeze(unet, dtype), text_encoder_2)
+
+
+def set_posterior_logvar(vae, logvar: float | None) -> None:
+    """A random VAE's posterior has log-variance ~0: its samples are noise around a mean of std
+    ~0.25 (tiny model, real photos), so the images hardly reach the latents. A fixed ``logvar``
+    (the log-variance half of ``quant_conv``: weights 0, bias ``logvar``) makes the posterior
+    nearly deterministic, as a trained SD VAE's; None leaves the random one."""
+    if logvar is None:
+        return
+    channels = vae.quant_conv.out_channels // 2
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = float(logvar)
 
 
 def _architecture(model_cfg, kind: str, name: str) -> tuple[dict, dict, dict, dict | None]:
@@ -329,6 +343,29 @@ def locate_weights(model_cfg) -> tuple[str, dict]:
     except _hub_errors() as e:
         raise _hub_unavailable(str(hub_id), e) from e
     return str(hub_id), kwargs
+
+
+def locate_clip(source: str) -> str:
+    """Check that a CLIP model (``random``, a local folder or a hub id) can load; raises
+    WeightsUnavailable at once (one line, saying how to get it) otherwise. GF-TI's init."""
+    if source == "random":
+        return source
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise WeightsUnavailable(f"CLIP folder {source!r} has no config.json: pass a CLIPModel folder")
+        return str(folder)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(source, "config.json", local_files_only=not _hub_reachable())
+    except _hub_errors() as e:
+        raise WeightsUnavailable(
+            f"cannot load the CLIP model {source!r} (no network/cache: {type(e).__name__}); download it once "
+            f"with `hf download {source} config.json model.safetensors --local-dir <dir>` and pass "
+            "model.text_encoder_clip=[<dir>], or use method.init=initializer"
+        ) from e
+    return source
 
 
 def _hub_unavailable(source: str, e: BaseException) -> WeightsUnavailable:

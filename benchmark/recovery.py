@@ -3,7 +3,11 @@
 1. A teacher is drawn from the run's seed and kept from the method: a token embedding for the
    token methods (TI, GF-TI, ZOODiP), per-channel scale factors for PEQA / TuneQDM, a low-rank
    (LoRA-shaped) change of every attention projection for the other weight methods.
-2. The base model with the teacher in place generates the training and the held-out images.
+2. The base: with ``recovery.fit_steps > 0`` (the tiny model's default) its U-Net is first fitted
+   so that with the teacher in place it models the subject's real images, without it the class's
+   (benchmark/recovery_fit.py); training images = the subject's, held out = fresh draws on them.
+   With ``fit_steps=0`` (real weights) the model with the teacher in place generates the training
+   and the held-out images.
 3. The method personalizes from its usual initialization on the training images, through the
    ordinary train loop; its artifact is snapshotted at a few steps (the curve).
 4. Every snapshot, the initial artifact and the teacher are put into a fresh stock pipeline by
@@ -51,11 +55,24 @@ class RecoveryConfig:
     guidance_scale: float = 1.0
     prompt: str = "a photo of {}"  # {} = the method's subject phrase ("<sks>" or "sks dog")
     curve_points: int = 5  # snapshots at evenly spaced steps, step 0 included
+    # the fitted base (benchmark/recovery_fit.py); 0 = the model as it is, images made by the teacher
+    fit_steps: int = 0
+    fit_lr: float = 1e-3
+    fit_batch: int = 8  # per step: this many subject draws (with the teacher) and class draws
+    class_images: int = 16  # C: up to this many images of other subjects of the class
 
     def __post_init__(self) -> None:
-        for key in ("token_scale", "scales_std", "lora_scale", "guidance_scale"):
+        for key in ("token_scale", "scales_std", "lora_scale", "guidance_scale", "fit_steps", "fit_lr"):
             require(getattr(self, key) >= 0, f"recovery.{key}={getattr(self, key)} must be >= 0")
-        for key in ("lora_rank", "train_images", "heldout_images", "heldout_draws", "draw_batch"):
+        for key in (
+            "lora_rank",
+            "train_images",
+            "heldout_images",
+            "heldout_draws",
+            "draw_batch",
+            "fit_batch",
+            "class_images",
+        ):
             require(getattr(self, key) >= 1, f"recovery.{key}={getattr(self, key)} must be >= 1")
         require(self.generation_steps >= 1, f"recovery.generation_steps={self.generation_steps} must be >= 1")
         require(self.curve_points >= 2, f"recovery.curve_points={self.curve_points} must be >= 2")
@@ -88,17 +105,30 @@ def token_teacher(initial: dict[str, torch.Tensor], seed: int, scale: float) -> 
     return {name: (e0.double() + delta).to(e0.dtype)}
 
 
-def scales_teacher(initial: dict[str, torch.Tensor], seed: int, std: float) -> dict[str, torch.Tensor]:
-    """Every per-channel scale times (1 + std * N(0, 1)). TuneQDM: the same factor for all its
-    timestep sets (a timestep-independent teacher) and its delta_in left at 1."""
-    g, teacher = teacher_generator(seed), {}
-    for key in sorted(initial):
-        value = initial[key]
-        if key.endswith(".delta_in"):
+def scale_factors(unet, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """{layer weight name: 1 + std * N(0, 1) per output channel} for every Linear/Conv2d of the
+    U-Net (the layers PEQA and TuneQDM quantize): the scales teacher, independent of the method."""
+    g, factors = teacher_generator(seed), {}
+    for name, module in sorted(unet.named_modules()):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            factor = 1 + std * torch.randn(module.weight.shape[0], generator=g, dtype=torch.float64)
+            factors[f"{name}.weight"] = factor.float()
+    return factors
+
+
+def scales_teacher(
+    initial: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The method's scales times the layer's factors: PEQA's ``<layer>.scale``; TuneQDM's
+    ``<layer>.delta_out``, the same factor for all its timestep sets (a timestep-independent
+    teacher), its ``delta_in`` left as it is."""
+    teacher = {}
+    for key, value in initial.items():
+        layer, _, kind = key.rpartition(".")
+        if kind == "delta_in":
             teacher[key] = value.clone()
-            continue
-        factor = 1 + std * torch.randn(value.shape[-1], generator=g, dtype=torch.float64)
-        teacher[key] = (value.double() * factor).to(value.dtype)
+        else:
+            teacher[key] = (value.double() * factors[f"{layer}.weight"].double()).to(value.dtype)
     return teacher
 
 
@@ -119,13 +149,19 @@ def lora_teacher(unet, seed: int, rank: int, scale: float) -> dict[str, torch.Te
     return deltas
 
 
-def draw_teacher(method: Method, initial: dict[str, torch.Tensor], unet, seed: int, rc: RecoveryConfig):
-    kind = teacher_kind(method)
+def draw_change(kind: str, initial_token, unet, seed: int, rc: RecoveryConfig) -> dict[str, torch.Tensor]:
+    """The teacher as a change of the base, drawn from the seed: the token (token methods), the
+    per-layer scale factors (PEQA, TuneQDM) or the weight deltas (LoRA-shaped)."""
     if kind == "token":
-        return kind, token_teacher(initial, seed, rc.token_scale)
+        return token_teacher(initial_token, seed, rc.token_scale)
     if kind == "scales":
-        return kind, scales_teacher(initial, seed, rc.scales_std)
-    return kind, lora_teacher(unet, seed, rc.lora_rank, rc.lora_scale)
+        return scale_factors(unet, seed, rc.scales_std)
+    return lora_teacher(unet, seed, rc.lora_rank, rc.lora_scale)
+
+
+def teacher_artifact(kind: str, change, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The teacher as the method's artifact (what its ``apply`` or ``install`` puts in place)."""
+    return scales_teacher(initial, change) if kind == "scales" else change
 
 
 def install(pipeline, method: Method, kind: str, artifact: dict[str, torch.Tensor] | None) -> None:

@@ -2,11 +2,12 @@
 
     python -m benchmark.recovery_probe [methods=ti,lora,peqa] [seeds=8] [overrides of experiment=recovery]
 
-For each method (one per teacher kind by default) and seed: the teacher, the held-out images it
-makes, and the held-out denoising loss with the method's initial artifact (its state after
-``setup``) and with the teacher. Prints one CSV line per (method, seed) and a summary per
-method: the mean gap L_init - L_teacher, its 95 % bootstrap CI over seeds, and how many seeds
-have a positive gap. A recovery score is defined only where the gap is positive.
+For each method (one per teacher kind by default) and seed: the teacher, its base (fitted when
+``recovery.fit_steps > 0``, as in a run) and the held-out images, then the held-out denoising
+loss with the method's initial artifact (its state after ``setup``) and with the teacher.
+Prints one CSV line per (method, seed) and a summary per method: the mean gap L_init -
+L_teacher, its 95 % bootstrap CI over seeds, and how many seeds have a positive gap. A recovery
+score is defined only where the gap is positive.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from benchmark import data, models
-from benchmark.config import method_config, training_dtype
+from benchmark import data
+from benchmark.config import method_config
 from benchmark.jobs import CONF_DIR
-from benchmark.recovery import draw_teacher, generate, heldout_loss, install, teacher_kind
-from benchmark.recovery_run import recovery_config
+from benchmark.recovery import heldout_loss, install
+from benchmark.recovery_run import base_pipeline, prepare, recovery_config
 from benchmark.report import bootstrap_ci
 from methods.registry import method_class
 
@@ -31,31 +32,22 @@ def probe(method_name: str, seed: int, overrides: list[str]) -> tuple[float, flo
         cfg = compose("config", ["experiment=recovery", f"method={method_name}", f"seed={seed}", *overrides])
     rc, method_cfg = recovery_config(cfg), method_config(cfg)
     subject = data.get_subject(cfg.subject)
-    cls = method_class(method_name)
-    method = cls(method_cfg)
-    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
-    method.setup(components, subject)
-    kind = teacher_kind(method)
-    initial = method.state_dict() if kind != "lora" else None
-    prompt = rc.prompt.format(method.subject_phrase(subject))
+    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    image_paths = data.subject_image_paths(root, subject)
+    setting = prepare(cfg, rc, method_cfg, subject, image_paths, torch.device("cpu"))
+    initial = {k: v.detach().clone() for k, v in setting.method.state_dict().items()}
 
-    def pipeline_with(artifact):
-        pipeline = models.load_pipeline(cfg.model)
-        install(pipeline, cls(method_cfg), kind, artifact)
-        return pipeline
+    def loss_with(artifact):
+        pipeline = base_pipeline(cfg, setting.base_key, "cpu", torch.float32)
+        install(pipeline, method_class(method_name)(method_cfg), setting.kind, artifact)
+        return heldout_loss(pipeline, setting.images["heldout"], setting.prompt, seed, rc)
 
-    _, teacher = draw_teacher(method, initial or {}, models.load_pipeline(cfg.model).unet, seed, rc)
-    teacher_pipeline = pipeline_with(teacher)
-    heldout = generate(teacher_pipeline, prompt, rc.heldout_images, method_cfg.resolution, 2 * seed + 1, rc)
-    loss_teacher = heldout_loss(teacher_pipeline, heldout, prompt, seed, rc)
-    loss_initial = heldout_loss(pipeline_with(initial), heldout, prompt, seed, rc)
-    return loss_initial, loss_teacher
+    return loss_with(initial), loss_with(setting.teacher)
 
 
 def main(argv: list[str]) -> int:
     options = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("methods", "seeds"))
     overrides = [a for a in argv if a.split("=", 1)[0] not in ("methods", "seeds")]
-    torch.set_grad_enabled(False)
     print("method,seed,loss_initial,loss_teacher,gap")
     for name in options.get("methods", "ti,lora,peqa").split(","):
         gaps = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
-from benchmark import models
+from benchmark import data, models
 from benchmark.atomic import write_json_atomic
 from benchmark.config import config_error, training_dtype
 from benchmark.recovery import (
     RecoveryConfig,
     curve_fields,
     curve_steps,
-    draw_teacher,
+    draw_change,
     gap_closed,
     generate,
     heldout_scores,
@@ -36,10 +37,13 @@ from benchmark.recovery import (
     save_snapshot,
     save_tensors,
     snapshot_path,
+    teacher_artifact,
     teacher_kind,
     token_scores,
 )
+from benchmark.recovery_fit import bases_dir, fit_base, fit_key, fitted_base
 from benchmark.train import CHECKPOINT_NAME, train
+from methods.diffusion import token_ids
 from methods.registry import method_class
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,7 @@ def recovery_config(cfg) -> RecoveryConfig:
         raise config_error(e, "recovery.") from None
 
 
-def execute(cfg, method_cfg, subject, device, run_dir: Path, monitor) -> dict[str, Any]:
+def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
     from benchmark.run import TRAINED_NAME, release_memory
 
     rc = recovery_config(cfg)
@@ -65,21 +69,140 @@ def execute(cfg, method_cfg, subject, device, run_dir: Path, monitor) -> dict[st
     if trained_path.exists():
         trained = json.loads(trained_path.read_text())
     else:
-        trained = train_from_teacher(cfg, rc, method_cfg, subject, device, run_dir, steps, monitor)
+        trained = train_from_teacher(
+            cfg, rc, method_cfg, subject, image_paths, device, run_dir, steps, monitor
+        )
         write_json_atomic(trained_path, trained)
         (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
         release_memory(device)
     return {**trained["fields"], **score(cfg, rc, method_cfg, device, run_dir, trained)}
 
 
-def train_from_teacher(cfg, rc, method_cfg, subject, device, run_dir, steps, monitor) -> dict[str, Any]:
-    method = method_class(cfg.method.name)(method_cfg)
-    components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
-    method.setup(components, subject)
+@dataclass
+class Setting:
+    """A method set up on its base (fitted or not), with its teacher and images."""
+
+    method: Any
+    components: Any
+    kind: str
+    prompt: str
+    teacher: dict[str, torch.Tensor]
+    images: dict[str, torch.Tensor]  # "train", "heldout"
+    base_key: str | None  # the fitted base in <paths.results>/recovery_bases/ (None: not fitted)
+    fit_losses: list[float] | None = None
+
+
+def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | None = None) -> Setting:
+    """The teacher (drawn from the seed), the base (fitted when ``rc.fit_steps > 0``) and the
+    images; the method set up on that base. With a run directory, the teacher and images are
+    stored there and read back on a rerun."""
+    cls = method_class(cfg.method.name)
+    method = cls(method_cfg)
     kind = teacher_kind(method)
     prompt = rc.prompt.format(method.subject_phrase(subject))
-    teacher, images = teacher_and_images(cfg, rc, method, kind, prompt, method_cfg, device, run_dir)
-    method.precompute(images["train"], cfg.seed, steps)
+    initial_token = start_state(cfg, cls, method_cfg, subject) if kind == "token" else {}
+    change = draw_change(kind, initial_token, models.load_components(cfg.model).unet, cfg.seed, rc)
+    base_key, fit_losses, base = None, None, None
+    if rc.fit_steps:
+        base_key, fit_losses, base = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change,
+                                            initial_token, prompt, device)  # fmt: skip
+    components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
+    if base is not None:
+        components.unet.load_state_dict(base)
+    method.setup(components, subject)
+    teacher = teacher_artifact(kind, change, method.state_dict() if kind == "scales" else {})
+    images = stored_images(run_dir)
+    if images is None:
+        if rc.fit_steps:  # the subject's real images; held out: fresh (noise, t) draws on them
+            subject_images = data.load_images(image_paths, method_cfg.resolution)
+            images = {"train": subject_images, "heldout": subject_images.clone()}
+        else:
+            images = teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device)
+        if run_dir is not None:
+            save_tensors(run_dir / TEACHER_NAME, teacher)
+            save_tensors(run_dir / IMAGES_NAME, images)
+    return Setting(method, components, kind, prompt, teacher, images, base_key, fit_losses)
+
+
+def stored_images(run_dir: Path | None):
+    if run_dir is None or not (run_dir / IMAGES_NAME).exists():
+        return None
+    return load_file(str(run_dir / IMAGES_NAME))
+
+
+def start_state(cfg, cls, method_cfg, subject) -> dict[str, torch.Tensor]:
+    """The method's state right after ``setup`` on the model as it is (token methods: e0)."""
+    probe = cls(method_cfg)
+    probe.setup(models.load_components(cfg.model, dtype=training_dtype(method_cfg)), subject)
+    return {k: v.detach().cpu().clone() for k, v in probe.state_dict().items()}
+
+
+def teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device):
+    """fit_steps=0: the images the model as it is makes with the teacher in place."""
+    pipeline = models.load_pipeline(cfg.model, device=device)
+    install(pipeline, cls(method_cfg), kind, teacher)
+    resolution = method_cfg.resolution
+    return {
+        "train": generate(pipeline, prompt, rc.train_images, resolution, 2 * cfg.seed, rc),
+        "heldout": generate(pipeline, prompt, rc.heldout_images, resolution, 2 * cfg.seed + 1, rc),
+    }
+
+
+def prompt_states(cfg, cls, method_cfg, kind, token, prompt, device) -> torch.Tensor:
+    """P's text states in a stock pipeline, with ``token`` put in by the method's apply."""
+    pipeline = models.load_pipeline(cfg.model, device=device)
+    if kind == "token":
+        install(pipeline, cls(method_cfg), kind, token)
+    with torch.no_grad():
+        return pipeline.text_encoder(token_ids(pipeline.tokenizer, [prompt], device))[0]
+
+
+def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial_token, prompt, device):
+    """(cache key, fit losses or None when cached, fitted U-Net state): benchmark/recovery_fit.py."""
+    resolution = method_cfg.resolution
+    subject_images = data.load_images(image_paths, resolution)
+    class_images = data.load_images(class_image_paths(image_paths, subject, rc.class_images), resolution)
+    if kind == "token":  # P's states with the teacher's token, and with the token at its start
+        states = [
+            prompt_states(cfg, cls, method_cfg, kind, t, prompt, device) for t in (change, initial_token)
+        ]
+    else:
+        states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
+    fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
+    key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
+                   subject_images, class_images])  # fmt: skip
+    path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
+    losses = []
+
+    def fit():
+        components = models.load_components(cfg.model, device=device)
+        weight_change = {} if kind == "token" else change
+        losses.extend(fit_base(components, kind, weight_change, subject_images.to(device),
+                               class_images.to(device), states, rc, cfg.seed))  # fmt: skip
+        log.info("fitted base %s: L_fit %.4f -> %.4f over %d steps", key, losses[0], losses[-1], len(losses))
+        return {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
+
+    state = fitted_base(path, fit)
+    return key, losses or None, state
+
+
+def class_image_paths(image_paths, subject, count: int) -> list[Path]:
+    """C: up to ``count`` images of the other subjects of ``subject``'s class (all other subjects
+    if it has none), taken in turn from each subject so that every one is represented."""
+    root = Path(image_paths[0]).parent.parent
+    others = [s for s in data.SUBJECTS.values() if s.name != subject.name and (root / s.name).is_dir()]
+    same = [s for s in others if s.class_noun == subject.class_noun] or others
+    per_subject = [data.subject_image_paths(root, s) for s in same]
+    chosen = []
+    for i in range(max(map(len, per_subject), default=0)):
+        chosen += [paths[i] for paths in per_subject if i < len(paths)]
+    return chosen[:count]
+
+
+def train_from_teacher(cfg, rc, method_cfg, subject, image_paths, device, run_dir, steps, monitor):
+    setting = prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir)
+    method = setting.method
+    method.precompute(setting.images["train"], cfg.seed, steps)
     if not snapshot_path(run_dir, 0).exists():
         save_snapshot(run_dir, 0, method)  # the method's own initialization
     points = set(curve_steps(steps, rc.curve_points))
@@ -88,9 +211,9 @@ def train_from_teacher(cfg, rc, method_cfg, subject, device, run_dir, steps, mon
         if done in points:
             save_snapshot(run_dir, done, method)
 
-    monitor.loaded(components, method)
+    monitor.loaded(setting.components, method)
     result = train(
-        method, images["train"], steps, method_cfg.batch_size, cfg.seed, run_dir, device,
+        method, setting.images["train"], steps, method_cfg.batch_size, cfg.seed, run_dir, device,
         checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
         progress=cfg.train.progress, monitor=monitor, after_step=snapshot,
     )  # fmt: skip
@@ -100,30 +223,19 @@ def train_from_teacher(cfg, rc, method_cfg, subject, device, run_dir, steps, mon
         "resumed_from_step": result.resumed_from, "artifact_bytes": artifact_path.stat().st_size,
         "trainable_params": sum(t.numel() for t in method.state_dict().values()),
         "forward_passes_per_step": None, **monitor.summary(), **method.record_extras(),
-        "teacher_kind": kind, "recovery_prompt": prompt,
+        "teacher_kind": setting.kind, "recovery_prompt": setting.prompt, "recovery_base": setting.base_key,
     }  # fmt: skip
-    return {"artifact": artifact_path.name, "teacher_kind": kind, "prompt": prompt, "fields": fields}
+    return {"artifact": artifact_path.name, "teacher_kind": setting.kind, "prompt": setting.prompt,
+            "base": setting.base_key, "fields": fields}  # fmt: skip
 
 
-def teacher_and_images(cfg, rc, method, kind, prompt, method_cfg, device, run_dir: Path):
-    """The teacher (drawn from the seed) and the images the base model makes with it in place;
-    from the run directory when a previous attempt stored them."""
-    teacher_path, images_path = run_dir / TEACHER_NAME, run_dir / IMAGES_NAME
-    if teacher_path.exists() and images_path.exists():
-        return load_file(str(teacher_path)), load_file(str(images_path))
-    pipeline = models.load_pipeline(cfg.model, device=device)
-    initial = method.state_dict() if kind != "lora" else {}
-    _, teacher = draw_teacher(method, initial, pipeline.unet, cfg.seed, rc)
-    install(pipeline, method_class(cfg.method.name)(method_cfg), kind, teacher)
-    resolution = method_cfg.resolution
-    images = {
-        "train": generate(pipeline, prompt, rc.train_images, resolution, 2 * cfg.seed, rc),
-        "heldout": generate(pipeline, prompt, rc.heldout_images, resolution, 2 * cfg.seed + 1, rc),
-    }
-    del pipeline
-    save_tensors(teacher_path, teacher)
-    save_tensors(images_path, images)
-    return teacher, images
+def base_pipeline(cfg, trained_base: str | None, device, dtype):
+    """A stock pipeline with the run's base U-Net: the fitted one, or the model as it is."""
+    pipeline = models.load_pipeline(cfg.model, device=device, dtype=dtype)
+    if trained_base is not None:
+        state = load_file(str(bases_dir(cfg.paths.results) / f"{trained_base}.safetensors"))
+        pipeline.unet.load_state_dict(state)
+    return pipeline
 
 
 def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +246,7 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def scores_with(artifact) -> tuple[float, torch.Tensor]:
-        pipeline = models.load_pipeline(cfg.model, device=device, dtype=dtype)
+        pipeline = base_pipeline(cfg, trained.get("base"), device, dtype)
         install(pipeline, method_class(cfg.method.name)(method_cfg), kind, artifact)
         return heldout_scores(pipeline, heldout, prompt, cfg.seed, rc)
 

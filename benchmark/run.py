@@ -141,7 +141,7 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
     if cfg.mode == "recovery":  # known-answer experiment: teacher-made images, no CLIP/DINO
         from benchmark import recovery_run
 
-        return recovery_run.execute(cfg, method_cfg, subject, device, run_dir, monitor)
+        return recovery_run.execute(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
     trained_path = run_dir / TRAINED_NAME
     if trained_path.exists():  # killed after training: its artifact and record fields are on disk
         log.info("training already done (%s): evaluating", trained_path)

@@ -86,6 +86,8 @@ class ModelSchema:
     name: str = MISSING
     kind: str = MISSING
     family: str = "sd1"  # sd1 | sd2 | sdxl (benchmark/families.py)
+    # per text encoder: the CLIP whose text tower it is (hub id, folder, or "random"; GF-TI's init)
+    text_encoder_clip: list[str] | None = None
     resolution: int = 512
     num_train_timesteps: int = 1000
     max_train_steps: int | None = None
@@ -97,6 +99,7 @@ class ModelSchema:
     vae: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None
     text_encoder_2: dict[str, Any] | None = None  # tiny sdxl
+    vae_posterior_logvar: float | None = None  # tiny, arch: benchmark.models.set_posterior_logvar
 
     def __post_init__(self) -> None:
         _require_choice("model.kind", self.kind, MODEL_KINDS)
@@ -390,6 +393,9 @@ class Checker:
             self.attempt(
                 self.disk.once, key, check_placeholder_token, method_cfg.placeholder_token, run_cfg.model
             )
+        if method_cfg is not None and getattr(method_cfg, "init", None) == "cross_attention":
+            for source in method_cfg.init_clip:  # GF-TI's init CLIP: a one-line error without it
+                self.attempt(self.disk.once, ("clip", source), models.locate_clip, source)
         if self.found:
             return None
         return ValidRun(run_cfg, method_cfg, subject, device, image_paths or [])
@@ -421,7 +427,15 @@ def check_metric_weights(eval_cfg) -> None:
 
 
 def check_method_against_model(method_cfg: MethodConfig, model: ModelSchema) -> None:
-    """Rules that need both sections: the timestep window lies inside the model's schedule."""
+    """Rules that need both sections: the timestep window lies inside the model's schedule; GF-TI's
+    init CLIPs are one per text encoder."""
+    if getattr(method_cfg, "init", None) == "cross_attention":
+        encoders = 2 if model.family == "sdxl" else 1
+        require(
+            len(method_cfg.init_clip) == encoders,
+            f"method.init_clip={list(method_cfg.init_clip)} names {len(method_cfg.init_clip)} CLIP models; "
+            f"model.family={model.family} has {encoders} text encoder(s): give one per encoder",
+        )
     if hasattr(method_cfg, "T_L") and hasattr(method_cfg, "T_U"):
         T = model.num_train_timesteps
         require(

@@ -19,9 +19,10 @@ candidate is scored is ``protocol``:
   (common random numbers, one forward pass per candidate), token e0 + x P (x = 0 is the
   class noun), artifact = the CMA-ES mean (cma's ``xfavorite``).
 
-The initial token e0 is the class noun's embedding in both (feizc: a unit-norm vector from a
-parameter-free cross-attention of CLIP image features over ImageNet class names, which needs
-a full CLIP model at training time: not reproduced, see conf/method/gfti.yaml).
+The initial token e0 is ``init``: ``cross_attention`` (feizc's initialize_inversion.py, the
+default: a unit-norm vector from CLIP image features of the training images attending over
+ImageNet class names, ``methods.gfti_init``; the CLIP named by ``init_clip``) or
+``initializer`` (the embedding of ``method.initializer``, the class noun by default).
 
 CMA-ES draws its normal samples from the step's generator (the ``randn`` option), so a run
 is reproducible; the whole CMA-ES object is pickled into the checkpoint.
@@ -36,16 +37,19 @@ import pickle
 
 import numpy as np
 import torch
+from torch._guards import detect_fake_mode
 
 from methods.base import require
 from methods.conditioning import encode_prompts, prompt_ids
 from methods.diffusion import denoising_loss, noisy_latents, randn
+from methods.gfti_init import class_keys, cross_attention_token
 from methods.latent_cache import release_weights
 from methods.prompts import sample_prompts
 from methods.quantized_model import check_quantize, quantize_networks
 from methods.token_method import TokenConfig, TokenMethod
 
 PROTOCOLS = ("official", "ours")
+INITS = ("cross_attention", "initializer")
 
 
 @dataclasses.dataclass
@@ -59,6 +63,8 @@ class GFTIConfig(TokenConfig):
     protocol: str = "official"
     repeats: int = 5
     flip_p: float = 0.5
+    init: str = "cross_attention"
+    init_clip: list[str] | None = None  # per text encoder: hub id, folder, or "random"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +78,13 @@ class GFTIConfig(TokenConfig):
         )
         require(self.repeats >= 1, f"method.repeats={self.repeats} must be >= 1")
         require(0 <= self.flip_p <= 1, f"method.flip_p={self.flip_p} must be in [0, 1]")
+        require(self.init in INITS, f"method.init={self.init!r}; choose one of: {', '.join(INITS)}")
+        require(
+            self.init != "cross_attention" or bool(self.init_clip),
+            "method.init=cross_attention needs the CLIP model whose text tower is the model's text "
+            "encoder: set model.text_encoder_clip=[<hub id or folder>] (one per text encoder), "
+            "or method.init=initializer",
+        )
 
 
 def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,9 +120,15 @@ class GradientFreeTI(TokenMethod):
         mean = vocabulary.detach().double().mean(dim=0)
         self.offset = mean if cfg.protocol == "official" else torch.zeros_like(mean)
         self.token_id = self.add_token(components, subject)
+        # cross_attention: the keys and values now, before quantization (a random CLIP's text
+        # tower is the text encoder); the queries (the images) come in precompute
+        self.init_keys = None
+        if cfg.init == "cross_attention" and detect_fake_mode() is None:
+            encoders = zip(components.tokenizers, components.text_encoders, cfg.init_clip)
+            self.init_keys = [class_keys(tokenizer, encoder, clip) for tokenizer, encoder, clip in encoders]
         quantize_networks(components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme)
         self.embeddings = components.text_encoder.get_input_embeddings().weight  # frozen
-        self.initial_token = self.rows.read().double().clone()
+        self.initial_token = self.rows.read().double().clone()  # init=initializer (or fake tensors)
         self.randn = StepNormal()
         options = {"popsize": cfg.popsize, "seed": np.nan, "randn": self.randn, "verbose": -9}
         import cma  # here, not at the top: it loads matplotlib, and validation must not wait for it
@@ -120,7 +139,14 @@ class GradientFreeTI(TokenMethod):
 
     def precompute(self, images, seed, steps) -> None:
         """official: the VAE posterior (mean, std) of every image and of its mirror image, once;
-        each sample then draws its latent from it (the same draw as encoding it again)."""
+        each sample then draws its latent from it (the same draw as encoding it again).
+        init=cross_attention: e0 from the images (methods.gfti_init), then the CLIP is freed."""
+        if self.init_keys is not None:
+            rows = [cross_attention_token(keys, images) for keys in self.init_keys]
+            self.initial_token = torch.cat(rows).double().to(self.basis.device)
+            self.init_keys = None
+            with torch.no_grad():
+                self._write_token(self.token_from(self.saved_x()))
         if self.cfg.protocol != "official":
             return super().precompute(images, seed, steps)  # cache_latents (methods/latent_cache.py)
         vae = self.c.vae
@@ -203,13 +229,19 @@ class GradientFreeTI(TokenMethod):
         return losses
 
     def checkpoint(self):
-        return {"es": pickle.dumps(self.es), "best_x": torch.as_tensor(self.best_x)}
+        return {
+            "es": pickle.dumps(self.es),
+            "best_x": torch.as_tensor(self.best_x),
+            "initial_token": self.initial_token.cpu(),
+        }
 
     def restore(self, state) -> None:
         self.es = pickle.loads(state["es"])
         self.randn = self.es.opts["randn"]
         if "best_x" in state:  # checkpoints written before protocol=official have none
             self.best_x = state["best_x"].numpy()
+        if "initial_token" in state:  # e0 as trained (cross_attention: not recomputed)
+            self.initial_token = state["initial_token"].to(self.initial_token.device)
         with torch.no_grad():
             self._write_token(self.token_from(self.saved_x()))
 
@@ -218,6 +250,8 @@ class GradientFreeTI(TokenMethod):
             "forward_passes_per_step": self.forward_passes_per_step(),
             "subspace_dim": self.subspace_dim,
             "cma_sigma": float(self.es.sigma),
+            "initial_token_norm": float(self.initial_token.norm()),
+            "cma_evaluations": int(self.es.countevals),  # candidates scored (feizc's --budget)
         }
 
     def forward_passes_per_step(self) -> int:

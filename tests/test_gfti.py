@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from benchmark import data, models
@@ -15,6 +16,7 @@ from benchmark.config import method_config
 from benchmark.records import REQUIRED_FIELDS
 from benchmark.run import run
 from benchmark.train import step_generator
+from methods import gfti_init
 from methods.base import ConfigError
 from methods.gfti import GradientFreeTI, principal_directions
 
@@ -161,6 +163,7 @@ def test_artifact_is_a_diffusers_token_file_that_changes_the_output(make_method,
         "method.precision=fp8",
         "method.protocol=feizc",
         "method.repeats=0",
+        "method.init=mean",
     ],
 )
 def test_bad_settings_are_config_errors(tiny_cfg, override):
@@ -176,4 +179,109 @@ def test_run_writes_a_complete_record(tiny_cfg):
     assert record["method.protocol"] == "official"  # the default: Table 1's protocol
     assert record["train_steps"] == 2 and record["forward_passes_per_step"] == 2 * 5  # x 5 dog6 images
     assert record["subspace_dim"] == 32 and record["trainable_params"] == 32
+    assert record["method.init"] == "cross_attention" and record["method.init_clip"] == ["random"]
+    assert record["initial_token_norm"] == pytest.approx(1, abs=1e-6)  # feizc's unit-norm e0
+    assert record["cma_evaluations"] == 2 * 2  # generations x popsize: feizc's --budget counts these
     assert record["clip_i"] is not None and record["artifact_bytes"] > 0
+
+
+def test_init_lists_are_feizcs(monkeypatch):
+    monkeypatch.undo()  # the full lists, not conftest's first 8 names
+    names, templates = gfti_init.imagenet_classes()
+    # feizc utils.py: automatic_subjective_classnames (1,000, duplicates kept), imagenet_template (80)
+    assert len(names) == 1000 and names.count("sunglasses") == 2 and names[21] == "kite (bird of prey)"
+    assert names[0] == "tench" and names[-1] == "toilet paper"
+    assert len(templates) == 80 and templates[0]("X") == "a bad photo of a X."
+    assert templates[-1]("X") == "a tattoo of the X."
+
+
+def feizc_initialize(tokenizer, text_features, image_features, table, names, templates):
+    """A transcription of feizc's initialize_inversion.py (embedding_generate, then
+    image_condition_embed_initialize): per class, 77-token padding, images one by one."""
+    sentence_weights, token_weights = [], []
+    for name in names:
+        texts = [template(name) for template in templates]
+        ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        class_embedding = F.normalize(text_features(ids), dim=-1).mean(dim=0)
+        sentence_weights.append(class_embedding / class_embedding.norm())
+        token_ids = tokenizer.encode(name, add_special_tokens=False)
+        token_weights.append(torch.stack([table[i] for i in token_ids]).mean(dim=0))
+    sentence_weights, token_weights = torch.stack(sentence_weights, dim=1), torch.stack(token_weights)
+    inversions = []
+    for features in image_features:
+        attention = torch.softmax(features[None] @ sentence_weights, dim=-1)
+        inversions.append(attention @ token_weights)
+    final = torch.stack(inversions).mean(dim=0)
+    return (final / final.norm())[0]
+
+
+def test_cross_attention_init_matches_feizcs_code(tiny_cfg, images):
+    components = models.load_components(tiny_cfg().model)
+    tokenizer, encoder = components.tokenizer, components.text_encoder
+    keys = gfti_init.class_keys(tokenizer, encoder, gfti_init.RANDOM)
+    ours = gfti_init.cross_attention_token(keys, images)
+    text_features, image_tower, size = gfti_init._clip_towers(gfti_init.RANDOM, encoder, seed=0)
+    with torch.no_grad():
+        queries = F.normalize(image_tower(gfti_init.clip_pixels(images, size)), dim=-1)
+        names, templates = gfti_init.imagenet_classes()
+        table = encoder.get_input_embeddings().weight
+        reference = feizc_initialize(tokenizer, text_features, queries, table, names, templates)
+    assert len(names) == 8 and len(queries) == len(images) == 5
+    assert ours.norm() == pytest.approx(1, abs=1e-6)
+    # fp32 sums in another order (77 vs longest padding, batched vs per image): ~1e-7 apart
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    # the source: with one class, the softmax is 1 and e0 is that name's token embedding, normalized
+    names_one = (["golden retriever"], templates)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gfti_init, "imagenet_classes", lambda: names_one)
+        alone = gfti_init.cross_attention_token(gfti_init.class_keys(tokenizer, encoder, "random"), images)
+    rows = table[tokenizer.encode("golden retriever", add_special_tokens=False)].detach().mean(dim=0)
+    torch.testing.assert_close(alone, rows / rows.norm(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["official", "ours"])
+def test_the_search_starts_at_the_cross_attention_token(make_method, protocol):
+    method, components, cfg = make_method("method.init=cross_attention", protocol=protocol)
+    e0 = method.initial_token
+    assert e0.norm() == pytest.approx(1, abs=1e-6)
+    class_noun = make_method("method.init=initializer", protocol=protocol)[0].initial_token
+    assert not torch.allclose(e0, class_noun)
+    start = method.state_dict()["<sks>"][0].double()  # the token before step 0: x = 0
+    expected = e0 + method.offset  # official: PCA.inverse_transform adds the vocabulary mean
+    torch.testing.assert_close(start, expected.float().double(), rtol=0, atol=0)
+    assert protocol == "official" or torch.equal(method.offset, torch.zeros_like(method.offset))
+
+
+def test_cross_attention_init_needs_a_clip_per_text_encoder(tiny_cfg):
+    with pytest.raises(ConfigError, match="model.text_encoder_clip"):
+        method_config(tiny_cfg("method=gfti", "model.text_encoder_clip=null"))
+    assert method_config(tiny_cfg("method=gfti", "model.text_encoder_clip=null", "method.init=initializer"))
+
+
+def test_table1_runs_gfti_with_feizcs_protocol_init_and_the_papers_evaluations(tmp_path):
+    from benchmark.sweep import plan_sweep
+
+    args = ["experiment=table1", "method=gfti", "subject=dog6", f"paths.results={tmp_path}"]
+    (planned,) = plan_sweep(args)
+    assert planned.value("method.protocol") == "official"
+    assert planned.value("method.init") == "cross_attention"
+    assert planned.value("method.init_clip") == ["openai/clip-vit-large-patch14"]  # feizc's ./clip for SD1.5
+    assert planned.value("method.steps") * planned.value("method.popsize") == 13_000  # ZOODiP's GF-TI row
+
+
+def test_a_missing_init_clip_is_refused_before_training_with_one_line(tiny_cfg, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from benchmark.schema import validate
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(models.WeightsUnavailable) as err:
+        validate(tiny_cfg("method=gfti", "model.text_encoder_clip=[zo-bench-tests/no-such-clip]"))
+    message = str(err.value)
+    assert "\n" not in message and "zo-bench-tests/no-such-clip" in message
+    assert "method.init=initializer" in message  # says what to do
+    (tmp_path / "clip").mkdir()  # a folder without config.json
+    with pytest.raises(models.WeightsUnavailable, match="config.json"):
+        validate(tiny_cfg("method=gfti", f"model.text_encoder_clip=[{tmp_path / 'clip'}]"))
+    with pytest.raises(ConfigError, match="give one per encoder"):  # SD1: one text encoder
+        validate(tiny_cfg("method=gfti", "model.text_encoder_clip=[random,random]"))

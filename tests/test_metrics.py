@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -134,14 +133,20 @@ def test_random_models_are_seeded():
 
 @pytest.mark.parametrize("eval_name", ["zoodip", "dreambooth"])
 @pytest.mark.parametrize("which", ["clip", "dino"])
-def test_offline_real_weights_fail_fast(eval_name, which):
+def test_offline_real_weights_fail_fast(eval_name, which, monkeypatch):
+    """Fast = no network attempt at all (no timeouts, no retries); no wall-clock assertion."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     cfg = OmegaConf.load(CONF_DIR / "eval" / f"{eval_name}.yaml")
     other = "dino" if which == "clip" else "clip"
     cfg[other] = smoke_cfg()[other]  # only the model under test needs weights
-    t0 = time.perf_counter()
     with pytest.raises(MetricModelsUnavailable) as err:
         Scorer(cfg)
-    assert time.perf_counter() - t0 < 10
     message = str(err.value)
     assert "\n" not in message and f"eval.{which}.checkpoint=<file>" in message
 

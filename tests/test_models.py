@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may touch the network
@@ -101,19 +100,19 @@ def test_tiny_fp16_is_the_fp32_model_rounded(tiny):
 
 
 @torch.no_grad()
-def test_tiny_unet_and_vae_shapes_and_speed(tiny):
+def test_tiny_unet_and_vae_shapes_and_size(tiny):
     states = text_states(tiny, "a photo of a sks dog")
     assert states.shape == (1, 77, 32)
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents = tiny.vae.encode(images).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8)
     assert tiny.vae.decode(latents).sample.shape == (1, 3, 64, 64)
-    tiny.unet(latents, torch.tensor([500]), states)  # warm-up
-    start = time.perf_counter()
     out = tiny.unet(latents, torch.tensor([500]), states).sample
-    elapsed = time.perf_counter() - start
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    assert elapsed < 1.0, f"tiny UNet forward took {elapsed:.2f}s"
+    # "a few-MB model": what keeps the suite fast is its size (no wall-clock assertion)
+    networks = ("unet", "vae", "text_encoder")
+    sizes = {name: sum(p.numel() for p in getattr(tiny, name).parameters()) for name in networks}
+    assert sum(sizes.values()) < 4_000_000, sizes  # 1.6 M of them the 49,408 x 32 token table
 
 
 def test_tiny_unet_trains_when_unfrozen(tiny):
@@ -190,12 +189,18 @@ def offline(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_hub_without_network_or_cache_fails_fast(offline):
+def test_hub_without_network_or_cache_fails_fast(offline, monkeypatch):
+    """Fast = no network attempt at all (no timeouts, no retries); no wall-clock assertion."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     cfg = model_cfg("sd15", hub_id="zo-bench-tests/no-such-model")
-    start = time.perf_counter()
     with pytest.raises(WeightsUnavailable) as err:
         load_components(cfg)
-    assert time.perf_counter() - start < 10
     message = str(err.value)
     assert "\n" not in message
     assert "'zo-bench-tests/no-such-model'" in message and "model.path=" in message

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmark import models
+from benchmark import data, models
+from benchmark.models import set_posterior_logvar
 from benchmark.recovery import (
     RecoveryConfig,
     curve_steps,
@@ -19,23 +20,33 @@ from benchmark.recovery import (
     heldout_loss,
     install,
     lora_teacher,
+    scale_factors,
     scales_teacher,
     token_scores,
     token_teacher,
 )
-from benchmark.recovery_run import IMAGES_NAME, TEACHER_NAME
+from benchmark.recovery_fit import fit_key, teacher_weights
+from benchmark.recovery_run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
 from benchmark.run import run
 from benchmark.schema import validate
 from methods.base import ConfigError
 from methods.textual_inversion import TextualInversion
 from tests.conftest import compose
 
-# A run small enough for CI: 2 steps, 2 images each, 8 held-out draws, 2 sampler steps.
+# A run small enough for CI: 2 steps, a 2-step fit of the base, 8 held-out draws (the machinery,
+# not the measurement: that is `nox -s recovery`).
 SMALL = [
-    "experiment=recovery", "train.max_steps=2", "recovery.curve_points=3", "recovery.train_images=2",
-    "recovery.heldout_images=2", "recovery.heldout_draws=8", "recovery.draw_batch=8",
-    "recovery.generation_steps=2",
+    "experiment=recovery", "model=tiny_recovery", "train.max_steps=2", "recovery.curve_points=3",
+    "recovery.heldout_draws=8", "recovery.draw_batch=8", "recovery.fit_steps=2", "recovery.fit_batch=2",
+    "recovery.class_images=4",
 ]  # fmt: skip
+# fit_steps=0: no fit, the images made by the model with the teacher in place (2 of each, 2 sampler steps)
+GENERATED = [
+    "recovery.fit_steps=0",
+    "recovery.train_images=2",
+    "recovery.heldout_images=2",
+    "recovery.generation_steps=2",
+]
 
 
 def test_token_teacher_is_drawn_from_the_seed_at_the_set_distance():
@@ -47,17 +58,28 @@ def test_token_teacher_is_drawn_from_the_seed_at_the_set_distance():
 
 
 def test_scales_teacher_keeps_tuneqdm_sets_equal_and_delta_in_at_one():
+    unet = models.build_from_config(compose(["model=tiny"]).model).unet
+    factors = scale_factors(unet, 0, 0.1)
+    again, other = scale_factors(unet, 0, 0.1), scale_factors(unet, 1, 0.1)
+    assert all(torch.equal(factors[k], again[k]) for k in factors)  # drawn from the seed
+    assert not any(torch.equal(factors[k], other[k]) for k in factors)
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert sorted(factors) == sorted(f"{n}.weight" for n in layers)
+    name = layers[0]
+    out = unet.get_submodule(name).weight.shape[0]
+    assert factors[f"{name}.weight"].shape == (out,)
+    assert (factors[f"{name}.weight"] - 1).abs().max() < 0.6  # 0.1 N(0,1): 6 sigma
     initial = {
-        "a.delta_out": torch.rand(4, 6) + 0.5,
-        "a.delta_in": torch.ones(4, 3),
-        "b.scale": torch.rand(5),
+        f"{name}.delta_out": torch.rand(4, out) + 0.5,  # TuneQDM: 4 timestep sets
+        f"{name}.delta_in": torch.ones(4, 3),
+        f"{layers[1]}.scale": torch.rand(unet.get_submodule(layers[1]).weight.shape[0]) + 0.5,  # PEQA
     }
-    teacher = scales_teacher(initial, 0, 0.1)
-    factor = teacher["a.delta_out"] / initial["a.delta_out"]
-    assert torch.allclose(factor, factor[:1].expand_as(factor))  # one timestep-independent factor
-    assert not torch.allclose(factor, torch.ones_like(factor))
-    assert torch.equal(teacher["a.delta_in"], initial["a.delta_in"])
-    assert (teacher["b.scale"] / initial["b.scale"] - 1).abs().max() < 0.6  # 0.1 N(0,1): 6 sigma
+    teacher = scales_teacher(initial, factors)
+    ratio = teacher[f"{name}.delta_out"] / initial[f"{name}.delta_out"]
+    assert torch.allclose(ratio, factors[f"{name}.weight"].expand_as(ratio), rtol=1e-6)  # every set
+    assert torch.equal(teacher[f"{name}.delta_in"], initial[f"{name}.delta_in"])
+    peqa_ratio = teacher[f"{layers[1]}.scale"] / initial[f"{layers[1]}.scale"]
+    assert torch.allclose(peqa_ratio, factors[f"{layers[1]}.weight"], rtol=1e-6)
 
 
 def test_lora_teacher_is_low_rank_with_the_set_relative_norm():
@@ -112,10 +134,35 @@ def test_recovery_config_refuses_bad_values(tiny_cfg):
         validate(tiny_cfg(*SMALL, "+experiment/recovery=ti", "+recovery.nope=1"))
 
 
-@pytest.mark.parametrize("arm", ["ti", "peqa", "hollowed_f05"])  # token, scales, LoRA-shaped teachers
-def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, arm):
-    cfg = tiny_cfg(*SMALL, f"+experiment/recovery={arm}")
-    record = run(cfg)
+@pytest.fixture(scope="module")
+def arm_run(tmp_path_factory, dataset_root):
+    """(cfg, record) of one small run of an arm, run once per module: the runs are the slow part,
+    and the end-to-end test and the report test read the same one."""
+    done = {}
+
+    def get(arm: str, extra: list[str]):
+        key = (arm, tuple(extra))
+        if key not in done:
+            results = tmp_path_factory.mktemp(f"recovery_{arm}") / "results"
+            base = [
+                "model=tiny",
+                f"data.root={dataset_root}",
+                f"paths.results={results}",
+                "train.progress=false",
+            ]
+            cfg = compose([*base, *SMALL, f"+experiment/recovery={arm}", *extra])
+            done[key] = cfg, run(cfg)
+        return done[key]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "arm, extra",
+    [("ti", []), ("peqa", GENERATED), ("hollowed_f05", [])],  # token, scales, LoRA-shaped teachers
+)
+def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, extra):
+    cfg, record = arm_run(arm, extra)
     assert record["status"] == "ok", record["error"]
     (run_dir,) = Path(cfg.paths.results).glob("runs/*/dog6/*")
     assert record["curve_step"] == [0, 1, 2]
@@ -133,7 +180,15 @@ def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, arm):
     last = load_file(str(run_dir / "snapshots" / "step0000002.safetensors"))
     assert artifact.keys() == last.keys() and all(torch.equal(artifact[k], last[k]) for k in artifact)
     images = load_file(str(run_dir / IMAGES_NAME))
-    assert images["train"].shape == (2, 3, 64, 64) and not torch.equal(images["train"], images["heldout"])
+    if extra:  # made by the teacher: two sets of 2
+        assert record["recovery_base"] is None
+        assert images["train"].shape == (2, 3, 64, 64) and not torch.equal(images["train"], images["heldout"])
+    else:  # the subject's real images, held out = fresh draws on them; the base fitted and cached
+        photos = data.load_images(data.subject_image_paths(dataset_root, "dog6"), 64)
+        assert torch.equal(images["train"], photos) and torch.equal(images["heldout"], photos)
+        assert (
+            Path(cfg.paths.results) / "recovery_bases" / f"{record['recovery_base']}.safetensors"
+        ).exists()
     if arm == "ti":
         teacher, start = (
             load_file(str(run_dir / TEACHER_NAME)),
@@ -148,12 +203,12 @@ def test_one_run_per_teacher_kind_records_its_curve(tiny_cfg, arm):
     assert run(cfg)["run_key"] == record["run_key"]  # done: the rerun reads the record
 
 
-def test_report_draws_the_table_and_the_curves(tiny_cfg, capsys):
+def test_report_draws_the_table_and_the_curves(arm_run, capsys):
     from benchmark.report import main as report_main
 
-    cfg = tiny_cfg(*SMALL, "+experiment/recovery=ti")
-    assert run(cfg)["status"] == "ok"
-    args = [*SMALL, "+experiment/recovery=ti", "seed=0", "model=tiny", f"data.root={cfg.data.root}"]
+    cfg, record = arm_run("ti", [])
+    assert record["status"] == "ok"
+    args = [*SMALL, "+experiment/recovery=ti", "seed=0", f"data.root={cfg.data.root}"]
     args.append(f"paths.results={cfg.paths.results}")
     assert report_main(args) == 0
     out = Path(cfg.paths.results) / "recovery"
@@ -162,3 +217,77 @@ def test_report_draws_the_table_and_the_curves(tiny_cfg, capsys):
     assert "| 1 / 1 |" in row
     assert (out / "curves.png").stat().st_size > 10_000
     assert not math.isnan(float(__import__("pandas").read_csv(out / "table.csv")["gap"][0]))
+
+
+def test_teacher_weights_apply_the_teacher_functionally_and_pass_gradients():
+    params = {
+        "a.weight": torch.randn(3, 2, requires_grad=True),
+        "c.weight": torch.randn(2, 2, 1, 1, requires_grad=True),
+    }
+    delta = {"a.weight": torch.ones(3, 2)}
+    lora = teacher_weights(params, "lora", delta)
+    assert set(lora) == {"a.weight"} and torch.equal(lora["a.weight"], params["a.weight"] + 1)
+    factors = {"a.weight": torch.tensor([1.0, 2.0, 3.0]), "c.weight": torch.tensor([0.5, 1.0])}
+    scaled = teacher_weights(params, "scales", factors)
+    assert torch.equal(scaled["a.weight"], params["a.weight"] * torch.tensor([[1.0], [2.0], [3.0]]))  # rows
+    assert torch.equal(scaled["c.weight"][0], params["c.weight"][0] * 0.5)
+    assert teacher_weights(params, "token", {"<sks>": torch.ones(1, 2)}) == {}  # the text states carry it
+    scaled["a.weight"].sum().backward()  # the fit trains W through W (+) teacher
+    assert torch.equal(params["a.weight"].grad, factors["a.weight"][:, None].expand(3, 2))
+
+
+def test_recovery_model_has_a_deterministic_posterior_at_unit_scale(dataset_root):
+    """tiny_recovery: the images reach the latents (a random VAE's posterior is noise, std ~1)."""
+    cfg = compose(["experiment=recovery"])
+    assert cfg.model.name == "tiny_recovery"
+    vae = models.build_from_config(cfg.model).vae
+    photos = data.load_images(data.subject_image_paths(dataset_root, "dog6"), 64)
+    posterior = vae.encode(photos).latent_dist
+    assert posterior.std.max().item() == pytest.approx(math.exp(-4.5), rel=1e-3)
+    latent_std = (posterior.mean * vae.config.scaling_factor).std().item()
+    assert 0.7 < latent_std < 1.4  # unit scale as SD's latents (scaling 4.05 from a std of 0.247)
+    random_vae = models.build_from_config(compose(["model=tiny"]).model).vae
+    assert random_vae.encode(photos).latent_dist.std.mean().item() > 0.5  # what tiny_recovery fixes
+    set_posterior_logvar(random_vae, None)  # None leaves it as it is
+    assert random_vae.encode(photos).latent_dist.std.mean().item() > 0.5
+
+
+def test_class_images_are_the_other_subjects_of_the_class_in_turn(dataset_root):
+    dog6 = data.subject_image_paths(dataset_root, "dog6")
+    chosen = class_image_paths(dog6, data.get_subject("dog6"), 8)
+    folders = [p.parent.name for p in chosen]
+    assert folders == ["dog", "dog2", "dog3", "dog5", "dog7", "dog8", "dog", "dog2"]
+    can = data.subject_image_paths(dataset_root, "can")  # the only can: every other subject
+    others = {p.parent.name for p in class_image_paths(can, data.get_subject("can"), 100)}
+    assert "can" not in others and len(others) == 29
+
+
+def test_fitted_base_is_cached_by_its_inputs(tiny_cfg):
+    """The fit changes the U-Net, is stored once under its key, and is read back, not refitted."""
+    from benchmark.config import method_config
+    from methods.registry import method_class
+
+    cfg = tiny_cfg(*SMALL, "+experiment/recovery=dreambooth", "recovery.fit_steps=1")
+    rc, method_cfg, subject = recovery_config(cfg), method_config(cfg), data.get_subject("dog6")
+    paths, cls = data.subject_image_paths(cfg.data.root, subject), method_class("dreambooth")
+    unet = models.load_components(cfg.model).unet
+    change = lora_teacher(unet, 0, 4, 0.5)
+    args = (
+        cfg,
+        rc,
+        cls,
+        method_cfg,
+        subject,
+        paths,
+        "lora",
+        change,
+        {},
+        "a photo of sks dog",
+        torch.device("cpu"),
+    )
+    key, losses, state = fitted(*args)
+    assert losses is not None and len(losses) == 1 and math.isfinite(losses[0])
+    assert any(not torch.equal(state[k], v) for k, v in unet.state_dict().items())
+    again_key, again_losses, again = fitted(*args)
+    assert again_key == key and again_losses is None and all(torch.equal(again[k], state[k]) for k in state)
+    assert fit_key([change]) != fit_key([lora_teacher(unet, 1, 4, 0.5)])  # another teacher, another base

@@ -190,3 +190,21 @@ def test_zo_high_steps_lower_the_heldout_loss_from_a_bp_low_start(tiny_cfg, data
     assert after < before * (1 - 1e-5), (before, after)
     inert_before, inert_after = _zo_high_descent(tiny_cfg, dataset_root, "method.zo_lr=0")
     assert inert_before == before and inert_after == inert_before  # an inert update fails the check
+
+
+def test_zo_normalize_divides_the_zo_high_step_by_the_official_factor(tiny_cfg, dataset_root):
+    """method.zo_normalize reaches the estimate: one ZO-SGD step from the same start and draws is
+    sqrt((d + n - 1) / n) times smaller with it (d = LoRA parameters, n = 2 directions)."""
+    from benchmark.calibrate_selective import run_steps
+
+    steps = {}
+    for normalize in (True, False):
+        overrides = ("method.zo_optimizer=sgd", "method.zo_lr=1.0", f"method.zo_normalize={normalize}")
+        method, _, images = make_method(tiny_cfg, dataset_root, *overrides)
+        before = [p.detach().clone() for p in method.params.values()]
+        run_steps(method, images, "always_zo_high", 0, 1, seed=0)
+        steps[normalize] = torch.cat([(p - b).flatten() for p, b in zip(method.params.values(), before)])
+    d, n = steps[True].numel(), method.cfg.n
+    ratio = float(steps[False] @ steps[True] / (steps[True] @ steps[True]))
+    # fp32 parameters (values ~1e-2) minus the step's start: rounding ~1e-5 of a step of ~1e-2
+    assert ratio == pytest.approx(((d + n - 1) / n) ** 0.5, rel=1e-3), (ratio, d)

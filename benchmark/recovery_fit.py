@@ -1,0 +1,109 @@
+"""The fitted base of the recovery experiment (``recovery.fit_steps > 0``): a base model for
+which the teacher is, by construction, what tells the subject from its class.
+
+A random network is no denoiser of its own samples, so on random weights a drawn teacher is
+not a better model of anything than the start (README, "Known-answer personalization"). Before
+the method starts, every U-Net weight W is fitted (Adam, seeded) on
+
+    L_fit(W) = loss(W (+) teacher, P, S) + loss(W, P, C)
+
+P: the method's subject prompt ("a photo of <sks>" with the token at its start, or "a photo of
+sks dog"); S: the subject's real images; C: images of other subjects of its class; loss: the
+ordinary denoising loss (random t, noise, VAE posterior sample). ``W (+) teacher`` is applied
+functionally (``torch.func.functional_call``): the token teacher changes P's text states, the
+LoRA-shaped teacher adds its delta W, the scales teacher multiplies each layer's weight rows by
+its per-output-channel factor. The method then loads the fitted W, trains from its usual start
+on S, and is scored on fresh (noise, t) draws of S: the start models S as the class, the teacher
+as the subject, so L_init(S) > L_teacher(S).
+
+The fit depends only on its inputs, so it is cached under ``<paths.results>/recovery_bases/``
+by a hash of them: every arm with the same teacher, prompt and seed shares one fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from benchmark.recovery import save_tensors
+from methods.diffusion import latent_distribution, noisy_latents, randn
+
+log = logging.getLogger(__name__)
+BASES_DIR = "recovery_bases"
+
+
+def teacher_weights(params: dict[str, torch.Tensor], kind: str, teacher: dict[str, torch.Tensor]):
+    """The U-Net weights the teacher overrides, as functions of ``params`` (gradients flow):
+    LoRA-shaped: W + delta W; scales: each weight's rows times its factor; token: none."""
+    if kind == "lora":
+        return {name: params[name] + delta.to(params[name]) for name, delta in teacher.items()}
+    if kind == "scales":
+        return {
+            name: params[name] * factor.to(params[name]).view(-1, *[1] * (params[name].dim() - 1))
+            for name, factor in teacher.items()
+        }
+    return {}
+
+
+def fit_key(parts: list) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict) and all(isinstance(v, torch.Tensor) for v in part.values()):
+            for name in sorted(part):
+                digest.update(name.encode())
+                digest.update(part[name].detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(part, torch.Tensor):
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def fit_base(components, kind, teacher, subject_images, class_images, states, rc, seed: int):
+    """Fit ``components.unet`` in place on L_fit (module docstring); returns the losses per step.
+    ``states``: (P's text states with the teacher, P's text states at the start) — equal for
+    the weight teachers."""
+    unet, scheduler = components.unet, components.noise_scheduler
+    device, scaling = unet.device, components.vae.config.scaling_factor
+    posteriors = [latent_distribution(components.vae, x) for x in (subject_images, class_images)]
+    unet.requires_grad_(True).train()
+    params = dict(unet.named_parameters())
+    optimizer = torch.optim.Adam(params.values(), lr=rc.fit_lr)
+    losses = []
+    for step in range(rc.fit_steps):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 333_333 + step)
+        total = 0.0
+        for (mean, std), hidden, with_teacher in zip(posteriors, states, (True, False)):
+            index = torch.randint(len(mean), (rc.fit_batch,), generator=g)
+            latents = (mean[index] + std[index] * randn(mean[index].shape, g, device)) * scaling
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (rc.fit_batch,), generator=g)
+            z_t, target = noisy_latents(scheduler, latents, t, g)
+            weights = teacher_weights(params, kind, teacher) if with_teacher else {}
+            args = (z_t, t.to(device), hidden.expand(rc.fit_batch, -1, -1))
+            pred = functional_call(unet, weights, args, strict=False).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss.backward()
+            total += float(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    unet.requires_grad_(False).eval()
+    return losses
+
+
+def fitted_base(path: Path, fit):
+    """The fitted U-Net state from ``path``, fitting it first (``fit()`` -> state) if absent."""
+    if path.exists():
+        return load_file(str(path))
+    state = fit()
+    save_tensors(path, state)
+    return state
+
+
+def bases_dir(results: str | Path) -> Path:
+    return Path(results) / BASES_DIR
