@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from methods.errors import ConfigError
+from methods.errors import ConfigError, ConfigErrors, every_problem
 from methods.registry import method_class
 
 if TYPE_CHECKING:
@@ -37,12 +37,66 @@ NOT_IN_RUN_KEY = (
 
 def method_config(cfg: DictConfig) -> MethodConfig:
     """cfg.method merged into the method's dataclass schema; __post_init__ validates it."""
-    cls = method_class(cfg.method.name).Config
+    return typed_method(OmegaConf.to_container(cfg.method, resolve=True))
+
+
+def typed_method(values: dict[str, Any]) -> MethodConfig:
+    """A method section (plain, resolved) as the method's Config; ConfigErrors lists every bad value."""
+    return typed_object(method_class(values["name"]).Config, values, "method.")
+
+
+def typed_object(schema: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """``values`` (plain, resolved) merged into the dataclass ``schema``, its ``__post_init__``
+    checks run. Every bad value is named, one message each (ConfigErrors): each unknown key or
+    wrong type, then the range checks over the values that remain."""
     try:
-        values = OmegaConf.to_container(cfg.method, resolve=True)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+        return every_problem(_to_object, schema, values)
     except OmegaConfBaseException as e:
-        raise config_error(e, "method.") from None
+        first = config_error(e, prefix)  # a wrong type, an unknown key: OmegaConf names the first
+    bad: list[str] = []
+    good: dict[str, Any] = {}
+    for key, value in leaves(values).items():
+        one = nested({key: value})
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), one)
+        except OmegaConfBaseException as e:
+            bad.append(str(config_error(e, prefix)))
+            continue
+        good[key] = value
+    try:
+        every_problem(_to_object, schema, nested(good))
+    except ConfigErrors as e:
+        bad += e.messages
+    except (ConfigError, OmegaConfBaseException):
+        pass  # the ranges cannot be checked without the values refused above
+    raise ConfigErrors(bad) if bad else first
+
+
+def _to_object(schema: type, values: dict[str, Any]) -> Any:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+def leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty dict, like a list, is a leaf."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            out.update(leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def nested(flat_values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`leaves`."""
+    out: dict[str, Any] = {}
+    for key, value in flat_values.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def config_error(e: OmegaConfBaseException, prefix: str = "") -> ConfigError:
@@ -86,13 +140,19 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_key(cfg: DictConfig) -> str:
+def run_key(cfg: DictConfig | dict[str, Any]) -> str:
     """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
-    return f"seed{cfg.seed}-{config_digest(cfg)}"
+    values = plain(cfg)
+    return f"seed{values['seed']}-{config_digest(values)}"
 
 
-def config_digest(cfg: DictConfig) -> str:
-    values = flat(OmegaConf.to_container(cfg, resolve=True))
+def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config resolved to plain Python (a plain dict, as planning a sweep makes, as it is)."""
+    return cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
+    values = flat(plain(cfg))
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
@@ -101,14 +161,17 @@ def config_digest(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
-    if cfg.get("mode") == "real":
-        return real_run_dir(cfg)
-    return Path(cfg.paths.results) / "runs" / cfg.method.name / cfg.subject / run_key(cfg)
+def run_dir_for(cfg: DictConfig | dict[str, Any]) -> Path:
+    values = plain(cfg)
+    if values.get("mode") == "real":
+        return real_run_dir(values)
+    method, subject = values["method"]["name"], values["subject"]
+    return Path(values["paths"]["results"]) / "runs" / method / subject / run_key(values)
 
 
-def real_run_dir(cfg: DictConfig) -> Path:
+def real_run_dir(cfg: DictConfig | dict[str, Any]) -> Path:
     """mode=real scores the subject's images against each other: nothing random, no method, no
     model, so the key is the subject and the evaluation protocol alone (no seed)."""
-    key = config_digest(OmegaConf.create({"subject": cfg.subject, "eval": cfg.eval}))
-    return Path(cfg.paths.results) / "runs" / "real" / cfg.subject / f"real-{key}"
+    values = plain(cfg)
+    key = config_digest({"subject": values["subject"], "eval": values["eval"]})
+    return Path(values["paths"]["results"]) / "runs" / "real" / values["subject"] / f"real-{key}"

@@ -223,21 +223,20 @@ def show(csv: str | Path) -> None:
 MEMORY_KEYS = ("format", "steps", "num_images", "csv", "measure", "predict")  # conf/memory.yaml's own
 
 
-def bad_values(cfg: DictConfig) -> list[str]:
+def bad_values(cfg: DictConfig | dict) -> list[str]:
     """Every bad value of one configuration, one line each: checked for all of them before the
     first is estimated (benchmark.preflight), so bad input exits 2 and writes nothing."""
-    from omegaconf import OmegaConf
+    from benchmark.schema import problems, resolved
 
-    from benchmark.schema import problems
-
-    run_part = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in MEMORY_KEYS])
-    found = problems(run_part, check_device=bool(cfg.measure), inputs=False)
-    if cfg.format not in FORMATS:
-        found.append(f"format={cfg.format!r}; choose one of: {', '.join(FORMATS)}")
-    if cfg.csv:
-        folder = next(p for p in Path(cfg.csv).expanduser().absolute().parents if p.exists())
+    values = resolved(cfg)
+    run_part = {k: v for k, v in values.items() if k not in MEMORY_KEYS}
+    found = problems(run_part, check_device=bool(values["measure"]), inputs=False)
+    if values["format"] not in FORMATS:
+        found.append(f"format={values['format']!r}; choose one of: {', '.join(FORMATS)}")
+    if values["csv"]:
+        folder = next(p for p in Path(values["csv"]).expanduser().absolute().parents if p.exists())
         if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-            found.append(f"csv={cfg.csv!r} cannot be written ({folder}); use a writable folder")
+            found.append(f"csv={values['csv']!r} cannot be written ({folder}); use a writable folder")
     return found
 
 

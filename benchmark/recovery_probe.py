@@ -20,10 +20,10 @@ from hydra import compose, initialize_config_dir
 
 from benchmark import data
 from benchmark.config import method_config
+from benchmark.jobs import CONF_DIR
 from benchmark.recovery import heldout_loss, install
 from benchmark.recovery_run import base_pipeline, prepare, recovery_config
 from benchmark.report import bootstrap_ci
-from benchmark.sweep import CONF_DIR
 from methods.registry import method_class
 
 

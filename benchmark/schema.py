@@ -23,10 +23,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmark import data, models
-from benchmark.config import config_error, method_config, resolve_device
+from benchmark.config import config_error, resolve_device, typed_method, typed_object
 from benchmark.families import FAMILIES
 from benchmark.metrics import MetricModelsUnavailable
 from methods.base import ConfigError, MethodConfig, require
+from methods.errors import ConfigErrors, every_problem, problem_messages
 
 MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
@@ -196,8 +197,8 @@ class EvalSchema:
             self.dino_inter.images >= 2,
             f"eval.dino_inter.images={self.dino_inter.images} must be >= 2 (DINO-inter compares pairs)",
         )
-        require(
-            0 <= self.dino_inter.prompt_index < self.num_prompts,
+        require(  # checked against a valid num_prompts only: a bad one is named above
+            not 1 <= self.num_prompts <= n_prompts or 0 <= self.dino_inter.prompt_index < self.num_prompts,
             f"eval.dino_inter.prompt_index={self.dino_inter.prompt_index} must be in "
             f"0..{self.num_prompts - 1} (eval.num_prompts={self.num_prompts})",
         )
@@ -256,13 +257,19 @@ class ValidRun:
     image_paths: list[Path] = field(default_factory=list)
 
 
-def typed_config(cfg: DictConfig) -> RunSchema:
-    """``cfg`` merged into :class:`RunSchema`; ConfigError naming the key on any bad value."""
+def resolved(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config as plain Python, interpolations resolved (a plain dict is returned as it is)."""
+    if isinstance(cfg, dict):
+        return cfg
     try:
-        values = OmegaConf.to_container(cfg, resolve=True)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunSchema), values))
+        return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise config_error(e) from None
+
+
+def typed_config(cfg: DictConfig | dict[str, Any]) -> RunSchema:
+    """``cfg`` merged into :class:`RunSchema`; ConfigErrors naming every bad value."""
+    return typed_object(RunSchema, resolved(cfg))
 
 
 def typed_scalars(scalars: dict[str, Any]) -> RunScalars:
@@ -271,30 +278,8 @@ def typed_scalars(scalars: dict[str, Any]) -> RunScalars:
     types = {f.name: f.type for f in fields(RunScalars)}  # strings: `from __future__ import annotations`
     exact = all(k in types and type(v).__name__ == types[k] for k, v in scalars.items())
     if exact:
-        return RunScalars(**scalars)
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunScalars), scalars))
-    except OmegaConfBaseException as e:
-        raise config_error(e) from None
-
-
-def section_problems(cfg: DictConfig) -> list[str]:
-    """The first bad value of every section (``typed_config`` stops at the first section)."""
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        return [str(config_error(e))]
-    scalars = {k: v for k, v in values.items() if k not in NOT_SCALARS}
-    parts = [(RunScalars, scalars, "")] + [(schema, values.get(k), f"{k}.") for k, schema in SECTIONS.items()]
-    found = []
-    for schema, section, prefix in parts:
-        try:
-            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), section or {}))
-        except OmegaConfBaseException as e:
-            found.append(str(config_error(e, prefix)))
-        except ConfigError as e:
-            found.append(str(e))
-    return found
+        return every_problem(lambda: RunScalars(**scalars))
+    return typed_object(RunScalars, scalars)
 
 
 def check_results_writable(results: str) -> None:
@@ -351,57 +336,60 @@ class Checker:
         try:
             return check(*args)
         except INPUT_ERRORS as e:
-            if not self.collect:
+            if not self.collect:  # validate: the first bad value, as a plain ConfigError
+                if isinstance(e, ConfigErrors):
+                    raise ConfigError(e.messages[0]) from None
                 raise
-            self.found.append(str(e))
+            self.found += [m for m in problem_messages(e) if m not in self.found]
             return None
 
-    def typed_config(self, cfg: DictConfig) -> RunSchema:
-        """``typed_config``, its sections merged once per distinct value: the jobs of a sweep
-        differ mostly in subject and seed, and a merge into the schema costs milliseconds."""
-        values = OmegaConf.to_container(cfg, resolve=True)
+    def sections(self, values: dict[str, Any]) -> RunSchema:
+        """The sections typed, merged once per distinct value: the jobs of a sweep differ mostly
+        in subject and seed, and a merge into the schema costs milliseconds."""
         shared = {k: v for k, v in values.items() if k in NOT_SCALARS}
         key = ("typed", json.dumps(shared, sort_keys=True, default=str))
-        sections = self.disk.once(key, typed_config, OmegaConf.create(shared))
-        top = typed_scalars({k: v for k, v in values.items() if k not in NOT_SCALARS})
-        return dataclasses.replace(sections, **{f.name: getattr(top, f.name) for f in fields(RunScalars)})
+        return self.disk.once(key, typed_object, RunSchema, shared)
 
-    def method_config(self, cfg: DictConfig) -> MethodConfig:
-        key = ("method", json.dumps(OmegaConf.to_container(cfg.method, resolve=True), default=str))
-        return self.disk.once(key, method_config, cfg)
+    def method_config(self, values: dict[str, Any]) -> MethodConfig:
+        key = ("method", json.dumps(values["method"], sort_keys=True, default=str))
+        return self.disk.once(key, typed_method, values["method"])
 
-    def run(self, cfg: DictConfig) -> ValidRun | None:
-        run_cfg = self.attempt(self.typed_config, cfg)
-        if run_cfg is None:  # name the first bad value of every section, not only of the first
-            self.found[:] = section_problems(cfg) or self.found
-        trains = cfg.get("mode") in ("personalize", "recovery")
-        method_cfg = self.attempt(self.method_config, cfg) if trains else None
-        if cfg.get("mode") == "recovery":
+    def run(self, cfg: DictConfig | dict[str, Any]) -> ValidRun | None:
+        values = self.attempt(resolved, cfg)
+        if values is None:
+            return None
+        sections = self.attempt(self.sections, values)
+        scalars = self.attempt(typed_scalars, {k: v for k, v in values.items() if k not in NOT_SCALARS})
+        trains = values.get("mode") in ("personalize", "recovery")
+        method_cfg = self.attempt(self.method_config, values) if trains else None
+        if values.get("mode") == "recovery":
             from benchmark.recovery_run import recovery_config
 
-            self.attempt(recovery_config, cfg)
-        if run_cfg is None:
+            self.attempt(recovery_config, OmegaConf.create({"recovery": values.get("recovery")}))
+        if method_cfg is not None and sections is not None:
+            self.attempt(check_method_against_model, method_cfg, sections.model)
+        if sections is None or scalars is None:
             return None
-        if method_cfg is not None:
-            self.attempt(check_method_against_model, method_cfg, run_cfg.model)
+        top = {f.name: getattr(scalars, f.name) for f in fields(RunScalars)}
+        run_cfg = dataclasses.replace(sections, **top)
         device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
-        if not self.inputs:
-            subject = data.get_subject(run_cfg.subject)
-            return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
-        if run_cfg.mode != "real" and run_cfg.model.kind == "hub":  # weights first: the big download
-            key = ("weights", OmegaConf.to_yaml(cfg.model, resolve=True))
-            self.attempt(self.disk.once, key, models.locate_weights, cfg.model)
-        if run_cfg.mode != "recovery":  # recovery scores by denoising loss: no CLIP/DINO weights
-            key = ("metric weights", OmegaConf.to_yaml(cfg.eval, resolve=True))
-            self.attempt(self.disk.once, key, check_metric_weights, cfg.eval)
         subject = data.get_subject(run_cfg.subject)
+        if not self.inputs:
+            return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
+        model, eval_ = values["model"], values["eval"]
+        if run_cfg.mode != "real" and run_cfg.model.kind == "hub":  # weights first: the big download
+            key = ("weights", json.dumps(model, sort_keys=True, default=str))
+            self.attempt(self.disk.once, key, lambda: models.locate_weights(OmegaConf.create(model)))
+        if run_cfg.mode != "recovery":  # recovery scores by denoising loss: no CLIP/DINO weights
+            key = ("metric weights", json.dumps(eval_, sort_keys=True, default=str))
+            self.attempt(self.disk.once, key, lambda: check_metric_weights(OmegaConf.create(eval_)))
         image_paths = None
         if run_cfg.data.root is not None or not self.found:  # no dataset download for a doomed run
             key = ("images", str(run_cfg.data), subject.name)
             image_paths = self.attempt(self.disk.once, key, subject_images, run_cfg.data, subject)
         if method_cfg is not None and hasattr(method_cfg, "placeholder_token"):
-            key = ("token", method_cfg.placeholder_token, OmegaConf.to_yaml(cfg.model, resolve=True))
+            key = ("token", method_cfg.placeholder_token, json.dumps(model, sort_keys=True, default=str))
             self.attempt(
                 self.disk.once, key, check_placeholder_token, method_cfg.placeholder_token, run_cfg.model
             )
@@ -413,7 +401,7 @@ class Checker:
         return ValidRun(run_cfg, method_cfg, subject, device, image_paths or [])
 
 
-def validate(cfg: DictConfig) -> ValidRun:
+def validate(cfg: DictConfig | dict[str, Any]) -> ValidRun:
     """Check the whole run configuration and its inputs on disk; raise ConfigError (or
     DatasetUnavailable / WeightsUnavailable / MetricModelsUnavailable) naming the first bad value.
     Loads no model."""
@@ -421,7 +409,10 @@ def validate(cfg: DictConfig) -> ValidRun:
 
 
 def problems(
-    cfg: DictConfig, disk: DiskChecks | None = None, check_device: bool = True, inputs: bool = True
+    cfg: DictConfig | dict[str, Any],
+    disk: DiskChecks | None = None,
+    check_device: bool = True,
+    inputs: bool = True,
 ) -> list[str]:
     """Every bad value of a run config, one line each (empty: the run can start)."""
     checker = Checker(collect=True, disk=disk, check_device=check_device, inputs=inputs)

@@ -23,36 +23,37 @@ listed as *corrupt*, with its path, and counted: it never stops a status query o
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import functools
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from benchmark.atomic import exclusive_lock
 from benchmark.config import LOCK_NAME, flat, run_dir_for
+from benchmark.jobs import (
+    COMPOSE_ERRORS,
+    ComposeFailed,
+    JobComposer,
+    hydra_context,
+    hydra_message,
+)
 from benchmark.records import RECORD_NAME, CorruptRecord, read_record
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 NAMED = ("method", "model", "eval")  # config groups whose record field is the chosen name
 STATES = ("done", "running", "failed", "corrupt", "pending")
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra raises on a bad override
 
 
 @dataclass(frozen=True)
@@ -77,32 +78,26 @@ def job_overrides(params: Mapping[str, Any] | None, arguments: Sequence[str]) ->
 
 def parse_overrides(arguments: Sequence[str]) -> list[Override]:
     """Hydra's parse, one argument at a time, so that a syntax error names its argument."""
-    parser = OverridesParser.create()
     parsed = []
     for argument in arguments:
         try:
-            parsed += parser.parse_overrides([argument])
+            parsed.append(parse_argument(argument))
         except HydraException as e:
             raise InvalidSweep([JobProblem((), f"{argument}: {hydra_message(e)}")], 1) from None
     return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_argument(argument: str) -> Override:
+    """One override, parsed once: a sweep's jobs repeat the same few hundred arguments."""
+    (override,) = OverridesParser.create().parse_overrides([argument])
+    return override
 
 
 def single_valued(arguments: Sequence[str]) -> list[str]:
     """The overrides that are not comma lists: only they compose a single config."""
     parsed = parse_overrides(arguments)
     return [arg for arg, o in zip(arguments, parsed) if not o.is_sweep_override()]
-
-
-def hydra_message(error: BaseException) -> str:
-    """Hydra's or OmegaConf's complaint on one line, its list of options kept."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    lines = lines[: lines.index("Config search path:")] if "Config search path:" in lines else lines
-    head = lines[0].removeprefix("In 'config': ")
-    if len(lines) > 1 and lines[1].startswith("Available options"):
-        return f"{head}; choose one of: {', '.join(lines[2:])}"
-    cause = error.__cause__
-    because = f" ({str(cause).splitlines()[0]})" if isinstance(cause, OmegaConfBaseException) else ""
-    return " ".join([head, *lines[1:]]) + because
 
 
 @dataclass(frozen=True)
@@ -134,23 +129,6 @@ class InvalidSweep(ValueError):
         return lines
 
 
-@contextlib.contextmanager
-def hydra_context() -> Iterator[None]:
-    """Compose with conf/ (or, inside a running Hydra app, with the app's own config)."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            yield
-
-
-def is_group_override(override: Override) -> bool:
-    """`method=ti`, `+experiment/table2=x`, `hydra/launcher=slurm`: choose a config file (the
-    defaults list consumes them); anything else sets a value."""
-    key = override.key_or_group
-    return override.package is not None or key.startswith("hydra") or (CONF_DIR / key).is_dir()
-
-
 @dataclass(frozen=True)
 class Check:
     """How a sweep's jobs are validated, each a composed job -> its problems, one line each:
@@ -176,49 +154,31 @@ def run_checks(check_device: bool = True, inputs: bool = True) -> Check:
 def plan_jobs(
     jobs: Sequence[Sequence[str]], config_name: str = "config", check: Check | None = None
 ) -> list[PlannedRun]:
-    """Each job's run directory; every job composed, and with ``check`` validated, first
-    (``InvalidSweep`` lists each bad value). Hydra composes a job as (config files chosen by the
-    group overrides) + (value overrides applied on top); composing once per distinct choice of
-    files makes a 700-run sweep cost seconds, not minutes."""
-    composed: dict[tuple[str, ...], DictConfig | JobProblem] = {}
-    good: list[tuple[tuple[str, ...], DictConfig]] = []
+    """Each job's run directory; every job composed (benchmark.jobs: its config files once per
+    distinct choice, so a 700-run sweep costs seconds) and, with ``check``, validated first
+    (``InvalidSweep`` lists each bad value)."""
+    composer = JobComposer(config_name)
+    good: list[tuple[tuple[str, ...], dict[str, Any]]] = []
     bad: list[JobProblem] = []
     with hydra_context():
         for job in jobs:
             try:
-                overrides = parse_overrides(job)
+                values = composer.values(job, parse_overrides(job))
             except InvalidSweep as e:
                 bad += [JobProblem(tuple(job), p.message) for p in e.problems]
                 continue
-            files = tuple(line for line, o in zip(job, overrides) if is_group_override(o))
-            if files not in composed:
-                try:
-                    composed[files] = compose(config_name, overrides=list(files))
-                except COMPOSE_ERRORS as e:
-                    composed[files] = JobProblem(files, hydra_message(e))
-            if isinstance(composed[files], JobProblem):
-                bad.append(JobProblem(tuple(job), composed[files].message))
+            except ComposeFailed as e:
+                bad.append(JobProblem(tuple(job), str(e)))
                 continue
-            cfg = copy.deepcopy(composed[files])
-            try:
-                ConfigLoaderImpl._apply_overrides_to_config(
-                    [o for o in overrides if not is_group_override(o)], cfg
-                )
-            except COMPOSE_ERRORS as e:
-                bad.append(JobProblem(tuple(job), hydra_message(e)))
-                continue
-            found = check.values(cfg) if check else []
+            found = check.values(values) if check else []
             bad += [JobProblem(tuple(job), message) for message in found]
             if not found:
-                good.append((tuple(job), cfg))
+                good.append((tuple(job), values))
     if not bad and check and check.inputs:
-        bad = [JobProblem(job, message) for job, cfg in good for message in check.inputs(cfg)]
+        bad = [JobProblem(job, message) for job, values in good for message in check.inputs(values)]
     if bad:
         raise InvalidSweep(bad, len(jobs), sweep_axes(jobs))
-    return [
-        PlannedRun(job, run_dir_for(cfg), flat(OmegaConf.to_container(cfg, resolve=True)))
-        for job, cfg in good
-    ]
+    return [PlannedRun(job, run_dir_for(values), flat(values)) for job, values in good]
 
 
 def sweep_axes(jobs: Sequence[Sequence[str]]) -> list[str]:

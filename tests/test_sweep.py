@@ -150,3 +150,40 @@ def test_a_refused_job_of_a_sweep_leaves_a_failed_record_but_never_replaces_an_o
         record_refusal(cfg, error)
     assert path.read_text() == "{"
     assert record_refusal(cfg, CorruptRecord(path, "not JSON")) is None
+
+
+@pytest.mark.parametrize(
+    "job, on_resolved_copy",
+    [
+        (["method=zoodip", "subject=cat", "seed=3", "method.tau=32", "method.lr=1e-3", "data.root=/d"], True),
+        (["method=ti", "model=tiny", "model.resolution=64", "train.max_steps=null"], False),
+        (["method=selective", "method.high_resolution=256", "+method.data.no_such=1"], False),
+        (
+            ["method=gfti", "data.cache_dir=/c", "method.placeholder_token='<a b>'", "~method.initializer"],
+            False,
+        ),
+        (["method=dreambooth", "experiment=table1", "subject=${seed}", "eval.guidance_scale=true"], False),
+    ],
+    ids=[
+        "plain values",
+        "read by interpolations",
+        "relative interpolation, added key",
+        "deleted key",
+        "experiment file, interpolated value",
+    ],  # fmt: skip
+)
+def test_a_planned_job_is_the_config_hydra_composes_for_it(job, on_resolved_copy):
+    """The composer sets values nothing interpolates on a resolved copy and sends every other
+    override through Hydra: either way, what a job's run resolves to."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from benchmark.jobs import JobComposer, hydra_context, is_group_override
+    from benchmark.sweep import parse_overrides
+
+    with hydra_context():
+        expected = OmegaConf.to_container(compose("config", overrides=job), resolve=True)
+        composer, overrides = JobComposer(), parse_overrides(job)
+        assert composer.values(job, overrides) == expected
+        (files,) = composer.composed.values()
+        assert all(files.settable(o) for o in overrides if not is_group_override(o)) == on_resolved_copy

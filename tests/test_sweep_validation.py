@@ -64,6 +64,50 @@ def test_every_bad_section_of_a_job_is_named(tmp_path):
         assert value in text
 
 
+def planning_errors(args: list[str]) -> list[str]:
+    with pytest.raises(InvalidSweep) as bad:
+        plan_sweep(args)
+    return bad.value.lines()
+
+
+def test_every_bad_value_of_one_section_is_listed(tmp_path):
+    lines = planning_errors(
+        ["method=zoodip", "method.tau=0", "method.nu=2", "model=tiny", f"paths.results={tmp_path}"]
+    )
+    assert len(lines) == 2
+    assert "method.tau=0" in lines[0] and ">= 2" in lines[0]
+    assert "method.nu=2.0" in lines[1] and "(0, 1)" in lines[1]
+
+
+def test_every_wrong_type_unknown_key_and_range_of_a_job_is_listed(tmp_path):
+    args = ["method=zoodip", "method.tau=abc", "method.n=x", "+method.no_such_knob=1", "method.lr=inf",
+            "seed=-1", "subject=dgo7", "eval.num_prompts=0", "eval.guidance_scale=inf", "model=tiny",
+            f"paths.results={tmp_path}"]  # fmt: skip
+    lines = planning_errors(args)
+    expected = ["method.tau: Value 'abc'", "method.n: Value 'x'", "method.no_such_knob: unknown key",
+                "method.lr=inf", "seed=-1", "subject='dgo7'", "eval.num_prompts=0",
+                "eval.guidance_scale=inf"]  # fmt: skip
+    assert len(lines) == len(expected), lines  # one line each, no echo of a bad value's consequences
+    for line, value in zip(sorted(lines), sorted(expected)):
+        assert line.startswith(f"error: {value}"), (line, value)
+
+
+def test_a_rule_across_sections_is_checked_beside_a_bad_top_level_value(tmp_path):
+    args = ["method=zoodip", "method.T_L=900", "method.T_U=100", "subject=dgo7", "model=tiny"]
+    lines = planning_errors([*args, f"paths.results={tmp_path}"])
+    assert len(lines) == 2 and any("T_L=900" in line for line in lines)
+
+
+def test_each_bad_value_of_a_sweep_is_listed_once_with_a_job_that_has_it(tmp_path):
+    lines = planning_errors(["method=zoodip", "method.tau=0,64", "method.nu=2,0.5", "model=tiny",
+                             f"paths.results={tmp_path}"])  # fmt: skip
+    assert lines == [
+        "error: job (method.tau=0 method.nu=2): method.tau=0 must be >= 2 (history length for the PCA)"
+        " [and 1 more of the 4 jobs]",
+        "error: job (method.tau=0 method.nu=2): method.nu=2.0 must be in (0, 1) [and 1 more of the 4 jobs]",
+    ]
+
+
 def test_status_and_report_refuse_a_bad_sweep_with_exit_2(tmp_path, capsys):
     args = ["experiment=table1", "subject=dgo7", "model=tiny", f"paths.results={tmp_path}"]
     assert sweep.main(args) == 2
