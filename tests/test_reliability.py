@@ -380,7 +380,8 @@ RESUME_TESTED_ELSEWHERE = {"dreambooth", "qlora", "peqa", "tuneqdm", "zoodip", "
 def test_every_method_resumes_bit_identically(name, tiny_cfg, dataset_root, tmp_path):
     from benchmark import data
 
-    cfg = tiny_cfg(f"method={name}")
+    # GF-TI: 4 candidates x 2 repeats (batches of 2) resume as 20 x 5 do, at a tenth of the passes
+    cfg = tiny_cfg(f"method={name}", *(("method.popsize=4", "method.repeats=2") if name == "gfti" else ()))
     method_cfg = method_config(cfg)
     subject = data.get_subject("dog6")
     images = data.load_images(data.subject_image_paths(dataset_root, subject)[:2], method_cfg.resolution)
