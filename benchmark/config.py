@@ -147,8 +147,16 @@ def run_key(cfg: DictConfig | dict[str, Any]) -> str:
 
 
 def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The config resolved to plain Python (a plain dict, as planning a sweep makes, as it is)."""
-    return cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    """The config resolved to plain Python (a plain dict, as planning a sweep makes, as it is).
+    A config composed with its Hydra section keeps it out: it is Hydra's, not the run's, and
+    parts of it (hydra.job.num) exist only inside a running job."""
+    if isinstance(cfg, dict):
+        return cfg
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
 
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:

@@ -551,10 +551,17 @@ class Estimate:
         return dataclasses.asdict(self)
 
 
-def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Estimate:
+def estimate(
+    cfg, steps: int = 2, fake: bool = True, num_images: int = 5, candidates: int | None = 2
+) -> Estimate:
     """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
     (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
-    images (most DreamBooth subjects have 5); ``fake=False`` runs the same on real CPU tensors."""
+    images (most DreamBooth subjects have 5); ``fake=False`` runs the same on real CPU tensors.
+    ``candidates``: the CMA-ES population traced (GF-TI; None: the config's). Candidates are
+    scored one after another and each keeps a scalar loss, so the peak depends on how many
+    there are only through the candidate matrix (popsize x subspace dim in float64: 40 KB at
+    SD1.5, left out; tests/test_memory_estimate.py checks the bound), while the time does:
+    GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
     from benchmark.sampling import training_batch
@@ -563,6 +570,8 @@ def estimate(cfg, steps: int = 2, fake: bool = True, num_images: int = 5) -> Est
     from methods.registry import method_class
 
     method_cfg = method_config(cfg)
+    if candidates is not None and hasattr(method_cfg, "popsize"):
+        method_cfg = dataclasses.replace(method_cfg, popsize=min(candidates, method_cfg.popsize))
     if models._kind(cfg.model) == "hub":
         raise ConfigError(
             f"model={cfg.model.name} has real weights; predict memory with its architecture alone, "

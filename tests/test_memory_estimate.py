@@ -103,6 +103,18 @@ def test_zoodip_prediction_has_no_backward_and_no_gradients(tiny_cfg):
     assert 0 < est.breakdown["optimizer_state"] <= 2 * 512  # ZO-Adam's two moments of one token
 
 
+def test_gfti_peak_does_not_depend_on_the_candidates_traced(tiny_cfg):
+    """The predictor traces 2 CMA-ES candidates a generation instead of popsize: the peak
+    differs only by the candidate matrix (popsize x subspace dim, float64: 40 KB at SD1.5's
+    20 x 256), as long as a candidate's scoring leaves nothing but a scalar behind (one U-Net
+    pass of activations per candidate kept would add MBs here)."""
+    cfg = tiny_cfg("method=gfti", "method.popsize=4", "method.repeats=1")
+    every = estimate(cfg, num_images=1, candidates=None)
+    two = estimate(cfg, num_images=1)
+    candidate_matrix = allocator_bytes(4 * 32 * 8)  # tiny: subspace dim = min(256, 32)
+    assert 0 <= every.peak_bytes - two.peak_bytes <= 2 * candidate_matrix
+
+
 def test_zoodip_memory_options_free_the_vae_and_the_unused_vocabulary(tiny_cfg):
     from benchmark import data, models
     from methods.zoodip import ZOODiP
