@@ -55,6 +55,14 @@ def memory_grid(csv: Path) -> pd.DataFrame:
     return grid.loc[rows, columns]
 
 
+def row_label(row: str) -> str:
+    """The method's display name (benchmark/display.py), its variant after it."""
+    from benchmark.display import method_name
+
+    method, _, variant = row.partition(" ")
+    return f"{method_name(method)} {variant}".strip()
+
+
 def cell(peak_bytes: float) -> str:
     if pd.isna(peak_bytes):
         return "–"
@@ -66,7 +74,7 @@ def markdown(grid: pd.DataFrame) -> str:
     header = "| method | " + " | ".join(MODEL_LABELS.get(m, m) for m in grid.columns) + " |"
     lines = [header, "|---" * (len(grid.columns) + 1) + "|"]
     for row, values in grid.iterrows():
-        lines.append(f"| {row} | " + " | ".join(cell(v) for v in values) + " |")
+        lines.append(f"| {row_label(row)} | " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -83,7 +91,7 @@ def draw(grid: pd.DataFrame, path: Path) -> Path:
             j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9
         )
     ax.set_xticks(range(len(grid.columns)), [MODEL_LABELS.get(m, m) for m in grid.columns])
-    ax.set_yticks(range(len(grid)), list(grid.index))
+    ax.set_yticks(range(len(grid)), [row_label(row) for row in grid.index])
     ax.xaxis.tick_top()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
     labels = [f"fits {gb} GB" for gb in GPU_GB] + ["> 80 GB"]

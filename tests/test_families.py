@@ -241,5 +241,5 @@ def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_m
     grid = memory_grid(csv)
     assert list(grid.index) == ["dreambooth", "zoodip"] and list(grid.columns) == ["sd15_arch", "sdxl_arch"]
     table = markdown(grid)
-    assert "| zoodip | 1.07 (8 GB) | 4.29 (8 GB) |" in table and "| dreambooth | – | 64.42 (80 GB) |" in table
+    assert "| ZOODiP | 1.07 (8 GB) | 4.29 (8 GB) |" in table and "| DreamBooth | – | 64.42 (80 GB) |" in table
     assert draw(grid, tmp_path / "map.png").stat().st_size > 0
