@@ -169,9 +169,10 @@ class LiveStorageTracker(TorchDispatchMode):
         """Drop dead storages; returns the bytes now live. Weights and optimizer state
         (pinned) are checked only when ``everything``: at step starts and at the end."""
         self.sweeps += 1
-        use_count = torch._C._storage_Use_Count
         for pool in (self.storages, self.pinned) if everything else (self.storages,):
-            for key in [k for k, s in pool.items() if use_count(s.storage._cdata) <= 1]:
+            keys = list(pool)  # the StorageImpl addresses, valid while the tracker holds them
+            use_counts = map(torch._C._storage_Use_Count, keys)  # one C loop: the hot spot
+            for key in [k for k, count in zip(keys, use_counts) if count <= 1]:
                 dead = pool.pop(key)
                 self.upper_bytes -= dead.nbytes
                 self.died_at_sweep[dead.serial] = self.sweeps
@@ -492,6 +493,54 @@ def _bitsandbytes_fake() -> Iterator[None]:
         bnb_functional.name2qmap.update(cached_maps)
 
 
+def _shapes_only(quantize, outputs):
+    """``quantize`` for a fake weight: new tensors of the shapes and dtypes ``outputs(weight,
+    *args)`` gives (the codes, scales, ...), without the arithmetic (tens of fake operators per
+    layer). Every output of the real quantizer is a new tensor, and its temporaries die inside
+    it, before the peaks are reset after setup: the same live storages after setup."""
+
+    @functools.wraps(quantize)
+    def shapes_only(weight, *args):
+        if not isinstance(weight, FakeTensor):
+            return quantize(weight, *args)
+        return tuple(
+            None if spec is None else torch.empty(spec[0], dtype=spec[1], device=weight.device)
+            for spec in outputs(weight, *args)
+        )
+
+    return shapes_only
+
+
+def _per_channel_outputs(weight, bits, symmetric):  # methods.quant.quantize_per_channel's
+    rows = (weight.shape[0],)
+    zero_point = None if symmetric else (rows, torch.int16)
+    return (tuple(weight.shape), torch.int16), (rows, torch.float32), zero_point
+
+
+def _affine_groups_outputs(weight, bits, group_size):  # methods.quant_groupwise.quantize_affine_groups'
+    groups = (weight.numel() // group_size,)
+    return ((groups[0], group_size), torch.uint8), (groups, torch.float32), (groups, torch.float32)
+
+
+@contextlib.contextmanager
+def _fake_quantizers() -> Iterator[None]:
+    """Our int8/int4 quantizers make the quantized weights of a fake weight directly."""
+    from methods import quant, quant_groupwise
+
+    patched = [
+        (quant, "quantize_per_channel", _per_channel_outputs),
+        (quant_groupwise, "quantize_affine_groups", _affine_groups_outputs),
+    ]
+    originals = [getattr(module, name) for module, name, _ in patched]
+    for (module, name, outputs), original in zip(patched, originals):
+        setattr(module, name, _shapes_only(original, outputs))
+    try:
+        yield
+    finally:
+        for (module, name, _), original in zip(patched, originals):
+            setattr(module, name, original)
+
+
 def quant_state_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors of the quantization states (bitsandbytes' QuantState: absmax, code, offset,
     the nested state) that ``tensors`` (4-bit weights among them) carry."""
@@ -509,9 +558,10 @@ def quant_state_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def tracking(fake: bool = True) -> Iterator[LiveStorageTracker]:
+def tracking(fake: bool = True, fast_quantizers: bool = True) -> Iterator[LiveStorageTracker]:
     """An active tracker; with ``fake``, under fake tensors (and the patches they need). Torch
-    optimizers use CUDA's defaults either way."""
+    optimizers use CUDA's defaults either way. ``fast_quantizers``: our quantizers give fake
+    weights' codes and scales without computing them (``_fake_quantizers``)."""
     tracker = LiveStorageTracker(fake)
     with contextlib.ExitStack() as stack:
         if fake:
@@ -521,6 +571,8 @@ def tracking(fake: bool = True) -> Iterator[LiveStorageTracker]:
             stack.enter_context(_numpy_placeholders(tracker))
             stack.enter_context(_foreach_for_fake_tensors())
             stack.enter_context(_bitsandbytes_fake())
+            if fast_quantizers:
+                stack.enter_context(_fake_quantizers())
         stack.enter_context(cuda_optimizer_defaults())
         stack.enter_context(tracker)
         yield tracker
@@ -552,7 +604,12 @@ class Estimate:
 
 
 def estimate(
-    cfg, steps: int = 2, fake: bool = True, num_images: int = 5, candidates: int | None = 2
+    cfg,
+    steps: int = 2,
+    fake: bool = True,
+    num_images: int = 5,
+    candidates: int | None = 2,
+    fast_quantizers: bool = True,
 ) -> Estimate:
     """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
     (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
@@ -561,7 +618,8 @@ def estimate(
     scored one after another and each keeps a scalar loss, so the peak depends on how many
     there are only through the candidate matrix (popsize x subspace dim in float64: 40 KB at
     SD1.5, left out; tests/test_memory_estimate.py checks the bound), while the time does:
-    GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step."""
+    GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step.
+    ``fast_quantizers``: see ``tracking``."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
     from benchmark.sampling import training_batch
@@ -580,7 +638,7 @@ def estimate(
     dtype = training_dtype(method_cfg)
     subject = data.get_subject(cfg.subject)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with tracking(fake) as tracker:
+    with tracking(fake, fast_quantizers) as tracker:
         components = models.load_components(cfg.model, "cpu", dtype)
         method = method_class(method_cfg.name)(method_cfg)
         method.setup(components, subject)

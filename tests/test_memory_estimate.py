@@ -186,6 +186,50 @@ def test_qlora_prediction_counts_the_4bit_weights_bitsandbytes_stores(tiny_cfg, 
     assert est.phase_breakdown["forward"]["weights_4bit"] == est.breakdown["weights_4bit"]
 
 
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True), (4, False)])
+def test_fast_fake_quantizers_make_the_real_quantizers_tensors(bits, symmetric):
+    """Under fake tensors our quantizers skip their arithmetic: what they return must have
+    the shapes, dtypes and strides of what the real quantizers return, for every scheme."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmark.memory_estimate import _fake_quantizers
+    from methods.quant import quantize_per_channel
+    from methods.quant_groupwise import quantize_affine_groups
+
+    weight = torch.randn(6, 4, 3, 3)
+    real = [*quantize_per_channel(weight, bits, symmetric), *quantize_affine_groups(weight, bits, 12)]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _fake_quantizers():
+        from methods import quant, quant_groupwise  # the patched module attributes
+
+        fake_weight = mode.from_tensor(weight)
+        fast = [
+            *quant.quantize_per_channel(fake_weight, bits, symmetric),
+            *quant_groupwise.quantize_affine_groups(fake_weight, bits, 12),
+        ]
+    described = [None if t is None else (t.shape, t.dtype, t.stride()) for t in real]
+    assert [None if t is None else (t.shape, t.dtype, t.stride()) for t in fast] == described
+    assert quant.quantize_per_channel is quantize_per_channel  # put back
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("peqa", ()),  # int8, asymmetric per channel, scales trained
+        ("zoodip", ("method.quantize=int4",)),  # group-wise int4, U-Net, VAE and text encoder
+    ],
+)
+def test_fast_fake_quantizers_predict_the_same_bytes(tiny_cfg, method, options):
+    """Quantizing happens in setup: one step shows what the quantized weights cost."""
+    cfg = tiny_cfg(f"method={method}", *options)
+    fast = estimate(cfg, steps=1, num_images=1)
+    computed = estimate(cfg, steps=1, num_images=1, fast_quantizers=False)
+    assert fast.peak_bytes == computed.peak_bytes > 0
+    assert fast.breakdown == computed.breakdown
+    assert fast.phase_peak_bytes == computed.phase_peak_bytes
+    assert fast.phase_breakdown == computed.phase_breakdown
+    assert fast.after_setup_bytes == computed.after_setup_bytes
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_registered_method_runs_under_fake_tensors(tiny_cfg, method):
     est = estimate(tiny_cfg(f"method={method}"))
