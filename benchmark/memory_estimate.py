@@ -183,9 +183,9 @@ class LiveStorageTracker(TorchDispatchMode):
         if key in self.storages:
             self.pinned[key] = self.storages.pop(key)
 
-    def track(self, tensor: torch.Tensor, nbytes: int | None = None) -> int | None:
+    def track(self, tensor: torch.Tensor, nbytes: int | None = None, peak: bool = True) -> int | None:
         """Count ``tensor``'s storage (``nbytes`` if given) if new; returns its serial (None
-        for storage-less tensors)."""
+        for storage-less tensors). ``peak=False``: the caller checks for a peak afterwards."""
         if not _has_storage(tensor):
             return None
         storage = tensor.untyped_storage()
@@ -200,13 +200,15 @@ class LiveStorageTracker(TorchDispatchMode):
                     self.tags[self.serial] = self.tags[entry.serial]
                 self.upper_bytes += nbytes - entry.nbytes
                 entry.serial, entry.nbytes, self.bytes_of[self.serial] = self.serial, nbytes, nbytes
-                self._maybe_peak()
+                if peak:
+                    self._maybe_peak()
             return entry.serial
         self.serial += 1
         self.storages[storage._cdata] = _Storage(storage, nbytes, self.serial)
         self.bytes_of[self.serial] = nbytes
         self.upper_bytes += nbytes
-        self._maybe_peak()
+        if peak:
+            self._maybe_peak()
         return self.serial
 
     def _concrete(self, nbytes: int | torch.SymInt) -> int:
@@ -268,13 +270,16 @@ class LiveStorageTracker(TorchDispatchMode):
             else [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         )
         if outputs:
-            inputs = None
+            # One peak check after all outputs: nothing can die while ``out`` holds them, so the
+            # bytes only grow from one output to the next (one sweep, not one per output of a
+            # foreach operator over thousands of parameters).
+            inputs, serial_before = None, self.serial
             for tensor in outputs:
                 if not _has_storage(tensor):
                     continue
                 key = tensor.untyped_storage()._cdata
                 if key in self.storages or key in self.pinned or func in LIFTS:
-                    self.track(tensor)  # maybe resized; a lifted constant would be copied to the GPU
+                    self.track(tensor, peak=False)  # maybe resized; a lifted constant is copied to the GPU
                     continue
                 if inputs is None:  # a view or in-place result of an untracked input is no allocation
                     inputs = {
@@ -283,7 +288,9 @@ class LiveStorageTracker(TorchDispatchMode):
                         if isinstance(t, torch.Tensor) and _has_storage(t)
                     }
                 if key not in inputs:
-                    self.track(tensor, _kernel_storage_bytes(func, args, tensor))
+                    self.track(tensor, _kernel_storage_bytes(func, args, tensor), peak=False)
+            if self.serial != serial_before:  # something allocated (or grown): as after each alone
+                self._maybe_peak()
         return out
 
     # -- the report ----------------------------------------------------------------------
