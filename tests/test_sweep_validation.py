@@ -248,3 +248,27 @@ def test_readme_lists_the_subjects_and_the_versions_ci_installs():
     install = (REPO / ".ci" / "install").read_text()
     for package, version in re.findall(r'"(torch|torchvision)==([0-9.]+)"', install):
         assert f"{package} {version}" in readme, package
+
+
+def test_the_placeholder_token_check_reads_the_shared_tokenizer_and_leaves_it_unchanged(
+    tmp_path, dataset_root
+):
+    from benchmark.schema import problems
+    from benchmark.tokenizer import clip_tokenizer, shared_clip_tokenizer
+    from tests.conftest import compose
+
+    shared = shared_clip_tokenizer()
+    size = len(shared)
+    overrides = [
+        "method=ti",
+        "model=tiny",
+        "subject=dog6",
+        f"data.root={dataset_root}",
+        f"paths.results={tmp_path}",
+    ]
+    (taken,) = problems(compose([*overrides, "method.placeholder_token=dog"]), check_device=False)
+    assert "'dog' is already in the tokenizer's vocabulary" in taken
+    assert problems(compose([*overrides, "method.placeholder_token='<sks-dog>'"]), check_device=False) == []
+    copy = clip_tokenizer()  # what a method gets: a copy it may add its token to
+    copy.add_tokens(["<sks-dog>"])
+    assert shared_clip_tokenizer() is shared and len(shared) == size and "<sks-dog>" not in shared.get_vocab()
