@@ -51,7 +51,7 @@ LONG_RUNS = (
 CANCEL_AT_STEP = 25  # the seed-1 run is cancelled once it has done this many steps; the rerun does the rest
 NUMBERS = ("clip_t", "clip_i", "dino", "dino_inter", "final_loss", "train_steps", "n_images")
 # One thread per process: a job and the local reference run compute alike (the same numbers), and
-# the node's jobs do not oversubscribe its cores. sbatch passes the environment on to the jobs.
+# a job uses no more than the one CPU it asks for. sbatch passes the environment on to the jobs.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
