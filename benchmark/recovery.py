@@ -66,6 +66,7 @@ class RecoveryConfig:
     token_fit_steps: int | None = None
     token_fit_lr: float | None = None
     token_fit_batch: int | None = None
+    token_joint_fit: bool = False  # fit the teacher token with W, from the seeded draw
     token_attention_gain: float = 1.0  # the token fit starts with attn2.to_out x this gain
     token_class_images: str = "same_class"  # C of the token fit: same_class | other_classes | inverted
 

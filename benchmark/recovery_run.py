@@ -41,7 +41,14 @@ from benchmark.recovery import (
     teacher_kind,
     token_scores,
 )
-from benchmark.recovery_fit import bases_dir, fit_base, fit_key, fitted_base
+from benchmark.recovery_fit import (
+    TEACHER_TOKEN_KEY,
+    TeacherTokenStates,
+    bases_dir,
+    fit_base,
+    fit_key,
+    fitted_base,
+)
 from benchmark.train import CHECKPOINT_NAME, train
 from methods.diffusion import token_ids
 from methods.registry import method_class
@@ -108,6 +115,8 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     if rc.fit_steps:
         base_key, fit_losses, base = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change,
                                             initial_token, prompt, device)  # fmt: skip
+    if base is not None and TEACHER_TOKEN_KEY in base:  # the joint fit's teacher token
+        change = {name: base.pop(TEACHER_TOKEN_KEY) for name in change}
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
     if base is not None:
         components.unet.load_state_dict(base)
@@ -181,25 +190,38 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
     else:
         states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
-    if kind == "token" and rc.token_attention_gain != 1:
-        fit_settings += (rc.token_attention_gain,)
+    if kind == "token" and (rc.token_attention_gain != 1 or rc.token_joint_fit):
+        fit_settings += (rc.token_attention_gain, rc.token_joint_fit)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
-    losses = []
+    losses, joint = [], kind == "token" and rc.token_joint_fit
 
     def fit():
         components = models.load_components(cfg.model, device=device)
         if kind == "token":
             amplify_cross_attention(components.unet, rc.token_attention_gain)
         weight_change = {} if kind == "token" else change
+        token_states = joint_token_states(cfg, method_cfg, change, prompt, device) if joint else None
         losses.extend(fit_base(components, kind, weight_change, subject_images.to(device),
-                               class_images.to(device), states, rc, cfg.seed))  # fmt: skip
+                               class_images.to(device), states, rc, cfg.seed, token_states))  # fmt: skip
         log.info("fitted base %s: L_fit %.4f -> %.4f over %d steps", key, losses[0], losses[-1], len(losses))
-        return {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
+        if joint:
+            state[TEACHER_TOKEN_KEY] = token_states.token.detach().cpu()
+        return state
 
     state = fitted_base(path, fit)
     return key, losses or None, state
+
+
+def joint_token_states(cfg, method_cfg, change, prompt, device) -> TeacherTokenStates:
+    """P's text states as a function of the teacher token, from the seeded draw ``change``."""
+    pipeline = models.load_pipeline(cfg.model, device=device)
+    load_token(pipeline, change, method_cfg.placeholder_token)
+    row = pipeline.tokenizer.convert_tokens_to_ids(method_cfg.placeholder_token)
+    ids = token_ids(pipeline.tokenizer, [prompt], device)
+    return TeacherTokenStates(pipeline.text_encoder, ids, row, next(iter(change.values())))
 
 
 @torch.no_grad()
@@ -278,6 +300,7 @@ def base_pipeline(cfg, trained_base: str | None, device, dtype):
     pipeline = models.load_pipeline(cfg.model, device=device, dtype=dtype)
     if trained_base is not None:
         state = load_file(str(bases_dir(cfg.paths.results) / f"{trained_base}.safetensors"))
+        state.pop(TEACHER_TOKEN_KEY, None)  # the joint fit's teacher token: the run's teacher file has it
         pipeline.unet.load_state_dict(state)
     return pipeline
 

@@ -10,7 +10,14 @@ import torch
 from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.recovery import RecoveryConfig
-from benchmark.recovery_run import amplify_cross_attention, other_class_image_paths, prepare, recovery_config
+from benchmark.recovery_run import (
+    amplify_cross_attention,
+    joint_token_states,
+    other_class_image_paths,
+    prepare,
+    prompt_states,
+    recovery_config,
+)
 from methods.base import ConfigError
 from tests.conftest import compose
 
@@ -74,3 +81,17 @@ def test_token_arms_share_one_teacher_and_one_fitted_base(tmp_path, dataset_root
     for arm in ("zoodip", "gfti"):
         assert settings[arm].base_key == ti.base_key and settings[arm].fit_losses is None  # cached
         assert torch.equal(settings[arm].teacher["<sks>"], ti.teacher["<sks>"])
+
+
+def test_joint_fit_states_are_the_installed_tokens_and_pass_gradients_to_it():
+    """recovery.token_joint_fit: the teacher's text states as a function of its token equal the
+    states with the token put in the pipeline, and the fit's gradient reaches the token."""
+    cfg = compose(["experiment=recovery", "+experiment/recovery=ti"])
+    method_cfg, prompt = method_config(cfg), "a photo of <sks>"
+    token = {"<sks>": 0.1 * torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}
+    states = joint_token_states(cfg, method_cfg, token, prompt, "cpu")
+    hidden = states()
+    expected = prompt_states(cfg, None, method_cfg, "token", token, prompt, "cpu")
+    assert torch.allclose(hidden, expected, rtol=0, atol=1e-5)  # fp32 states of unit scale
+    hidden[0, 5:].sum().backward()  # the positions after the token read it (causal attention)
+    assert states.token.grad is not None and states.token.grad.abs().sum() > 0
