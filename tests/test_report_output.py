@@ -157,6 +157,8 @@ def test_flat_axis_is_flagged_with_the_reason_and_narrowed_reports_get_their_own
     assert "never did" in md  # the reason: tau >= the 4 training steps, so SG never switched on
     full = report_dir(tmp_path, "table4", ["experiment=table4", f"paths.results={tmp_path}"])
     assert full == tmp_path / "table4"
+    not_in_run_key = ["train.profile_steps=0", "+train.step_delay_s=0", "device=cpu"]
+    assert report_dir(tmp_path, "table4", ["experiment=table4", *not_in_run_key]) == full
     assert report.out_dir != full and report.out_dir.name.startswith("table4+method.tau=32,64")
 
 
@@ -247,6 +249,7 @@ def test_imports_and_the_profiler_print_no_third_party_chatter_but_our_warnings_
         "import benchmark, methods.zoodip, methods.qlora, benchmark.models, benchmark.metrics\n"
         "import torch, open_clip\n"
         "open_clip.get_tokenizer('ViT-B-32')\n"
+        "import bitsandbytes; bitsandbytes.nn.Linear4bit\n"  # QLoRA's first use runs the deferred module
         "with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):\n"
         "    torch.ones(4).sum()\n"
         "logging.getLogger('benchmark.run').warning('our warning')\n"
