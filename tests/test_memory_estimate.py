@@ -214,8 +214,7 @@ def test_fast_fake_quantizers_make_the_real_quantizers_tensors(bits, symmetric):
 @pytest.mark.parametrize(
     "method, options",
     [
-        ("peqa", ()),  # int8, asymmetric per channel, scales trained
-        ("zoodip", ("method.quantize=int4",)),  # group-wise int4, U-Net, VAE and text encoder
+        ("peqa", ()),  # int8, asymmetric per channel, scales trained (the other schemes' tensors: above)
     ],
 )
 def test_fast_fake_quantizers_predict_the_same_bytes(tiny_cfg, method, options):
