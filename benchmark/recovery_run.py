@@ -41,7 +41,7 @@ from benchmark.recovery import (
     teacher_kind,
     token_scores,
 )
-from benchmark.recovery_fit import bases_dir, fit_base, fit_key, fitted_base
+from benchmark.recovery_fit import JointTeacher, bases_dir, fit_base, fit_key, fitted_base
 from benchmark.train import CHECKPOINT_NAME, train
 from methods.diffusion import token_ids
 from methods.registry import method_class
@@ -104,8 +104,8 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     change = draw_change(kind, initial_token, models.load_components(cfg.model).unet, cfg.seed, rc)
     base_key, fit_losses, base = None, None, None
     if rc.fit_steps:
-        base_key, fit_losses, base = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change,
-                                            initial_token, prompt, device)  # fmt: skip
+        base_key, fit_losses, base, change = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind,
+                                                    change, initial_token, prompt, device)  # fmt: skip
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
     if base is not None:
         components.unet.load_state_dict(base)
@@ -158,7 +158,8 @@ def prompt_states(cfg, cls, method_cfg, kind, token, prompt, device) -> torch.Te
 
 
 def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial_token, prompt, device):
-    """(cache key, fit losses or None when cached, fitted U-Net state): benchmark/recovery_fit.py."""
+    """(cache key, fit losses or None when cached, fitted U-Net state, the teacher's change: fitted
+    with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery_fit.py."""
     resolution = method_cfg.resolution
     subject_images = data.load_images(image_paths, resolution)
     class_images = data.load_images(class_image_paths(image_paths, subject, rc.class_images), resolution)
@@ -168,22 +169,32 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
         ]
     else:
         states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
+    joint = rc.fit_teacher and kind != "token"
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
+    if joint:  # (a base fitted with a fixed teacher keeps its old key)
+        fit_settings += ("joint", rc.lora_rank, rc.teacher_steps)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
+    teacher_path = path.with_suffix(".teacher.safetensors")  # the jointly fitted teacher
     losses = []
 
     def fit():
         components = models.load_components(cfg.model, device=device)
         weight_change = {} if kind == "token" else change
+        if joint:
+            weight_change = JointTeacher(kind, change, rc.lora_rank, device)
         losses.extend(fit_base(components, kind, weight_change, subject_images.to(device),
                                class_images.to(device), states, rc, cfg.seed))  # fmt: skip
         log.info("fitted base %s: L_fit %.4f -> %.4f over %d steps", key, losses[0], losses[-1], len(losses))
+        if joint:  # written before the base: a base on disk has its teacher
+            save_tensors(teacher_path, {k: v.detach().cpu() for k, v in weight_change.current().items()})
         return {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
 
     state = fitted_base(path, fit)
-    return key, losses or None, state
+    if joint:
+        change = load_file(str(teacher_path))
+    return key, losses or None, state, change
 
 
 def class_image_paths(image_paths, subject, count: int) -> list[Path]:
