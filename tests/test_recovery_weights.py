@@ -27,14 +27,14 @@ pytestmark = pytest.mark.xdist_group("recovery_weights")  # one worker runs the 
 SEED = 0
 # arm: (least fraction of the gap closed at step 20, greatest prediction distance to the teacher)
 MARGINS = {
-    "dreambooth": (0.1, 0.95),
-    "qlora": (0.1, 0.95),
-    "peqa": (0.1, 0.95),
-    "tuneqdm": (0.1, 0.95),
-    "hollowed_f0": (0.1, 0.95),
-    "hollowed_f05": (0.1, 0.95),
-    "selective": (0.1, 0.95),
-    "selective_bp_only": (0.1, 0.95),
+    "dreambooth": (0.02, 1.0),
+    "qlora": (0.02, 1.0),
+    "peqa": (0.02, 1.0),
+    "tuneqdm": (0.02, 1.0),
+    "hollowed_f0": (0.02, 1.0),
+    "hollowed_f05": (0.02, 1.0),
+    "selective": (0.02, 1.0),
+    "selective_bp_only": (0.02, 1.0),
 }
 
 
