@@ -25,16 +25,21 @@ pytestmark = pytest.mark.xdist_group("recovery_weights")  # one worker runs the 
 # held-out draws) at one seed; the margins were measured over seeds 0-7 (README, "Weight arms"):
 #   nox -s recovery -- '+experiment/recovery=<the 8 arms>' paths.results=/work/recovery/weight
 SEED = 0
-# arm: (least fraction of the gap closed at step 20, greatest prediction distance to the teacher)
+# arm: (least fraction of the gap closed at step 20, greatest prediction distance to the teacher
+# or None). Seed 0 measured (README, "Weight arms"): DreamBooth 1.58 / 0.90, QLoRA 0.39 / 0.71,
+# PEQA 0.92 / 0.38, TuneQDM 0.83 / 0.65, Hollowed f0 0.42 / 0.70, f0.5 0.39 / 0.71, selective
+# 0.44 / 0.72, without ZO-high 0.51 / 0.73; the bounds
+# leave about half of each value as margin. DreamBooth (every weight) can leave the teacher's
+# predictions behind while it fits S better than the teacher: no distance bound.
 MARGINS = {
-    "dreambooth": (0.02, 1.0),
-    "qlora": (0.02, 1.0),
-    "peqa": (0.02, 1.0),
-    "tuneqdm": (0.02, 1.0),
-    "hollowed_f0": (0.02, 1.0),
-    "hollowed_f05": (0.02, 1.0),
-    "selective": (0.02, 1.0),
-    "selective_bp_only": (0.02, 1.0),
+    "dreambooth": (0.5, None),
+    "qlora": (0.15, 0.9),
+    "peqa": (0.4, 0.7),
+    "tuneqdm": (0.35, 0.9),
+    "hollowed_f0": (0.15, 0.9),
+    "hollowed_f05": (0.15, 0.9),
+    "selective": (0.2, 0.9),
+    "selective_bp_only": (0.2, 0.9),
 }
 
 
@@ -61,7 +66,8 @@ def test_every_weight_arm_closes_a_real_part_of_the_gap(weight_runs, arm):
     assert record["recovery_gap"] > 0.01 * record["recovery_loss_initial"]  # a gap worth closing
     least_closed, most_distance = MARGINS[arm]
     assert record["recovery_gap_closed"] > least_closed
-    assert record["recovery_prediction_distance"] < most_distance
+    if most_distance is not None:
+        assert record["recovery_prediction_distance"] < most_distance
 
 
 def test_a_fitted_weight_run_records_its_curve_and_artifact(weight_runs, dataset_root):
@@ -70,7 +76,7 @@ def test_a_fitted_weight_run_records_its_curve_and_artifact(weight_runs, dataset
     from benchmark import data
 
     cfg, record = weight_runs["hollowed_f05"]
-    (run_dir,) = Path(cfg.paths.results).glob("runs/hollowed/dog6/*")
+    run_dir = Path(cfg.paths.results) / "runs" / "hollowed" / "dog6" / record["run_key"]
     assert record["curve_step"] == [0, 10, 20]
     assert {len(record[k]) for k in record if k.startswith("curve_")} == {3}
     assert record["curve_loss"][0] == record["recovery_loss_initial"]
