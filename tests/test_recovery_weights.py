@@ -98,3 +98,24 @@ def test_a_fitted_weight_run_records_its_curve_and_artifact(weight_runs, dataset
     assert keys["peqa"] == keys["tuneqdm"] != keys["dreambooth"]
     assert len({keys[a] for a in keys if a not in ("peqa", "tuneqdm")}) == 1
     assert run(cfg)["run_key"] == record["run_key"]  # done: the rerun reads the record
+
+
+def test_report_pairs_arms_over_shared_seeds():
+    """The paired rows: a − b per seed over the seeds where both ran ok, with n."""
+    import pandas as pd
+
+    from benchmark.recovery_report import paired
+
+    rows = [
+        ("selective", 0, 0.5, 0.7), ("selective_bp_only", 0, 0.25, 0.8),
+        ("selective", 1, 0.75, 0.6), ("selective_bp_only", 1, 0.25, 0.8),
+        ("selective", 2, 0.9, 0.5),  # no partner: not counted
+    ]  # fmt: skip
+    runs = pd.DataFrame(
+        [{"recovery.arm": a, "seed": s, "state": "ok", "recovery_gap_closed": g,
+          "recovery_prediction_distance": d} for a, s, g, d in rows]
+    )  # fmt: skip
+    (line,) = [line for line in paired(runs) if line.startswith("| selective")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150") and cells[4] == "2"
+    assert not [line for line in paired(runs) if line.startswith("| Hollowed")]  # no such runs
