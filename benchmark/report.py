@@ -33,6 +33,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark.atomic import write_text_atomic
+from benchmark.config import NOT_IN_RUN_KEY
 from benchmark.records import CorruptRecord, load_records
 from benchmark.sweep import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
 
@@ -471,15 +472,10 @@ def flat_axes(report: Report) -> list[str]:
 def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
     """<results>/<name> for the full report; a narrowed one (subject=dog6, model=tiny, ...) gets
     its own folder named from its overrides, so it never overwrites the full report."""
-    where = (
-        "experiment=",
-        "paths.",
-        "data.",
-        "hydra.",
-        "train.progress",
-        "skip_done",
-    )  # not what is reported
-    narrowing = [a for a in arguments if not a.startswith(where)]
+    # not what is reported: where things live, settings that are not in the run key (a report.*
+    # override does change how the table is drawn: it gets its own folder)
+    where = ("experiment=", "data.", "hydra.", *(k for k in NOT_IN_RUN_KEY if k != "report"))
+    narrowing = [a for a in arguments if not a.lstrip("+~").startswith(where)]
     if not narrowing:
         return results / name
     suffix = "+".join(re.sub(r"[^A-Za-z0-9._=,-]", "_", a) for a in narrowing)

@@ -82,3 +82,21 @@ def tiny_cfg(tmp_path, dataset_root):
         return compose(base + list(overrides))
 
     return make
+
+
+def run_sweep_in_process(arguments: list[str]) -> list[dict]:
+    """The records of `python -m benchmark -m <arguments>`, its runs made one after the other in this
+    process (no interpreter start-up, no import of torch and diffusers per sweep). For tests about
+    what a sweep's runs hold, not about the command: tests/test_sweep.py runs the command and checks
+    that plan_sweep names the directories Hydra's jobs write."""
+    from benchmark.records import RECORD_NAME, read_record
+    from benchmark.run import run, run_dir_for
+    from benchmark.sweep import plan_sweep
+
+    records = []
+    for planned in plan_sweep(arguments, check="run"):
+        cfg = compose(list(planned.overrides))
+        assert run_dir_for(cfg) == planned.run_dir, planned.overrides
+        run(cfg)
+        records.append(read_record(planned.run_dir / RECORD_NAME))  # as written, for the report
+    return records

@@ -5,12 +5,7 @@ trained on the hollowed U-Net transfers to the stock one."""
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,10 +22,10 @@ from methods.base import ConfigError
 from methods.hollow_unet import boundary_activations, hollowed_forward, plan_removal, unet_layers
 from methods.lora_io import load_unet_lora
 from methods.registry import method_class
+from tests.conftest import run_sweep_in_process
 from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_tolerance
 
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_method(tiny_cfg, dataset_root, *overrides):
@@ -309,22 +304,12 @@ def test_lora_run_writes_a_record(tiny_cfg):
 
 
 def test_fraction_sweep_writes_complete_records(tmp_path, dataset_root):
-    results = tmp_path / "results"
-    args = [
-        "-m", "method=hollowed", "method.fraction=0,0.25,0.5", "model=tiny", "method.steps=2",
-        f"data.root={dataset_root}", f"paths.results={results}",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmark", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in results.glob("runs/hollowed/dog6/*/record.json")]
+    """The sweep's runs in this process (tests/test_sweep.py runs `python -m benchmark -m`)."""
+    records = run_sweep_in_process(
+        ["method=hollowed", "method.fraction=0,0.25,0.5", "model=tiny", "method.steps=2",
+         f"data.root={dataset_root}", f"paths.results={tmp_path / 'results'}", "train.progress=false",
+         "train.profile_steps=0"]
+    )  # fmt: skip
     assert sorted(r["method.fraction"] for r in records) == [0, 0.25, 0.5]
     from benchmark.records import REQUIRED_FIELDS
 

@@ -424,7 +424,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_artifact(tmp_path, dataset_root):
     args = [
         "method=ti", "model=tiny", "method.lr=0.05", f"data.root={dataset_root}", "train.max_steps=6",
-        "train.checkpoint_every=2",
+        "train.checkpoint_every=2", "train.profile_steps=0",  # the profiler: seconds a run, unread here
     ]  # fmt: skip
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     with open(tmp_path / "killed.log", "w") as log, open(tmp_path / "straight.log", "w") as straight_log:
@@ -584,6 +584,8 @@ def test_two_sweeps_into_one_results_dir(tmp_path, dataset_root):
         "method=ti",
         "model=tiny",
         "seed=0,1",
+        "train.max_steps=2",
+        "train.profile_steps=0",
         f"data.root={dataset_root}",
         f"paths.results={tmp_path}",
     ]

@@ -157,6 +157,8 @@ def test_flat_axis_is_flagged_with_the_reason_and_narrowed_reports_get_their_own
     assert "never did" in md  # the reason: tau >= the 4 training steps, so SG never switched on
     full = report_dir(tmp_path, "table4", ["experiment=table4", f"paths.results={tmp_path}"])
     assert full == tmp_path / "table4"
+    not_in_run_key = ["train.profile_steps=0", "+train.step_delay_s=0", "device=cpu"]
+    assert report_dir(tmp_path, "table4", ["experiment=table4", *not_in_run_key]) == full
     assert report.out_dir != full and report.out_dir.name.startswith("table4+method.tau=32,64")
 
 

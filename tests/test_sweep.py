@@ -36,6 +36,7 @@ def tiny(results: Path, dataset_root: Path) -> list[str]:
     return [
         "model=tiny", f"data.root={dataset_root}", f"paths.results={results}",
         "train.progress=false", "train.max_steps=2",
+        "train.profile_steps=0",  # the memory profiler: seconds a run, and nothing here reads it
     ]  # fmt: skip
 
 

@@ -1,14 +1,8 @@
 """ZOODiP on the tiny model: a step is n+1 forward passes and no autograd, only the placeholder
-row moves, the quantized weights stay integer and untouched, resume is bit-identical, and the
-CLI sweeps its ablation knobs."""
+row moves, the quantized weights stay integer and untouched, resume is bit-identical, and a
+sweep of its ablation knobs makes complete runs."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +17,7 @@ from methods.quant import QuantizedLayer, quantized_layers
 from methods.quant_groupwise import GroupwiseQuantizedLayer
 from methods.quantized_model import quantize_networks
 from methods.zoodip import ZOODiP
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_sweep_in_process
 
 
 @pytest.fixture
@@ -238,19 +231,13 @@ def test_bad_settings_are_config_errors(tiny_cfg, override):
         method_config(tiny_cfg("method=zoodip", override))
 
 
-def test_cli_sweeps_tau_and_nu_into_four_complete_runs(tmp_path, dataset_root):
-    results = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmark", "-m", "method=zoodip", "subject=dog6", "model=tiny",
-         "method.tau=32,64", "method.nu=1e-3,1e-2", f"data.root={dataset_root}", f"paths.results={results}",
-         "method.precision=fp32", "train.max_steps=2", "train.progress=false"],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
-        capture_output=True, text=True, timeout=900,
+def test_a_tau_nu_sweep_makes_four_complete_runs(tmp_path, dataset_root):
+    """The sweep's runs in this process (tests/test_sweep.py runs `python -m benchmark -m`)."""
+    records = run_sweep_in_process(
+        ["method=zoodip", "subject=dog6", "model=tiny", "method.tau=32,64", "method.nu=1e-3,1e-2",
+         f"data.root={dataset_root}", f"paths.results={tmp_path / 'results'}", "method.precision=fp32",
+         "train.max_steps=2", "train.progress=false", "train.profile_steps=0"]
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [
-        json.loads(p.read_text()) for p in (results / "runs" / "zoodip" / "dog6").glob("*/record.json")
-    ]
     assert sorted((r["method.tau"], r["method.nu"]) for r in records) == [
         (32, 1e-3),
         (32, 1e-2),
