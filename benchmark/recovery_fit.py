@@ -128,7 +128,7 @@ def fit_base(components, kind, teacher, subject_images, class_images, states, rc
             pred = functional_call(unet, weights, args, strict=False).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
