@@ -121,6 +121,14 @@ def memory(session: nox.Session) -> None:
 
 
 @nox.session
+def startup(session: nox.Session) -> None:
+    """CPU seconds of each process kind the suite and sweeps start (run, refused run, sweep
+    status, report, memory), whole process and its imports (benchmark/startup_cost.py).
+    `nox -s startup -- --repeat 1 run`."""
+    session.run(sys.executable, "-m", "benchmark.startup_cost", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
 def speed(session: nox.Session) -> None:
     """Training it/s of ZOODiP sequential vs batched passes and of TI, with model=sd15_arch at
     256 px, on the CPU and on CUDA when present (benchmark/speed.py); prints the ratios, the

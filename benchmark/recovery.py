@@ -36,6 +36,7 @@ from methods.token_method import TokenMethod
 TEACHER_KINDS = ("token", "scales", "lora")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SNAPSHOT_DIR = "snapshots"
+CONTRAST_CLASSES = ("same_class", "other_classes", "inverted")
 
 
 @dataclasses.dataclass
@@ -64,6 +65,14 @@ class RecoveryConfig:
     # it is near the optimum on S of its parameterization (benchmark/recovery_fit.py)
     fit_teacher: bool = True
     teacher_steps: int = 0  # then this many steps fitting the teacher alone on S (W frozen)
+    # The token teacher's fit (token methods only; None: the shared value above). The weight
+    # teachers never read these keys.
+    token_fit_steps: int | None = None
+    token_fit_lr: float | None = None
+    token_fit_batch: int | None = None
+    token_joint_fit: bool = False  # fit the teacher token with W, from the seeded draw
+    token_attention_gain: float = 1.0  # the token fit starts with attn2.to_out x this gain
+    token_class_images: str = "same_class"  # C of the token fit: same_class | other_classes | inverted
 
     def __post_init__(self) -> None:
         for key in (
@@ -86,11 +95,36 @@ class RecoveryConfig:
             "class_images",
         ):
             require(getattr(self, key) >= 1, f"recovery.{key}={getattr(self, key)} must be >= 1")
+        for key, least in (
+            ("token_fit_steps", 0),
+            ("token_fit_lr", 0),
+            ("token_fit_batch", 1),
+            ("token_attention_gain", 0),
+        ):
+            value = getattr(self, key)
+            require(value is None or value >= least, f"recovery.{key}={value} must be >= {least} (or null)")
+        require(
+            self.token_class_images in CONTRAST_CLASSES,
+            f"recovery.token_class_images={self.token_class_images!r}; "
+            f"choose one of: {', '.join(CONTRAST_CLASSES)}",
+        )
         require(self.generation_steps >= 1, f"recovery.generation_steps={self.generation_steps} must be >= 1")
         require(self.curve_points >= 2, f"recovery.curve_points={self.curve_points} must be >= 2")
         require(
             self.prompt.count("{}") == 1,
             f"recovery.prompt={self.prompt!r} must contain one '{{}}' for the subject phrase",
+        )
+
+    def for_teacher(self, kind: str) -> RecoveryConfig:
+        """The settings the ``kind`` teacher's fit uses: the token_* keys in place for the token
+        teacher; the weight teachers' unchanged."""
+        if kind != "token":
+            return self
+        return dataclasses.replace(
+            self,
+            fit_steps=self.fit_steps if self.token_fit_steps is None else self.token_fit_steps,
+            fit_lr=self.fit_lr if self.token_fit_lr is None else self.token_fit_lr,
+            fit_batch=self.fit_batch if self.token_fit_batch is None else self.token_fit_batch,
         )
 
 

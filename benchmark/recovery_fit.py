@@ -42,6 +42,7 @@ from methods.diffusion import latent_distribution, noisy_latents, randn
 
 log = logging.getLogger(__name__)
 BASES_DIR = "recovery_bases"
+TEACHER_TOKEN_KEY = "recovery.teacher_token"  # the jointly fitted teacher token, stored with its base
 
 
 def teacher_weights(params: dict[str, torch.Tensor], kind: str, teacher: dict[str, torch.Tensor]):
@@ -97,17 +98,22 @@ def fit_key(parts: list) -> str:
     return digest.hexdigest()[:16]
 
 
-def fit_base(components, kind, teacher, subject_images, class_images, states, rc, seed: int):
+def fit_base(
+    components, kind, teacher, subject_images, class_images, states, rc, seed: int, token_states=None
+):
     """Fit ``components.unet`` in place on L_fit (module docstring); returns the losses per step.
     ``states``: (P's text states with the teacher, P's text states at the start) — equal for
-    the weight teachers. ``teacher``: a dict (fixed) or a ``JointTeacher`` (fitted with W)."""
+    the weight teachers. ``teacher``: a dict (fixed) or a ``JointTeacher`` (fitted with W).
+    ``token_states`` (a ``TeacherTokenStates``; the token teacher's joint fit): the teacher's
+    states come from it, and its token is fitted with W."""
     unet, scheduler = components.unet, components.noise_scheduler
     device, scaling = unet.device, components.vae.config.scaling_factor
     posteriors = [latent_distribution(components.vae, x) for x in (subject_images, class_images)]
     unet.requires_grad_(True).train()
     params = dict(unet.named_parameters())
     joint = teacher if isinstance(teacher, JointTeacher) else None
-    optimizer = torch.optim.Adam([*params.values(), *(joint.parameters() if joint else [])], lr=rc.fit_lr)
+    trained = [*params.values(), *([token_states.token] if token_states is not None else [])]
+    optimizer = torch.optim.Adam([*trained, *(joint.parameters() if joint else [])], lr=rc.fit_lr)
     losses = []
     for step in range(rc.fit_steps + (rc.teacher_steps if joint else 0)):
         teacher_only = step >= rc.fit_steps  # then the teacher alone on S, W frozen
@@ -124,6 +130,8 @@ def fit_base(components, kind, teacher, subject_images, class_images, states, rc
             z_t, target = noisy_latents(scheduler, latents, t, g)
             current = joint.current() if joint else teacher
             weights = teacher_weights(params, kind, current) if with_teacher else {}
+            if with_teacher and token_states is not None:
+                hidden = token_states()
             args = (z_t, t.to(device), hidden.expand(rc.fit_batch, -1, -1))
             pred = functional_call(unet, weights, args, strict=False).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -134,6 +142,23 @@ def fit_base(components, kind, teacher, subject_images, class_images, states, rc
         losses.append(total)
     unet.requires_grad_(False).eval()
     return losses
+
+
+class TeacherTokenStates:
+    """P's text states as a function of the teacher token, which is a leaf to fit (the joint
+    fit, ``recovery.token_joint_fit``): the token's embedding row replaced functionally."""
+
+    def __init__(self, text_encoder, ids: torch.Tensor, row: int, start: torch.Tensor):
+        self.encoder, self.ids, self.row = text_encoder, ids, row
+        embedding = text_encoder.get_input_embeddings().weight
+        self.weight_name = next(n for n, p in text_encoder.named_parameters() if p is embedding)
+        self.weight = embedding.detach()
+        self.token = start.detach().clone().float().to(self.weight.device).requires_grad_(True)
+
+    def __call__(self) -> torch.Tensor:
+        rows = torch.tensor([self.row], device=self.weight.device)
+        weight = self.weight.index_put((rows,), self.token.to(self.weight.dtype))
+        return functional_call(self.encoder, {self.weight_name: weight}, (self.ids,))[0]
 
 
 def fitted_base(path: Path, fit):

@@ -41,10 +41,19 @@ from benchmark.recovery import (
     teacher_kind,
     token_scores,
 )
-from benchmark.recovery_fit import JointTeacher, bases_dir, fit_base, fit_key, fitted_base
+from benchmark.recovery_fit import (
+    TEACHER_TOKEN_KEY,
+    JointTeacher,
+    TeacherTokenStates,
+    bases_dir,
+    fit_base,
+    fit_key,
+    fitted_base,
+)
 from benchmark.train import CHECKPOINT_NAME, train
 from methods.diffusion import token_ids
 from methods.registry import method_class
+from methods.token_method import load_token
 
 log = logging.getLogger(__name__)
 TEACHER_NAME = "teacher.safetensors"
@@ -99,13 +108,16 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     cls = method_class(cfg.method.name)
     method = cls(method_cfg)
     kind = teacher_kind(method)
+    rc = rc.for_teacher(kind)
     prompt = rc.prompt.format(method.subject_phrase(subject))
-    initial_token = start_state(cfg, cls, method_cfg, subject) if kind == "token" else {}
+    initial_token = start_state(cfg, cls, method_cfg, subject, torch.float32) if kind == "token" else {}
     change = draw_change(kind, initial_token, models.load_components(cfg.model).unet, cfg.seed, rc)
     base_key, fit_losses, base = None, None, None
     if rc.fit_steps:
         base_key, fit_losses, base, change = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind,
                                                     change, initial_token, prompt, device)  # fmt: skip
+    if base is not None and TEACHER_TOKEN_KEY in base:  # the joint fit's teacher token
+        change = {name: base.pop(TEACHER_TOKEN_KEY) for name in change}
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
     if base is not None:
         components.unet.load_state_dict(base)
@@ -130,11 +142,13 @@ def stored_images(run_dir: Path | None):
     return load_file(str(run_dir / IMAGES_NAME))
 
 
-def start_state(cfg, cls, method_cfg, subject) -> dict[str, torch.Tensor]:
-    """The method's state right after ``setup`` on the model as it is (token methods: e0)."""
+def start_state(cfg, cls, method_cfg, subject, dtype=None) -> dict[str, torch.Tensor]:
+    """The method's state right after ``setup`` on the model as it is (token methods: e0), in
+    ``dtype`` (None: the method's training dtype). The token teacher is drawn around e0 in fp32
+    for every token method: TI, GF-TI and ZOODiP then share one teacher and one fitted base."""
     probe = cls(method_cfg)
-    probe.setup(models.load_components(cfg.model, dtype=training_dtype(method_cfg)), subject)
-    return {k: v.detach().cpu().clone() for k, v in probe.state_dict().items()}
+    probe.setup(models.load_components(cfg.model, dtype=dtype or training_dtype(method_cfg)), subject)
+    return {k: v.detach().cpu().float().clone() for k, v in probe.state_dict().items()}
 
 
 def teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device):
@@ -149,10 +163,11 @@ def teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device):
 
 
 def prompt_states(cfg, cls, method_cfg, kind, token, prompt, device) -> torch.Tensor:
-    """P's text states in a stock pipeline, with ``token`` put in by the method's apply."""
+    """P's text states in a stock pipeline, with ``token`` put in unquantized (as TI's apply; the
+    same for every token method, so that they share one fitted base)."""
     pipeline = models.load_pipeline(cfg.model, device=device)
     if kind == "token":
-        install(pipeline, cls(method_cfg), kind, token)
+        load_token(pipeline, token, method_cfg.placeholder_token)
     with torch.no_grad():
         return pipeline.text_encoder(token_ids(pipeline.tokenizer, [prompt], device))[0]
 
@@ -162,39 +177,74 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
     with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery_fit.py."""
     resolution = method_cfg.resolution
     subject_images = data.load_images(image_paths, resolution)
-    class_images = data.load_images(class_image_paths(image_paths, subject, rc.class_images), resolution)
+    contrast = rc.token_class_images if kind == "token" else "same_class"
+    if contrast == "inverted":  # C = S in negative: the start token comes to mean "the negative photo"
+        class_images = -subject_images
+    else:
+        class_paths = (other_class_image_paths if contrast == "other_classes" else class_image_paths)(
+            image_paths, subject, rc.class_images
+        )
+        class_images = data.load_images(class_paths, resolution)
     if kind == "token":  # P's states with the teacher's token, and with the token at its start
         states = [
             prompt_states(cfg, cls, method_cfg, kind, t, prompt, device) for t in (change, initial_token)
         ]
     else:
         states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
-    joint = rc.fit_teacher and kind != "token"
+    weight_joint = rc.fit_teacher and kind != "token"
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
-    if joint:  # (a base fitted with a fixed teacher keeps its old key)
+    if weight_joint:  # (a base fitted with a fixed teacher keeps its old key)
         fit_settings += ("joint", rc.lora_rank, rc.teacher_steps)
+    if kind == "token" and (rc.token_attention_gain != 1 or rc.token_joint_fit):
+        fit_settings += (rc.token_attention_gain, rc.token_joint_fit)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
-    teacher_path = path.with_suffix(".teacher.safetensors")  # the jointly fitted teacher
-    losses = []
+    teacher_path = path.with_suffix(".teacher.safetensors")  # the jointly fitted weight teacher
+    losses, joint = [], kind == "token" and rc.token_joint_fit
 
     def fit():
         components = models.load_components(cfg.model, device=device)
+        if kind == "token":
+            amplify_cross_attention(components.unet, rc.token_attention_gain)
         weight_change = {} if kind == "token" else change
-        if joint:
+        if weight_joint:
             weight_change = JointTeacher(kind, change, rc.lora_rank, device)
+        token_states = joint_token_states(cfg, method_cfg, change, prompt, device) if joint else None
         losses.extend(fit_base(components, kind, weight_change, subject_images.to(device),
-                               class_images.to(device), states, rc, cfg.seed))  # fmt: skip
+                               class_images.to(device), states, rc, cfg.seed, token_states))  # fmt: skip
         log.info("fitted base %s: L_fit %.4f -> %.4f over %d steps", key, losses[0], losses[-1], len(losses))
-        if joint:  # written before the base: a base on disk has its teacher
+        if weight_joint:  # written before the base: a base on disk has its teacher
             save_tensors(teacher_path, {k: v.detach().cpu() for k, v in weight_change.current().items()})
-        return {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
+        if joint:
+            state[TEACHER_TOKEN_KEY] = token_states.token.detach().cpu()
+        return state
 
     state = fitted_base(path, fit)
-    if joint:
+    if weight_joint:
         change = load_file(str(teacher_path))
     return key, losses or None, state, change
+
+
+def joint_token_states(cfg, method_cfg, change, prompt, device) -> TeacherTokenStates:
+    """P's text states as a function of the teacher token, from the seeded draw ``change``."""
+    pipeline = models.load_pipeline(cfg.model, device=device)
+    load_token(pipeline, change, method_cfg.placeholder_token)
+    row = pipeline.tokenizer.convert_tokens_to_ids(method_cfg.placeholder_token)
+    ids = token_ids(pipeline.tokenizer, [prompt], device)
+    return TeacherTokenStates(pipeline.text_encoder, ids, row, next(iter(change.values())))
+
+
+@torch.no_grad()
+def amplify_cross_attention(unet, gain: float) -> None:
+    """Multiply every cross-attention output projection (``attn2.to_out.0``) by ``gain``: the
+    token fit's start, so that the U-Net reads the text states (random weights barely do)."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            module.weight *= gain
+            if module.bias is not None:
+                module.bias *= gain
 
 
 def class_image_paths(image_paths, subject, count: int) -> list[Path]:
@@ -204,6 +254,23 @@ def class_image_paths(image_paths, subject, count: int) -> list[Path]:
     others = [s for s in data.SUBJECTS.values() if s.name != subject.name and (root / s.name).is_dir()]
     same = [s for s in others if s.class_noun == subject.class_noun] or others
     per_subject = [data.subject_image_paths(root, s) for s in same]
+    chosen = []
+    for i in range(max(map(len, per_subject), default=0)):
+        chosen += [paths[i] for paths in per_subject if i < len(paths)]
+    return chosen[:count]
+
+
+def other_class_image_paths(image_paths, subject, count: int) -> list[Path]:
+    """C for ``recovery.token_class_images=other_classes``: up to ``count`` images of the subjects
+    of the other classes (dog6: the 22 subjects that are no dog), one from each in turn."""
+    root = Path(image_paths[0]).parent.parent
+    others = [
+        s for s in data.SUBJECTS.values() if s.class_noun != subject.class_noun and (root / s.name).is_dir()
+    ]
+    return in_turn([data.subject_image_paths(root, s) for s in others], count)
+
+
+def in_turn(per_subject: list[list[Path]], count: int) -> list[Path]:
     chosen = []
     for i in range(max(map(len, per_subject), default=0)):
         chosen += [paths[i] for paths in per_subject if i < len(paths)]
@@ -245,6 +312,7 @@ def base_pipeline(cfg, trained_base: str | None, device, dtype):
     pipeline = models.load_pipeline(cfg.model, device=device, dtype=dtype)
     if trained_base is not None:
         state = load_file(str(bases_dir(cfg.paths.results) / f"{trained_base}.safetensors"))
+        state.pop(TEACHER_TOKEN_KEY, None)  # the joint fit's teacher token: the run's teacher file has it
         pipeline.unet.load_state_dict(state)
     return pipeline
 

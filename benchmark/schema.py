@@ -456,11 +456,11 @@ def check_placeholder_token(token: str, model: ModelSchema) -> None:
 
 
 def model_tokenizer(model: ModelSchema):
-    """The model's tokenizer, without loading the model: its own files when they are on disk,
-    otherwise CLIP's BPE tokenizer rebuilt offline (the vocabulary of every SD 1.x/2.x model)."""
+    """The model's tokenizer, without loading the model, to read only: its own files when they
+    are on disk, otherwise CLIP's BPE tokenizer rebuilt offline (every SD 1.x/2.x model's)."""
     from transformers import CLIPTokenizer
 
-    from benchmark.tokenizer import clip_tokenizer
+    from benchmark.tokenizer import shared_clip_tokenizer
 
     if model.kind == "hub":
         source = str(Path(model.path).expanduser()) if model.path else model.hub_id
@@ -470,4 +470,4 @@ def model_tokenizer(model: ModelSchema):
             )
         except (OSError, ValueError):  # not cached: loading the model will fetch or explain
             pass
-    return clip_tokenizer()
+    return shared_clip_tokenizer()

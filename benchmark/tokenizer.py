@@ -134,6 +134,12 @@ def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
     return copy_tokenizer(tokenizer)
 
 
+def shared_clip_tokenizer() -> CLIPTokenizer:
+    """The in-process cached tokenizer itself, for callers that only read it (config checks):
+    no copy (a third of a second each)."""
+    return _load(None)
+
+
 def copy_tokenizer(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
     import copy
 

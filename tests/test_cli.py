@@ -18,10 +18,19 @@ from benchmark.run import run
 REPO = Path(__file__).resolve().parents[1]
 
 
+# `python -m benchmark` (runpy does what -m does), then, at exit, which deferred backends ran
+CLI = (
+    "import atexit, runpy, sys\n"
+    "from benchmark.lazy_backends import DEFERRED, executed\n"
+    "atexit.register(lambda: print('backends run:', *filter(executed, DEFERRED), file=sys.stderr))\n"
+    "runpy.run_module('benchmark', run_name='__main__', alter_sys=True)\n"
+)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "benchmark", *args],
+        [sys.executable, "-c", CLI, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -58,6 +67,17 @@ def test_ti_run_writes_a_complete_run_directory(tmp_path, dataset_root):
     # CPU: allocator figures are unmeasurable -> null, never 0
     assert record["peak_allocated_bytes"] is None
     assert not (run_dir / "checkpoint.pt").exists()
+    # diffusers and peft import bitsandbytes at start-up; only QLoRA uses it (benchmark.lazy_backends)
+    assert proc.stderr.splitlines()[-1] == "backends run:"
+
+
+def test_a_deferred_backend_is_the_real_module_on_first_use():
+    import bitsandbytes as bnb
+
+    from benchmark.lazy_backends import executed
+
+    assert bnb.nn.Linear4bit.__module__ == "bitsandbytes.nn.modules" and executed("bitsandbytes")
+    assert isinstance(bnb.functional.QuantState, type)
 
 
 def test_real_mode_scores_the_real_images(tiny_cfg):

@@ -249,6 +249,7 @@ def test_imports_and_the_profiler_print_no_third_party_chatter_but_our_warnings_
         "import benchmark, methods.zoodip, methods.qlora, benchmark.models, benchmark.metrics\n"
         "import torch, open_clip\n"
         "open_clip.get_tokenizer('ViT-B-32')\n"
+        "import bitsandbytes; bitsandbytes.nn.Linear4bit\n"  # QLoRA's first use runs the deferred module
         "with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):\n"
         "    torch.ones(4).sum()\n"
         "logging.getLogger('benchmark.run').warning('our warning')\n"

@@ -27,6 +27,18 @@ def cli(*args: str, module: str = "benchmark") -> subprocess.CompletedProcess:
     )
 
 
+def refused(capsys, *args: str) -> str:
+    """`python -m benchmark <args>` refusing bad input, in-process: benchmark/__main__.py checks
+    the input (benchmark.preflight) before Hydra starts, and exits 2 with stderr's lines. The
+    entry point itself runs as a process in test_what_hydra_refuses_is_one_line_and_exit_2."""
+    from benchmark.preflight import exit_on_bad_input
+
+    with pytest.raises(SystemExit) as exited:
+        exit_on_bad_input(list(args))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 def tiny(results: Path, dataset_root: Path) -> list[str]:
     return ["model=tiny", f"data.root={dataset_root}", f"paths.results={results}", "train.max_steps=1"]
 
@@ -41,11 +53,12 @@ def error_lines(stderr: str) -> list[str]:
 # -- 1. every job of a sweep is checked before the first one starts -----------------------------
 
 
-def test_a_bad_value_on_the_last_axis_stops_the_sweep_before_anything_trains(tmp_path, dataset_root):
+def test_a_bad_value_on_the_last_axis_stops_the_sweep_before_anything_trains(tmp_path, dataset_root, capsys):
     results = tmp_path / "results"
-    done = cli("-m", "method=zoodip", "method.tau=64,0", "subject=dog6,dgo7", *tiny(results, dataset_root))
-    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    lines = error_lines(done.stderr)
+    stderr = refused(
+        capsys, "-m", "method=zoodip", "method.tau=64,0", "subject=dog6,dgo7", *tiny(results, dataset_root)
+    )
+    lines = error_lines(stderr)
     assert len(lines) == 2  # each bad value once, with a job that has it
     (subject_line,) = [line for line in lines if "subject='dgo7'" in line]
     assert "job (method.tau=64 subject=dgo7)" in subject_line and "choose one of: backpack" in subject_line
@@ -139,12 +152,10 @@ def test_what_hydra_refuses_is_one_line_and_exit_2(args, expect, tmp_path):
     assert not results.exists()
 
 
-def test_an_unwritable_results_folder_is_bad_input(tmp_path, dataset_root):
+def test_an_unwritable_results_folder_is_bad_input(tmp_path, dataset_root, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    done = cli("method=ti", *tiny(blocker / "results", dataset_root))
-    assert done.returncode == 2
-    (line,) = error_lines(done.stderr)
+    (line,) = error_lines(refused(capsys, "method=ti", *tiny(blocker / "results", dataset_root)))
     assert f"paths.results='{blocker / 'results'}'" in line and "not a folder" in line
 
 
@@ -186,14 +197,12 @@ def test_the_report_lists_a_corrupt_record_among_the_runs(tmp_path):
     assert str(bad.parent) in table_md and "1 corrupt" in table_md
 
 
-def test_a_sweep_stops_on_a_corrupt_record_before_it_trains(tmp_path, dataset_root):
+def test_a_sweep_stops_on_a_corrupt_record_before_it_trains(tmp_path, dataset_root, capsys):
     args = ["method=ti", "subject=dog6,cat", *tiny(tmp_path, dataset_root)]
     bad = plan_sweep(args)[1].run_dir / RECORD_NAME
     bad.parent.mkdir(parents=True)
     bad.write_text("[]")
-    done = cli("-m", *args)
-    assert done.returncode == 2
-    (line,) = error_lines(done.stderr)
+    (line,) = error_lines(refused(capsys, "-m", *args))
     assert str(bad) in line and "delete it" in line
     assert list(tmp_path.glob("runs/ti/dog6/*")) == []  # the good job did not start either
 
@@ -248,3 +257,27 @@ def test_readme_lists_the_subjects_and_the_versions_ci_installs():
     install = (REPO / ".ci" / "install").read_text()
     for package, version in re.findall(r'"(torch|torchvision)==([0-9.]+)"', install):
         assert f"{package} {version}" in readme, package
+
+
+def test_the_placeholder_token_check_reads_the_shared_tokenizer_and_leaves_it_unchanged(
+    tmp_path, dataset_root
+):
+    from benchmark.schema import problems
+    from benchmark.tokenizer import clip_tokenizer, shared_clip_tokenizer
+    from tests.conftest import compose
+
+    shared = shared_clip_tokenizer()
+    size = len(shared)
+    overrides = [
+        "method=ti",
+        "model=tiny",
+        "subject=dog6",
+        f"data.root={dataset_root}",
+        f"paths.results={tmp_path}",
+    ]
+    (taken,) = problems(compose([*overrides, "method.placeholder_token=dog"]), check_device=False)
+    assert "'dog' is already in the tokenizer's vocabulary" in taken
+    assert problems(compose([*overrides, "method.placeholder_token='<sks-dog>'"]), check_device=False) == []
+    copy = clip_tokenizer()  # what a method gets: a copy it may add its token to
+    copy.add_tokens(["<sks-dog>"])
+    assert shared_clip_tokenizer() is shared and len(shared) == size and "<sks-dog>" not in shared.get_vocab()
