@@ -61,6 +61,10 @@ class RecoveryConfig:
     fit_lr: float = 1e-3
     fit_batch: int = 8  # per step: this many subject draws (with the teacher) and class draws
     class_images: int = 16  # C: up to this many images of other subjects of the class
+    # weight teachers: fit the teacher's parameters jointly with W (the draw is its start), so that
+    # it is near the optimum on S of its parameterization (benchmark/recovery_fit.py)
+    fit_teacher: bool = True
+    teacher_steps: int = 0  # then this many steps fitting the teacher alone on S (W frozen)
     # The token teacher's fit (token methods only; None: the shared value above). The weight
     # teachers never read these keys.
     token_fit_steps: int | None = None
@@ -71,7 +75,15 @@ class RecoveryConfig:
     token_class_images: str = "same_class"  # C of the token fit: same_class | other_classes | inverted
 
     def __post_init__(self) -> None:
-        for key in ("token_scale", "scales_std", "lora_scale", "guidance_scale", "fit_steps", "fit_lr"):
+        for key in (
+            "token_scale",
+            "scales_std",
+            "lora_scale",
+            "guidance_scale",
+            "fit_steps",
+            "fit_lr",
+            "teacher_steps",
+        ):
             require(getattr(self, key) >= 0, f"recovery.{key}={getattr(self, key)} must be >= 0")
         for key in (
             "lora_rank",

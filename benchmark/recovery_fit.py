@@ -16,6 +16,13 @@ its per-output-channel factor. The method then loads the fitted W, trains from i
 on S, and is scored on fresh (noise, t) draws of S: the start models S as the class, the teacher
 as the subject, so L_init(S) > L_teacher(S).
 
+With ``recovery.fit_teacher`` (the weight teachers' default) the teacher's own parameters are
+fitted jointly with W (``JointTeacher``): the seeded draw is only the teacher's start; the LoRA-
+shaped teacher stays rank r (its factors are fitted), the scales teacher's factors are fitted.
+Then ``recovery.teacher_steps`` more steps fit the teacher alone on S (W frozen): the teacher
+is then (near) a stationary point of the loss on S within its parameterization, so a method
+restricted to that parameterization cannot beat it by much on S (full fine-tuning can).
+
 The fit depends only on its inputs, so it is cached under ``<paths.results>/recovery_bases/``
 by a hash of them: every arm with the same teacher, prompt and seed shares one fit.
 """
@@ -51,6 +58,32 @@ def teacher_weights(params: dict[str, torch.Tensor], kind: str, teacher: dict[st
     return {}
 
 
+class JointTeacher:
+    """A weight teacher whose parameters the fit trains with W: the LoRA-shaped teacher as its
+    rank-r factors (delta W = U V, split from the drawn delta by an SVD), the scales teacher as
+    its per-channel factors. ``current()`` is the teacher as ``teacher_weights`` takes it."""
+
+    def __init__(self, kind: str, teacher: dict[str, torch.Tensor], rank: int, device):
+        self.kind = kind
+        self.factors: dict[str, list[torch.Tensor]] = {}
+        for name, value in teacher.items():
+            if kind == "lora":
+                u, s, vh = torch.linalg.svd(value.double(), full_matrices=False)
+                root = s[:rank].sqrt()
+                pieces = [u[:, :rank] * root, root[:, None] * vh[:rank]]
+            else:
+                pieces = [value.double()]
+            self.factors[name] = [p.float().to(device).requires_grad_(True) for p in pieces]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for pieces in self.factors.values() for p in pieces]
+
+    def current(self) -> dict[str, torch.Tensor]:
+        if self.kind == "lora":
+            return {name: u @ v for name, (u, v) in self.factors.items()}
+        return {name: factor for name, (factor,) in self.factors.items()}
+
+
 def fit_key(parts: list) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -70,32 +103,40 @@ def fit_base(
 ):
     """Fit ``components.unet`` in place on L_fit (module docstring); returns the losses per step.
     ``states``: (P's text states with the teacher, P's text states at the start) — equal for
-    the weight teachers. ``token_states`` (a ``TeacherTokenStates``; the token teacher's joint
-    fit): the teacher's states come from it, and its token is fitted with W."""
+    the weight teachers. ``teacher``: a dict (fixed) or a ``JointTeacher`` (fitted with W).
+    ``token_states`` (a ``TeacherTokenStates``; the token teacher's joint fit): the teacher's
+    states come from it, and its token is fitted with W."""
     unet, scheduler = components.unet, components.noise_scheduler
     device, scaling = unet.device, components.vae.config.scaling_factor
     posteriors = [latent_distribution(components.vae, x) for x in (subject_images, class_images)]
     unet.requires_grad_(True).train()
     params = dict(unet.named_parameters())
+    joint = teacher if isinstance(teacher, JointTeacher) else None
     trained = [*params.values(), *([token_states.token] if token_states is not None else [])]
-    optimizer = torch.optim.Adam(trained, lr=rc.fit_lr)
+    optimizer = torch.optim.Adam([*trained, *(joint.parameters() if joint else [])], lr=rc.fit_lr)
     losses = []
-    for step in range(rc.fit_steps):
+    for step in range(rc.fit_steps + (rc.teacher_steps if joint else 0)):
+        teacher_only = step >= rc.fit_steps  # then the teacher alone on S, W frozen
+        if teacher_only:
+            unet.requires_grad_(False)
         g = torch.Generator().manual_seed(seed * 1_000_003 + 333_333 + step)
         total = 0.0
         for (mean, std), hidden, with_teacher in zip(posteriors, states, (True, False)):
+            if teacher_only and not with_teacher:
+                continue
             index = torch.randint(len(mean), (rc.fit_batch,), generator=g)
             latents = (mean[index] + std[index] * randn(mean[index].shape, g, device)) * scaling
             t = torch.randint(0, scheduler.config.num_train_timesteps, (rc.fit_batch,), generator=g)
             z_t, target = noisy_latents(scheduler, latents, t, g)
-            weights = teacher_weights(params, kind, teacher) if with_teacher else {}
+            current = joint.current() if joint else teacher
+            weights = teacher_weights(params, kind, current) if with_teacher else {}
             if with_teacher and token_states is not None:
                 hidden = token_states()
             args = (z_t, t.to(device), hidden.expand(rc.fit_batch, -1, -1))
             pred = functional_call(unet, weights, args, strict=False).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)

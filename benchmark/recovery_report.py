@@ -53,6 +53,45 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+# The issue's paired questions (arm a vs arm b, same seeds: same teacher and base): a − b per seed
+PAIRS = (
+    ("selective", "selective_bp_only", "selective: with vs without ZO-high steps"),
+    ("hollowed_f0", "hollowed_f05", "Hollowed Net: fraction 0 vs 0.5"),
+)
+PAIR_FIELDS = (
+    ("gap closed", "recovery_gap_closed"),
+    ("‖ε − ε_teacher‖² / start's", "recovery_prediction_distance"),
+)
+
+
+def paired(runs: pd.DataFrame) -> list[str]:
+    """One Markdown line per pair present in ``runs``: mean a − b over the seeds where both ran
+    ok, [95 % bootstrap CI], n."""
+    ok = runs[runs["state"] == "ok"]
+    lines = []
+    for a, b, question in PAIRS:
+        sides = [ok[ok[ROW] == arm].set_index("seed") for arm in (a, b)]
+        seeds = sorted(set(sides[0].index) & set(sides[1].index))
+        if not seeds:
+            continue
+        cells = []
+        for _, field in PAIR_FIELDS:
+            if field not in ok:
+                cells.append("—")
+                continue
+            diff = [float(sides[0].at[s, field]) - float(sides[1].at[s, field]) for s in seeds]
+            diff = [d for d in diff if not math.isnan(d)]
+            low, high = bootstrap_ci([[d] for d in diff])
+            ci = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
+            cells.append(f"{np.mean(diff):+.3f}{ci}" if diff else "—")
+        lines.append(f"| {question} | {a} − {b} | {' | '.join(cells)} | {len(seeds)} |")
+    if not lines:
+        return []
+    header = ["question", "difference", *(f"Δ {label}" for label, _ in PAIR_FIELDS), "seeds (n)"]
+    note = "Paired over seeds (same seed: same teacher, base and held-out draws), [95 % bootstrap CI]."
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines, "", note]
+
+
 def cell(row, column: str, digits: int) -> str:
     mean, low, high = row[column], row[f"{column}_ci_low"], row[f"{column}_ci_high"]
     if math.isnan(mean):
@@ -131,7 +170,7 @@ def main(argv: Sequence[str]) -> int:
     table = summarize(runs)
     out_dir = results / "recovery"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table.md").write_text(markdown(table, cfg.report.title))
+    (out_dir / "table.md").write_text(markdown(table, cfg.report.title) + "\n".join(paired(runs)) + "\n")
     table.to_csv(out_dir / "table.csv", index=False)
     for path in (out_dir / "table.md", out_dir / "table.csv", curves(runs, out_dir / "curves.png")):
         print(path)

@@ -43,6 +43,7 @@ from benchmark.recovery import (
 )
 from benchmark.recovery_fit import (
     TEACHER_TOKEN_KEY,
+    JointTeacher,
     TeacherTokenStates,
     bases_dir,
     fit_base,
@@ -113,8 +114,8 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     change = draw_change(kind, initial_token, models.load_components(cfg.model).unet, cfg.seed, rc)
     base_key, fit_losses, base = None, None, None
     if rc.fit_steps:
-        base_key, fit_losses, base = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change,
-                                            initial_token, prompt, device)  # fmt: skip
+        base_key, fit_losses, base, change = fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind,
+                                                    change, initial_token, prompt, device)  # fmt: skip
     if base is not None and TEACHER_TOKEN_KEY in base:  # the joint fit's teacher token
         change = {name: base.pop(TEACHER_TOKEN_KEY) for name in change}
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
@@ -172,7 +173,8 @@ def prompt_states(cfg, cls, method_cfg, kind, token, prompt, device) -> torch.Te
 
 
 def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial_token, prompt, device):
-    """(cache key, fit losses or None when cached, fitted U-Net state): benchmark/recovery_fit.py."""
+    """(cache key, fit losses or None when cached, fitted U-Net state, the teacher's change: fitted
+    with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery_fit.py."""
     resolution = method_cfg.resolution
     subject_images = data.load_images(image_paths, resolution)
     contrast = rc.token_class_images if kind == "token" else "same_class"
@@ -189,12 +191,16 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
         ]
     else:
         states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
+    weight_joint = rc.fit_teacher and kind != "token"
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
+    if weight_joint:  # (a base fitted with a fixed teacher keeps its old key)
+        fit_settings += ("joint", rc.lora_rank, rc.teacher_steps)
     if kind == "token" and (rc.token_attention_gain != 1 or rc.token_joint_fit):
         fit_settings += (rc.token_attention_gain, rc.token_joint_fit)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
+    teacher_path = path.with_suffix(".teacher.safetensors")  # the jointly fitted weight teacher
     losses, joint = [], kind == "token" and rc.token_joint_fit
 
     def fit():
@@ -202,17 +208,23 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
         if kind == "token":
             amplify_cross_attention(components.unet, rc.token_attention_gain)
         weight_change = {} if kind == "token" else change
+        if weight_joint:
+            weight_change = JointTeacher(kind, change, rc.lora_rank, device)
         token_states = joint_token_states(cfg, method_cfg, change, prompt, device) if joint else None
         losses.extend(fit_base(components, kind, weight_change, subject_images.to(device),
                                class_images.to(device), states, rc, cfg.seed, token_states))  # fmt: skip
         log.info("fitted base %s: L_fit %.4f -> %.4f over %d steps", key, losses[0], losses[-1], len(losses))
+        if weight_joint:  # written before the base: a base on disk has its teacher
+            save_tensors(teacher_path, {k: v.detach().cpu() for k, v in weight_change.current().items()})
         state = {k: v.detach().cpu() for k, v in components.unet.state_dict().items()}
         if joint:
             state[TEACHER_TOKEN_KEY] = token_states.token.detach().cpu()
         return state
 
     state = fitted_base(path, fit)
-    return key, losses or None, state
+    if weight_joint:
+        change = load_file(str(teacher_path))
+    return key, losses or None, state, change
 
 
 def joint_token_states(cfg, method_cfg, change, prompt, device) -> TeacherTokenStates:

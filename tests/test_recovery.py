@@ -25,7 +25,7 @@ from benchmark.recovery import (
     token_scores,
     token_teacher,
 )
-from benchmark.recovery_fit import fit_key, teacher_weights
+from benchmark.recovery_fit import JointTeacher, fit_key, teacher_weights
 from benchmark.recovery_run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
 from benchmark.run import run
 from benchmark.schema import validate
@@ -38,7 +38,7 @@ from tests.conftest import compose
 SMALL = [
     "experiment=recovery", "model=tiny_recovery", "train.max_steps=2", "recovery.curve_points=3",
     "recovery.heldout_draws=8", "recovery.draw_batch=8", "recovery.fit_steps=2", "recovery.fit_batch=2",
-    "recovery.class_images=4", "recovery.token_fit_steps=2",
+    "recovery.class_images=4", "recovery.teacher_steps=1", "recovery.token_fit_steps=2",
 ]  # fmt: skip
 # fit_steps=0: no fit, the images made by the model with the teacher in place (2 of each, 2 sampler steps)
 GENERATED = [
@@ -159,8 +159,8 @@ def arm_run(tmp_path_factory, dataset_root):
 
 @pytest.mark.parametrize(
     "arm, extra",
-    [("ti", []), ("peqa", GENERATED), ("hollowed_f05", [])],  # token, scales, LoRA-shaped teachers
-)
+    [("ti", []), ("peqa", GENERATED)],  # token (fitted), scales (generated); LoRA-shaped fitted:
+)  # tests/test_recovery_weights.py
 def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, extra):
     cfg, record = arm_run(arm, extra)
     assert record["status"] == "ok", record["error"]
@@ -236,6 +236,24 @@ def test_teacher_weights_apply_the_teacher_functionally_and_pass_gradients():
     assert torch.equal(params["a.weight"].grad, factors["a.weight"][:, None].expand(3, 2))
 
 
+def test_joint_teacher_starts_at_the_draw_and_keeps_its_form():
+    """The jointly fitted teacher: LoRA-shaped as rank-r factors whose product is the drawn
+    delta W; scales as the factors themselves; gradients reach them through teacher_weights."""
+    g = torch.Generator().manual_seed(0)
+    delta = {"a.weight": (torch.randn(6, 2, generator=g) @ torch.randn(2, 5, generator=g))}
+    lora = JointTeacher("lora", delta, rank=2, device="cpu")
+    assert [tuple(p.shape) for p in lora.parameters()] == [(6, 2), (2, 5)]
+    assert torch.allclose(
+        lora.current()["a.weight"], delta["a.weight"], atol=1e-5
+    )  # fp32 SVD of a rank-2 draw
+    factors = {"a.weight": torch.tensor([0.9, 1.0, 1.1, 1.2, 0.8, 1.0])}
+    scales = JointTeacher("scales", factors, rank=2, device="cpu")
+    assert torch.equal(scales.current()["a.weight"], factors["a.weight"])
+    params = {"a.weight": torch.randn(6, 5, generator=g)}
+    teacher_weights(params, "lora", lora.current())["a.weight"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.parameters())
+
+
 def test_recovery_model_has_a_deterministic_posterior_at_unit_scale(dataset_root):
     """tiny_recovery: the images reach the latents (a random VAE's posterior is noise, std ~1)."""
     cfg = compose(["experiment=recovery"])
@@ -285,9 +303,15 @@ def test_fitted_base_is_cached_by_its_inputs(tiny_cfg):
         "a photo of sks dog",
         torch.device("cpu"),
     )
-    key, losses, state = fitted(*args)
-    assert losses is not None and len(losses) == 1 and math.isfinite(losses[0])
+    key, losses, state, teacher = fitted(*args)
+    assert (
+        losses is not None and len(losses) == 2 and all(map(math.isfinite, losses))
+    )  # 1 joint + 1 teacher-only
     assert any(not torch.equal(state[k], v) for k, v in unet.state_dict().items())
-    again_key, again_losses, again = fitted(*args)
+    # fit_teacher (default): the teacher was fitted with W from the draw, and stays rank 4
+    assert teacher.keys() == change.keys() and any(not torch.equal(teacher[k], change[k]) for k in change)
+    assert all(torch.linalg.matrix_rank(d.double(), rtol=1e-5).item() <= 4 for d in teacher.values())
+    again_key, again_losses, again, again_teacher = fitted(*args)
     assert again_key == key and again_losses is None and all(torch.equal(again[k], state[k]) for k in state)
+    assert all(torch.equal(again_teacher[k], teacher[k]) for k in teacher)
     assert fit_key([change]) != fit_key([lora_teacher(unet, 1, 4, 0.5)])  # another teacher, another base
