@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.report import bootstrap_ci, runs_frame
+from benchmark.atomic import write_text_atomic
+from benchmark.report import bootstrap_ci, report_dir, runs_frame
 from benchmark.sweep import plan_sweep, primary_config
 
 ROW = "recovery.arm"
@@ -168,10 +169,11 @@ def main(argv: Sequence[str]) -> int:
     results = Path(cfg.paths.results)
     runs = runs_frame(plan_sweep(argv), [ROW], results)
     table = summarize(runs)
-    out_dir = results / "recovery"
+    out_dir = report_dir(results, "recovery", argv)  # a narrowed report never overwrites the full one
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table.md").write_text(markdown(table, cfg.report.title) + "\n".join(paired(runs)) + "\n")
-    table.to_csv(out_dir / "table.csv", index=False)
+    text = markdown(table, cfg.report.title) + "\n".join(paired(runs)) + "\n"
+    write_text_atomic(out_dir / "table.md", text)
+    write_text_atomic(out_dir / "table.csv", table.to_csv(index=False))
     for path in (out_dir / "table.md", out_dir / "table.csv", curves(runs, out_dir / "curves.png")):
         print(path)
     return 0

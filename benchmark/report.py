@@ -19,6 +19,7 @@ table.tex, table.csv (one row per table row, every number unrounded) and the fig
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
@@ -469,6 +470,9 @@ def flat_axes(report: Report) -> list[str]:
     return out
 
 
+MAX_SUFFIX = 160  # characters of a narrowed report folder's name after '<name>+'
+
+
 def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
     """<results>/<name> for the full report; a narrowed one (subject=dog6, model=tiny, ...) gets
     its own folder named from its overrides, so it never overwrites the full report."""
@@ -479,6 +483,9 @@ def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
     if not narrowing:
         return results / name
     suffix = "+".join(re.sub(r"[^A-Za-z0-9._=,-]", "_", a) for a in narrowing)
+    if len(suffix) > MAX_SUFFIX:  # a folder name is at most 255 bytes: shortened, a hash keeps it unique
+        digest = hashlib.sha256(suffix.encode()).hexdigest()[:10]
+        suffix = f"{suffix[:MAX_SUFFIX - 11]}-{digest}"
     return results / f"{name}+{suffix}"
 
 

@@ -205,13 +205,15 @@ def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, 
 
 def test_report_draws_the_table_and_the_curves(arm_run, capsys):
     from benchmark.report import main as report_main
+    from benchmark.report import report_dir
 
     cfg, record = arm_run("ti", [])
     assert record["status"] == "ok"
     args = [*SMALL, "+experiment/recovery=ti", "seed=0", f"data.root={cfg.data.root}"]
     args.append(f"paths.results={cfg.paths.results}")
     assert report_main(args) == 0
-    out = Path(cfg.paths.results) / "recovery"
+    out = report_dir(Path(cfg.paths.results), "recovery", args)
+    assert out != Path(cfg.paths.results) / "recovery"  # narrowed: the full report stays untouched
     table = (out / "table.md").read_text()
     (row,) = [line for line in table.splitlines() if line.startswith("| ti |")]
     assert "| 1 / 1 |" in row

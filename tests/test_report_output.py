@@ -159,6 +159,10 @@ def test_flat_axis_is_flagged_with_the_reason_and_narrowed_reports_get_their_own
     assert full == tmp_path / "table4"
     not_in_run_key = ["train.profile_steps=0", "+train.step_delay_s=0", "device=cpu"]
     assert report_dir(tmp_path, "table4", ["experiment=table4", *not_in_run_key]) == full
+    many = [f"+recovery.setting_{i}={i}" for i in range(40)]  # 700 characters of overrides
+    long_name = report_dir(tmp_path, "table4", many)
+    assert len(long_name.name) < 255 and long_name != report_dir(tmp_path, "table4", many[:-1])
+    long_name.mkdir()
     assert report.out_dir != full and report.out_dir.name.startswith("table4+method.tau=32,64")
 
 
