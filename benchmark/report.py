@@ -485,7 +485,7 @@ def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
     suffix = "+".join(re.sub(r"[^A-Za-z0-9._=,-]", "_", a) for a in narrowing)
     if len(suffix) > MAX_SUFFIX:  # a folder name is at most 255 bytes: shortened, a hash keeps it unique
         digest = hashlib.sha256(suffix.encode()).hexdigest()[:10]
-        suffix = f"{suffix[:MAX_SUFFIX - 11]}-{digest}"
+        suffix = f"{suffix[: MAX_SUFFIX - 11]}-{digest}"
     return results / f"{name}+{suffix}"
 
 
