@@ -19,10 +19,34 @@ import numpy as np
 import pandas as pd
 
 from benchmark.atomic import write_text_atomic
+from benchmark.display import method_name
 from benchmark.report import bootstrap_ci, report_dir, runs_frame
 from benchmark.sweep import plan_sweep, primary_config
 
 ROW = "recovery.arm"
+# how a reader sees each arm (conf/experiment/recovery/<arm>.yaml)
+ARM_NAMES = {
+    "ti": "TI",
+    "gfti": "GF-TI",
+    "zoodip": "ZOODiP",
+    "zoti_naive": "naive ZO-TI (no SG, uniform t)",
+    "zoodip_spsa": "ZOODiP, SPSA",
+    "zoodip_one_point": "ZOODiP, one-point",
+    "dreambooth": "DreamBooth",
+    "qlora": "QLoRA",
+    "peqa": "PEQA",
+    "tuneqdm": "TuneQDM",
+    "hollowed_f0": "Hollowed Net, fraction 0",
+    "hollowed_f05": "Hollowed Net, fraction 0.5",
+    "selective": "selective BP-low / ZO-high",
+    "selective_bp_only": "selective, BP-low only",
+}
+
+
+def arm_name(arm) -> str:
+    return ARM_NAMES.get(str(arm), str(arm))
+
+
 # (column, label, record field, digits)
 COLUMNS = (
     ("gap", "gap L_init − L_teacher", "recovery_gap", 5),
@@ -85,7 +109,8 @@ def paired(runs: pd.DataFrame) -> list[str]:
             low, high = bootstrap_ci([[d] for d in diff])
             ci = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
             cells.append(f"{np.mean(diff):+.3f}{ci}" if diff else "—")
-        lines.append(f"| {question} | {a} − {b} | {' | '.join(cells)} | {len(seeds)} |")
+        difference = f"{arm_name(a)} − {arm_name(b)}"
+        lines.append(f"| {question} | {difference} | {' | '.join(cells)} | {len(seeds)} |")
     if not lines:
         return []
     header = ["question", "difference", *(f"Δ {label}" for label, _ in PAIR_FIELDS), "seeds (n)"]
@@ -107,8 +132,8 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [
-            str(row["arm"]),
-            row["method"] if isinstance(row["method"], str) else "—",  # — : no run of this arm yet
+            arm_name(row["arm"]),
+            method_name(row["method"]) if isinstance(row["method"], str) else "—",  # — : no run yet
             f"{row['ok']} / {row['runs']}",
             str(row["positive_gap"]),
         ]
@@ -125,7 +150,9 @@ def markdown(table: pd.DataFrame, title: str) -> str:
 
 
 def curves(runs: pd.DataFrame, path: Path) -> Path:
-    """Per arm, mean over its ok seeds: held-out loss change, gap closed, token distance."""
+    """Per arm, mean over its ok seeds (n in the legend): held-out loss change, gap closed,
+    prediction distance, token distance; a panel no arm has (token distance without token
+    arms) is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,27 +164,38 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
         ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False),
         ("curve_token_distance", "token distance / start distance", False),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
     ok = runs[runs["state"] == "ok"]
-    for ax, (field, label, relative) in zip(axes, panels):
+    drawn = []  # (label, [(arm, steps, mean, n)])
+    for field, label, relative in panels:
+        lines = []
         for arm, group in ok.groupby(ROW, sort=False):
             series = [(s, c) for s, c in zip(group["curve_step"], group.get(field, [None] * len(group)))
                       if isinstance(c, list)]  # fmt: skip
             if not series:
                 continue
-            steps = np.asarray(series[0][0], dtype=float)
             values = np.array([[np.nan if v is None else v for v in c] for _, c in series], dtype=float)
             if relative:
                 values = values - values[:, :1]
-            if np.isnan(values).all():
-                continue
-            ax.plot(steps, np.nanmean(values, axis=0), marker="o", ms=3, label=str(arm))
+            if not np.isnan(values).all():
+                steps = np.asarray(series[0][0], dtype=float)
+                lines.append((arm, steps, np.nanmean(values, axis=0), len(series)))
+        if lines:
+            drawn.append((label, lines))
+    fig, axes = plt.subplots(1, max(len(drawn), 1), figsize=(4.5 * max(len(drawn), 1), 3.8), squeeze=False)
+    for ax, (label, lines) in zip(axes[0], drawn):
+        for arm, steps, mean, n in lines:
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{arm_name(arm)} (n = {n})")
         ax.set_xlabel("training step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # below the panels, where it hides no curve
+        columns = min(4, len(handles))
+        rows = math.ceil(len(handles) / columns)
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07 * rows + 0.01, 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

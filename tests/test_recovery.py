@@ -215,7 +215,7 @@ def test_report_draws_the_table_and_the_curves(arm_run, capsys):
     out = report_dir(Path(cfg.paths.results), "recovery", args)
     assert out != Path(cfg.paths.results) / "recovery"  # narrowed: the full report stays untouched
     table = (out / "table.md").read_text()
-    (row,) = [line for line in table.splitlines() if line.startswith("| ti |")]
+    (row,) = [line for line in table.splitlines() if line.startswith("| TI |")]
     assert "| 1 / 1 |" in row
     assert (out / "curves.png").stat().st_size > 10_000
     assert not math.isnan(float(__import__("pandas").read_csv(out / "table.csv")["gap"][0]))

@@ -130,5 +130,6 @@ def test_report_pairs_arms_over_shared_seeds():
     )  # fmt: skip
     (line,) = [line for line in paired(runs) if line.startswith("| selective")]
     cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "selective BP-low / ZO-high − selective, BP-low only"  # display names
     assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150") and cells[4] == "2"
     assert not [line for line in paired(runs) if line.startswith("| Hollowed")]  # no such runs
