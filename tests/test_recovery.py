@@ -134,9 +134,9 @@ def test_recovery_config_refuses_bad_values(tiny_cfg):
         validate(tiny_cfg(*SMALL, "+experiment/recovery=ti", "+recovery.nope=1"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def arm_run(tmp_path_factory, dataset_root):
-    """(cfg, record) of one small run of an arm, run once per module: the runs are the slow part,
+    """(cfg, record) of one small run of an arm, run once per session: the runs are the slow part,
     and the end-to-end test and the report test read the same one."""
     done = {}
 

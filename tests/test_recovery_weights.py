@@ -48,7 +48,7 @@ MARGINS = {
 ORDERINGS = [("hollowed_f0", "hollowed_f05"), ("selective_bp_only", "selective")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: never torn down between modules on a worker
 def weight_runs(tmp_path_factory, dataset_root):
     """{arm: (cfg, record)}: every weight arm once, one results folder (the fits are shared:
     one for the LoRA-shaped teacher, one for the scales teacher)."""
