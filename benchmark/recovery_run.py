@@ -162,7 +162,7 @@ def teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device):
     }
 
 
-def prompt_states(cfg, cls, method_cfg, kind, token, prompt, device) -> torch.Tensor:
+def prompt_states(cfg, method_cfg, kind, token, prompt, device) -> torch.Tensor:
     """P's text states in a stock pipeline, with ``token`` put in unquantized (as TI's apply; the
     same for every token method, so that they share one fitted base)."""
     pipeline = models.load_pipeline(cfg.model, device=device)
@@ -186,11 +186,9 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
         )
         class_images = data.load_images(class_paths, resolution)
     if kind == "token":  # P's states with the teacher's token, and with the token at its start
-        states = [
-            prompt_states(cfg, cls, method_cfg, kind, t, prompt, device) for t in (change, initial_token)
-        ]
+        states = [prompt_states(cfg, method_cfg, kind, t, prompt, device) for t in (change, initial_token)]
     else:
-        states = [prompt_states(cfg, cls, method_cfg, kind, None, prompt, device)] * 2
+        states = [prompt_states(cfg, method_cfg, kind, None, prompt, device)] * 2
     weight_joint = rc.fit_teacher and kind != "token"
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
     if weight_joint:  # (a base fitted with a fixed teacher keeps its old key)

@@ -91,7 +91,7 @@ def test_joint_fit_states_are_the_installed_tokens_and_pass_gradients_to_it():
     token = {"<sks>": 0.1 * torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}
     states = joint_token_states(cfg, method_cfg, token, prompt, "cpu")
     hidden = states()
-    expected = prompt_states(cfg, None, method_cfg, "token", token, prompt, "cpu")
+    expected = prompt_states(cfg, method_cfg, "token", token, prompt, "cpu")
     assert torch.allclose(hidden, expected, rtol=0, atol=1e-5)  # fp32 states of unit scale
     hidden[0, 5:].sum().backward()  # the positions after the token read it (causal attention)
     assert states.token.grad is not None and states.token.grad.abs().sum() > 0

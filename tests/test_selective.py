@@ -203,7 +203,9 @@ def test_zo_normalize_divides_the_zo_high_step_by_the_official_factor(tiny_cfg, 
         method, _, images = make_method(tiny_cfg, dataset_root, *overrides)
         before = [p.detach().clone() for p in method.params.values()]
         run_steps(method, images, "always_zo_high", 0, 1, seed=0)
-        steps[normalize] = torch.cat([(p - b).flatten() for p, b in zip(method.params.values(), before)])
+        steps[normalize] = torch.cat(
+            [(p.detach() - b).flatten() for p, b in zip(method.params.values(), before)]
+        )
     d, n = steps[True].numel(), method.cfg.n
     ratio = float(steps[False] @ steps[True] / (steps[True] @ steps[True]))
     # fp32 parameters (values ~1e-2) minus the step's start: rounding ~1e-5 of a step of ~1e-2
