@@ -82,6 +82,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 PAIRS = (
     ("selective", "selective_bp_only", "selective: with vs without ZO-high steps"),
     ("hollowed_f0", "hollowed_f05", "Hollowed Net: fraction 0 vs 0.5"),
+    ("ti", "zoti_naive", "TI (backprop) vs naive ZO-TI, equal steps"),
+    ("zoodip", "zoti_naive", "ZOODiP vs naive ZO-TI (SG + PUTS)"),
+    ("zoodip", "zoodip_spsa", "ZOODiP: RGE vs SPSA"),
+    ("zoodip", "zoodip_one_point", "ZOODiP: RGE vs one-point"),
 )
 PAIR_FIELDS = (
     ("gap closed", "recovery_gap_closed"),
