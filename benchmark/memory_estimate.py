@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from benchmark.profiling import (
     CATEGORIES,
@@ -154,6 +154,9 @@ class LiveStorageTracker(TorchDispatchMode):
         self.data_dependent_values = 0
         self.data_dependent_shapes = 0
         self.phases_seen: set[str] = set()  # phases in which a storage was created
+        self.checking_peaks = True  # False while loading: reset_peaks() starts the peaks afresh
+        self.fake_mode: FakeTensorMode | None = None  # set by tracking(fake=True)
+        self._functional: dict[Any, bool] = {}  # operator -> returns new tensors, mutates nothing
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property
@@ -222,6 +225,8 @@ class LiveStorageTracker(TorchDispatchMode):
         return int(upper)
 
     def _maybe_peak(self) -> None:
+        if not self.checking_peaks:
+            return
         self.phases_seen.add(self.phase)
         peak = self.peaks[self.phase]
         if self.upper_bytes > peak.bytes and self.sweep() > peak.bytes:
@@ -251,11 +256,40 @@ class LiveStorageTracker(TorchDispatchMode):
         self.step_start_serial = self.serial + 1  # nothing live now belongs to a step
         self.peaks = {p: Peak(live, self.serial, self.sweeps, self.step_start_serial) for p in PHASES}
         self.phases_seen.clear()
+        self.checking_peaks = True
         return live
+
+    def _fake_inputs(self, func, args, kwargs):
+        """An operator with fake inputs gets its real tensor inputs (e.g. TuneQDM's timestep-set
+        index) as the fake mode would make them (its converter, memoized per tensor), so that
+        the fake mode's dispatch cache serves it (real inputs bypass the cache). Only for
+        functional operators: their outputs are new tensors either way."""
+        leaves = tree_leaves((args, kwargs))
+        fakes = [isinstance(a, FakeTensor) for a in leaves if isinstance(a, torch.Tensor)]
+        if all(fakes) or not any(fakes):
+            return args, kwargs
+        functional = self._functional.get(func)
+        if functional is None:
+            schema = func._schema
+            functional = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+            self._functional[func] = functional
+        if not functional:
+            return args, kwargs
+        mode = self.fake_mode
+
+        def fake(a):
+            if not isinstance(a, torch.Tensor) or isinstance(a, FakeTensor):
+                return a
+            return mode.fake_tensor_converter.from_real_tensor(mode, a)
+
+        return tree_map(fake, args), tree_map(fake, kwargs)
 
     # -- the dispatch hook ---------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default and isinstance(args[0], FakeTensor):
+            # the fake mode's own answer, without its dispatch (tens of thousands of calls a step)
+            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             self.data_dependent_values += 1  # .item() of a fake tensor: no value exists
             return _placeholder(args[0])
@@ -263,6 +297,8 @@ class LiveStorageTracker(TorchDispatchMode):
             with unset_fake_temporarily():  # random numbers stay real (prompts, CMA-ES samples), and so on
                 out = func(*args, **kwargs)
         else:
+            if self.fake_mode is not None:
+                args, kwargs = self._fake_inputs(func, args, kwargs)
             out = func(*args, **kwargs)
         outputs = (
             [out]
@@ -574,6 +610,7 @@ def tracking(fake: bool = True, fast_quantizers: bool = True) -> Iterator[LiveSt
         if fake:
             # The shape environment lets data-dependent shapes (boolean masks) through, as bounded symbols.
             mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()))
+            tracker.fake_mode = mode
             stack.enter_context(_modules_convertible(mode))
             stack.enter_context(_numpy_placeholders(tracker))
             stack.enter_context(_foreach_for_fake_tensors())
@@ -604,6 +641,7 @@ class Estimate:
     fake: bool
     seconds: float  # wall time of the prediction
     cpu_seconds: float  # its process CPU time (on a shared machine, closer to an idle one's wall time)
+    replayed_calls: int = 0  # module calls replayed, not traced (benchmark/pass_replay.py)
     not_included: str = NOT_INCLUDED
 
     def as_dict(self) -> dict[str, Any]:
@@ -617,6 +655,7 @@ def estimate(
     num_images: int = 5,
     candidates: int | None = 2,
     fast_quantizers: bool = True,
+    replay_calls: bool = True,
 ) -> Estimate:
     """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
     (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
@@ -626,9 +665,12 @@ def estimate(
     there are only through the candidate matrix (popsize x subspace dim in float64: 40 KB at
     SD1.5, left out; tests/test_memory_estimate.py checks the bound), while the time does:
     GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step.
-    ``fast_quantizers``: see ``tracking``."""
+    ``fast_quantizers``: see ``tracking``. ``replay_calls``: under fake tensors, repeated no-grad
+    calls of the U-Net and text encoders with the same input layouts are traced once and then
+    replayed (benchmark/pass_replay.py: the same peaks and breakdowns)."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
+    from benchmark.pass_replay import PassReplay
     from benchmark.sampling import training_batch
     from benchmark.train import step_generator
     from methods.base import ConfigError
@@ -646,6 +688,7 @@ def estimate(
     subject = data.get_subject(cfg.subject)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with tracking(fake, fast_quantizers) as tracker:
+        tracker.checking_peaks = False  # loading: only what is live after it counts (reset_peaks)
         components = models.load_components(cfg.model, "cpu", dtype)
         method = method_class(method_cfg.name)(method_cfg)
         method.setup(components, subject)
@@ -658,7 +701,9 @@ def estimate(
         for tensor in quant_state_tensors(weights):
             tracker.tag(tensor, "weights_4bit", overwrite=False)
         after_setup = tracker.reset_peaks()
-        with tagging_hooks(tracker, params, method):
+        replay = PassReplay(tracker)
+        replayed = [components.unet, *components.text_encoders] if fake and replay_calls else []
+        with tagging_hooks(tracker, params, method), replay.wrapping(replayed):
             for step in range(steps):
                 tracker.start_step()
                 generator = step_generator(int(cfg.seed), step)
@@ -683,4 +728,5 @@ def estimate(
         fake=fake,
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - cpu0,
+        replayed_calls=replay.replayed,
     )
