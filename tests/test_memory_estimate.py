@@ -356,3 +356,26 @@ def test_replayed_calls_predict_what_a_full_trace_predicts(tiny_cfg, model, meth
     traced = estimate(cfg, num_images=1, replay_calls=False)
     assert replayed.replayed_calls > 0 and traced.replayed_calls == 0
     assert _prediction(replayed) == _prediction(traced)
+
+
+def storage_replaced_peak(watch_deaths: bool) -> int:
+    """A tensor whose storage is replaced (``.data =``) lives on while its old storage dies."""
+    with tracking(fake=True, watch_deaths=watch_deaths) as tracker:
+        tracker.reset_peaks()
+        kept = torch.ones(1024, 256)
+        kept.data = torch.ones(1)  # its 1 MB storage dies, no tensor object with it
+        torch.ones(1024, 256)  # the peak: 1 MB and the small ones, unless the old 1 MB counts
+        return tracker.peaks["forward"].bytes
+
+
+def test_a_replaced_storage_is_seen_dead_when_deaths_are_watched():
+    assert storage_replaced_peak(True) == storage_replaced_peak(False) < 2 * MB
+
+
+@pytest.mark.parametrize("method", ["tuneqdm", "qlora"])
+def test_watched_deaths_predict_what_reading_every_use_count_predicts(tiny_cfg, method):
+    """Sweeps read the use counts of storages no tensor object holds any more (suspects) only."""
+    cfg = tiny_cfg(f"method={method}")
+    assert _prediction(estimate(cfg, num_images=1)) == _prediction(
+        estimate(cfg, num_images=1, watch_deaths=False)
+    )
