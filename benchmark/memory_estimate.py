@@ -7,7 +7,10 @@ pick the math attention path, which over-counts), then the method's own ``setup(
 tensor an operator returns; a storage it has not seen is counted at creation, rounded up to the
 CUDA caching allocator's 512-byte blocks, and counted as freed once nothing but the tracker
 holds it (the tracker keeps each storage and reads its use count: a weakref finalizer on a
-storage's Python object is not reliable, the object can die while the storage lives).
+storage's Python object is not reliable, the object can die while the storage lives; use counts
+are read only for storages no tensor object seen holding them still holds, see ``sweep``).
+Repeated no-grad calls of the U-Net and the text encoders with the same input layouts (GF-TI's
+candidates, ZOODiP's passes) are traced twice, then replayed (benchmark/pass_replay.py).
 Parameters, buffers, gradients and optimizer state are tagged, so the peak is broken down by
 category and by phase (forward, backward, optimizer step and what follows it in the step).
 
@@ -537,12 +540,16 @@ def _storage_replacements_seen(tracker: LiveStorageTracker) -> Iterator[None]:
         tracker.unwatch(t1, t2)  # swap_tensors refuses tensors with weak references
         return swap(t1, t2)
 
+    own = torch.Tensor.__dict__.get("data")  # an enclosing tracker's
     torch.Tensor.data = property(lambda tensor: data.__get__(tensor, type(tensor)), set_data)
     torch.utils.swap_tensors = swap_seen
     try:
         yield
     finally:
-        del torch.Tensor.data
+        if own is None:
+            del torch.Tensor.data
+        else:
+            torch.Tensor.data = own
         torch.utils.swap_tensors = swap
 
 
