@@ -70,6 +70,7 @@ class RecoveryConfig:
     token_fit_steps: int | None = None
     token_fit_lr: float | None = None
     token_fit_batch: int | None = None
+    token_teacher_steps: int | None = None  # teacher-only steps after the token's joint fit (W frozen)
     token_joint_fit: bool = False  # fit the teacher token with W, from the seeded draw
     token_attention_gain: float = 1.0  # the token fit starts with attn2.to_out x this gain
     token_class_images: str = "same_class"  # C of the token fit: same_class | other_classes | inverted
@@ -99,6 +100,7 @@ class RecoveryConfig:
             ("token_fit_steps", 0),
             ("token_fit_lr", 0),
             ("token_fit_batch", 1),
+            ("token_teacher_steps", 0),
             ("token_attention_gain", 0),
         ):
             value = getattr(self, key)
@@ -125,6 +127,7 @@ class RecoveryConfig:
             fit_steps=self.fit_steps if self.token_fit_steps is None else self.token_fit_steps,
             fit_lr=self.fit_lr if self.token_fit_lr is None else self.token_fit_lr,
             fit_batch=self.fit_batch if self.token_fit_batch is None else self.token_fit_batch,
+            teacher_steps=self.teacher_steps if self.token_teacher_steps is None else self.token_teacher_steps,
         )
 
 

@@ -115,7 +115,8 @@ def fit_base(
     trained = [*params.values(), *([token_states.token] if token_states is not None else [])]
     optimizer = torch.optim.Adam([*trained, *(joint.parameters() if joint else [])], lr=rc.fit_lr)
     losses = []
-    for step in range(rc.fit_steps + (rc.teacher_steps if joint else 0)):
+    fits_teacher = joint is not None or token_states is not None
+    for step in range(rc.fit_steps + (rc.teacher_steps if fits_teacher else 0)):
         teacher_only = step >= rc.fit_steps  # then the teacher alone on S, W frozen
         if teacher_only:
             unet.requires_grad_(False)

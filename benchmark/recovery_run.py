@@ -195,6 +195,8 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
         fit_settings += ("joint", rc.lora_rank, rc.teacher_steps)
     if kind == "token" and (rc.token_attention_gain != 1 or rc.token_joint_fit):
         fit_settings += (rc.token_attention_gain, rc.token_joint_fit)
+    if kind == "token" and rc.token_joint_fit and rc.teacher_steps:
+        fit_settings += ("teacher_steps", rc.teacher_steps)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
