@@ -372,10 +372,10 @@ def test_a_replaced_storage_is_seen_dead_when_deaths_are_watched():
     assert storage_replaced_peak(True) == storage_replaced_peak(False) < 2 * MB
 
 
-@pytest.mark.parametrize("method", ["tuneqdm", "qlora"])
-def test_watched_deaths_predict_what_reading_every_use_count_predicts(tiny_cfg, method):
-    """Sweeps read the use counts of storages no tensor object holds any more (suspects) only."""
-    cfg = tiny_cfg(f"method={method}")
+def test_watched_deaths_predict_what_reading_every_use_count_predicts(tiny_cfg):
+    """Sweeps read the use counts of storages no tensor object holds any more (suspects) only:
+    QLoRA has a forward, a backward through bitsandbytes and an AdamW step."""
+    cfg = tiny_cfg("method=qlora")
     assert _prediction(estimate(cfg, num_images=1)) == _prediction(
         estimate(cfg, num_images=1, watch_deaths=False)
     )
