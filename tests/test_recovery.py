@@ -39,6 +39,7 @@ SMALL = [
     "experiment=recovery", "model=tiny_recovery", "train.max_steps=2", "recovery.curve_points=3",
     "recovery.heldout_draws=8", "recovery.draw_batch=8", "recovery.fit_steps=2", "recovery.fit_batch=2",
     "recovery.class_images=4", "recovery.teacher_steps=1", "recovery.token_fit_steps=2",
+    "recovery.token_teacher_steps=1",
 ]  # fmt: skip
 # fit_steps=0: no fit, the images made by the model with the teacher in place (2 of each, 2 sampler steps)
 GENERATED = [

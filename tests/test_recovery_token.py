@@ -25,6 +25,7 @@ from tests.conftest import compose
 SMALL_FIT = [
     "experiment=recovery",
     "recovery.token_fit_steps=1",
+    "recovery.token_teacher_steps=0",
     "recovery.fit_batch=2",
     "recovery.class_images=4",
 ]
@@ -37,12 +38,17 @@ def test_token_fit_settings_are_checked_and_leave_the_weight_teachers_alone():
         RecoveryConfig(token_fit_batch=0)
     with pytest.raises(ConfigError, match=r"recovery.token_attention_gain=-1.0 must be >= 0"):
         RecoveryConfig(token_attention_gain=-1.0)
-    rc = RecoveryConfig(fit_steps=100, fit_lr=3e-3, token_fit_steps=30, token_fit_lr=1e-2, token_fit_batch=4)
+    with pytest.raises(ConfigError, match=r"recovery.token_teacher_steps=-1 must be >= 0"):
+        RecoveryConfig(token_teacher_steps=-1)
+    rc = RecoveryConfig(
+        fit_steps=100, fit_lr=3e-3, teacher_steps=60,
+        token_fit_steps=30, token_fit_lr=1e-2, token_fit_batch=4, token_teacher_steps=7,
+    )  # fmt: skip
     token = rc.for_teacher("token")
-    assert (token.fit_steps, token.fit_lr, token.fit_batch) == (30, 1e-2, 4)
+    assert (token.fit_steps, token.fit_lr, token.fit_batch, token.teacher_steps) == (30, 1e-2, 4, 7)
     assert rc.for_teacher("lora") is rc and rc.for_teacher("scales") is rc  # untouched
-    unset = RecoveryConfig(fit_steps=100).for_teacher("token")
-    assert (unset.fit_steps, unset.fit_lr, unset.fit_batch) == (100, 1e-3, 8)  # null: the shared values
+    unset = RecoveryConfig(fit_steps=100, teacher_steps=60).for_teacher("token")
+    assert (unset.fit_steps, unset.fit_lr, unset.fit_batch, unset.teacher_steps) == (100, 1e-3, 8, 60)  # null: shared
 
 
 def test_other_class_images_are_every_other_class_in_turn(dataset_root):
@@ -95,3 +101,21 @@ def test_joint_fit_states_are_the_installed_tokens_and_pass_gradients_to_it():
     assert torch.allclose(hidden, expected, rtol=0, atol=1e-5)  # fp32 states of unit scale
     hidden[0, 5:].sum().backward()  # the positions after the token read it (causal attention)
     assert states.token.grad is not None and states.token.grad.abs().sum() > 0
+
+
+def test_token_teacher_steps_move_only_the_teacher_token(tmp_path, dataset_root):
+    """recovery.token_teacher_steps: after the joint fit, steps of the teacher token alone on S:
+    the fitted U-Net is bit-identical to the one without them, the teacher token has moved."""
+    settings = {}
+    for steps in (0, 2):
+        cfg = compose([*SMALL_FIT, "+experiment/recovery=ti", f"recovery.token_teacher_steps={steps}",
+                       f"data.root={dataset_root}", f"paths.results={tmp_path / str(steps)}"])  # fmt: skip
+        subject = data.get_subject(cfg.subject)
+        paths = data.subject_image_paths(dataset_root, subject)
+        settings[steps] = prepare(cfg, recovery_config(cfg), method_config(cfg), subject, paths, torch.device("cpu"))
+    without, with_steps = settings[0], settings[2]
+    assert len(without.fit_losses) == 1 and len(with_steps.fit_losses) == 3
+    assert without.base_key != with_steps.base_key  # cached apart
+    unet_a, unet_b = without.components.unet.state_dict(), with_steps.components.unet.state_dict()
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    assert not torch.equal(without.teacher["<sks>"], with_steps.teacher["<sks>"])
