@@ -7,7 +7,10 @@ pick the math attention path, which over-counts), then the method's own ``setup(
 tensor an operator returns; a storage it has not seen is counted at creation, rounded up to the
 CUDA caching allocator's 512-byte blocks, and counted as freed once nothing but the tracker
 holds it (the tracker keeps each storage and reads its use count: a weakref finalizer on a
-storage's Python object is not reliable, the object can die while the storage lives).
+storage's Python object is not reliable, the object can die while the storage lives; use counts
+are read only for storages no tensor object seen holding them still holds, see ``sweep``).
+Repeated no-grad calls of the U-Net and the text encoders with the same input layouts (GF-TI's
+candidates, ZOODiP's passes) are traced twice, then replayed (benchmark/pass_replay.py).
 Parameters, buffers, gradients and optimizer state are tagged, so the peak is broken down by
 category and by phase (forward, backward, optimizer step and what follows it in the step).
 
@@ -41,8 +44,10 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import logging
 import pkgutil
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,7 +56,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from benchmark.profiling import (
     CATEGORIES,
@@ -61,6 +66,7 @@ from benchmark.profiling import (
     weight_category,
 )
 
+log = logging.getLogger(__name__)
 ALLOCATOR_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 PHASES = ("forward", "backward", "optimizer")
 # torch.tensor(python data) ends in lift_fresh: fake mode makes a new (fake) tensor, real mode
@@ -154,6 +160,17 @@ class LiveStorageTracker(TorchDispatchMode):
         self.data_dependent_values = 0
         self.data_dependent_shapes = 0
         self.phases_seen: set[str] = set()  # phases in which a storage was created
+        self.checking_peaks = True  # False while loading: reset_peaks() starts the peaks afresh
+        self.fake_mode: FakeTensorMode | None = None  # set by tracking(fake=True)
+        self._functional: dict[Any, bool] = {}  # operator -> returns new tensors, mutates nothing
+        # Deaths, watched (see sweep): a tensor object we saw holds its storage alive, so only
+        # storages none of them holds any more ("suspects") can be dead.
+        self.watch_deaths = True
+        self.holders: dict[int, int] = {}  # storage key -> live tensor objects seen holding it
+        self.suspects: set[int] = set()  # tracked storages no such object holds: maybe dead
+        self._watched: dict[int, tuple[weakref.ref, int]] = {}  # id(weakref) -> (it, storage key)
+        self.sweep_all_next = False  # a tensor's storage was replaced (.data =, set_, swap_tensors)
+        self.silent_deaths = 0  # storages found dead while a tensor object seen holding them lived
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property
@@ -167,16 +184,62 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def sweep(self, everything: bool = False) -> int:
         """Drop dead storages; returns the bytes now live. Weights and optimizer state
-        (pinned) are checked only when ``everything``: at step starts and at the end."""
+        (pinned) are checked only when ``everything``: at step starts and at the end.
+
+        With ``watch_deaths``, a sweep between those reads the use counts of the suspects only:
+        every tensor object an operator returned is watched (a weak reference), and a storage
+        one of them still holds cannot be dead, since a tensor object holds its storage (a
+        tensor autograd keeps is kept with its object: PyObject preservation). A storage
+        loses its holders only with them, or when a tensor's storage is replaced (``.data =``,
+        ``set_``, ``swap_tensors``: then the next sweep reads them all). A full sweep that
+        finds a storage dead which a watched object still held counts a silent death: then
+        ``estimate`` predicts again reading every use count at every sweep."""
         self.sweeps += 1
-        for pool in (self.storages, self.pinned) if everything else (self.storages,):
-            keys = list(pool)  # the StorageImpl addresses, valid while the tracker holds them
-            use_counts = map(torch._C._storage_Use_Count, keys)  # one C loop: the hot spot
-            for key in [k for k, count in zip(keys, use_counts) if count <= 1]:
-                dead = pool.pop(key)
-                self.upper_bytes -= dead.nbytes
-                self.died_at_sweep[dead.serial] = self.sweeps
+        if everything or self.sweep_all_next or not self.watch_deaths:
+            expected = self.sweep_all_next or not self.watch_deaths
+            self.sweep_all_next = False
+            for pool in (self.storages, self.pinned) if everything else (self.storages,):
+                keys = list(pool)  # the StorageImpl addresses, valid while the tracker holds them
+                use_counts = map(torch._C._storage_Use_Count, keys)  # one C loop: the hot spot
+                for key in [k for k, count in zip(keys, use_counts) if count <= 1]:
+                    if not expected and self.holders.get(key, 0) > 0:
+                        self.silent_deaths += 1
+                    self._bury(pool, key)
+            return self.upper_bytes
+        keys = [k for k in list(self.suspects) if k in self.storages]
+        for key in [k for k, count in zip(keys, map(torch._C._storage_Use_Count, keys)) if count <= 1]:
+            self._bury(self.storages, key)
         return self.upper_bytes
+
+    def _bury(self, pool: dict[int, _Storage], key: int) -> None:
+        dead = pool.pop(key)
+        self.upper_bytes -= dead.nbytes
+        self.died_at_sweep[dead.serial] = self.sweeps
+        self.suspects.discard(key)
+        self.holders.pop(key, None)
+
+    def _watch(self, tensor: torch.Tensor, key: int) -> None:
+        ref = weakref.ref(tensor, self._tensor_died)
+        self._watched[id(ref)] = (ref, key)
+        self.holders[key] = self.holders.get(key, 0) + 1
+        self.suspects.discard(key)
+
+    def unwatch(self, *tensors: torch.Tensor) -> None:
+        """Drop the watches of ``tensors`` (their storages become suspects)."""
+        for ref, _ in list(self._watched.values()):
+            if any(ref() is t for t in tensors):
+                self._tensor_died(ref)
+
+    def _tensor_died(self, ref: weakref.ref) -> None:
+        _, key = self._watched.pop(id(ref), (None, None))
+        if key is None:
+            return
+        left = self.holders.get(key, 0) - 1
+        if left > 0:
+            self.holders[key] = left
+        else:
+            self.holders.pop(key, None)
+            self.suspects.add(key)
 
     def pin(self, tensor: torch.Tensor) -> None:
         key = tensor.untyped_storage()._cdata
@@ -191,6 +254,8 @@ class LiveStorageTracker(TorchDispatchMode):
         storage = tensor.untyped_storage()
         entry = self.storages.get(storage._cdata) or self.pinned.get(storage._cdata)
         nbytes = allocator_bytes(self._concrete(storage.nbytes() if nbytes is None else nbytes))
+        if self.checking_peaks:  # while loading, no sweep needs the watches (see reset_peaks)
+            self._watch(tensor, storage._cdata)
         if entry is not None:
             if nbytes > entry.nbytes:  # grown in place (resize_): a new block replaces the old one
                 self.sweeps += 1
@@ -222,6 +287,8 @@ class LiveStorageTracker(TorchDispatchMode):
         return int(upper)
 
     def _maybe_peak(self) -> None:
+        if not self.checking_peaks:
+            return
         self.phases_seen.add(self.phase)
         peak = self.peaks[self.phase]
         if self.upper_bytes > peak.bytes and self.sweep() > peak.bytes:
@@ -251,11 +318,44 @@ class LiveStorageTracker(TorchDispatchMode):
         self.step_start_serial = self.serial + 1  # nothing live now belongs to a step
         self.peaks = {p: Peak(live, self.serial, self.sweeps, self.step_start_serial) for p in PHASES}
         self.phases_seen.clear()
+        if not self.checking_peaks:  # what loading left unwatched: suspects until watched
+            self.suspects.update(k for k in self.storages if k not in self.holders)
+        self.checking_peaks = True
         return live
+
+    def _fake_inputs(self, func, args, kwargs):
+        """An operator with fake inputs gets its real tensor inputs (e.g. TuneQDM's timestep-set
+        index) as the fake mode would make them (its converter, memoized per tensor), so that
+        the fake mode's dispatch cache serves it (real inputs bypass the cache). Only for
+        functional operators: their outputs are new tensors either way."""
+        leaves = tree_leaves((args, kwargs))
+        fakes = [isinstance(a, FakeTensor) for a in leaves if isinstance(a, torch.Tensor)]
+        if all(fakes) or not any(fakes):
+            return args, kwargs
+        functional = self._functional.get(func)
+        if functional is None:
+            schema = func._schema
+            functional = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+            self._functional[func] = functional
+        if not functional:
+            return args, kwargs
+        mode = self.fake_mode
+
+        def fake(a):
+            if not isinstance(a, torch.Tensor) or isinstance(a, FakeTensor):
+                return a
+            return mode.fake_tensor_converter.from_real_tensor(mode, a)
+
+        return tree_map(fake, args), tree_map(fake, kwargs)
 
     # -- the dispatch hook ---------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default and isinstance(args[0], FakeTensor):
+            # the fake mode's own answer, without its dispatch (tens of thousands of calls a step)
+            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
+        if func.overloadpacket is torch.ops.aten.set_:
+            self.sweep_all_next = True  # a tensor's storage replaced: its old one may die unwatched
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             self.data_dependent_values += 1  # .item() of a fake tensor: no value exists
             return _placeholder(args[0])
@@ -263,6 +363,8 @@ class LiveStorageTracker(TorchDispatchMode):
             with unset_fake_temporarily():  # random numbers stay real (prompts, CMA-ES samples), and so on
                 out = func(*args, **kwargs)
         else:
+            if self.fake_mode is not None:
+                args, kwargs = self._fake_inputs(func, args, kwargs)
             out = func(*args, **kwargs)
         outputs = (
             [out]
@@ -424,6 +526,34 @@ def _foreach_for_fake_tensors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _storage_replacements_seen(tracker: LiveStorageTracker) -> Iterator[None]:
+    """``tensor.data = other`` and ``torch.utils.swap_tensors`` replace a tensor's storage
+    without an operator the tracker sees: the next sweep then reads every use count."""
+    data, swap = torch._C.TensorBase.data, torch.utils.swap_tensors
+
+    def set_data(tensor, value):
+        tracker.sweep_all_next = True
+        data.__set__(tensor, value)
+
+    def swap_seen(t1, t2):
+        tracker.sweep_all_next = True
+        tracker.unwatch(t1, t2)  # swap_tensors refuses tensors with weak references
+        return swap(t1, t2)
+
+    own = torch.Tensor.__dict__.get("data")  # an enclosing tracker's
+    torch.Tensor.data = property(lambda tensor: data.__get__(tensor, type(tensor)), set_data)
+    torch.utils.swap_tensors = swap_seen
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.data
+        else:
+            torch.Tensor.data = own
+        torch.utils.swap_tensors = swap
+
+
+@contextlib.contextmanager
 def _modules_convertible(mode: FakeTensorMode) -> Iterator[None]:
     """``nn.Module.to`` swaps fake parameters, which fails while the fake mode's tensor memo
     holds weak references to them; the memo only caches real->fake conversions."""
@@ -565,15 +695,21 @@ def quant_state_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def tracking(fake: bool = True, fast_quantizers: bool = True) -> Iterator[LiveStorageTracker]:
+def tracking(
+    fake: bool = True, fast_quantizers: bool = True, watch_deaths: bool = True
+) -> Iterator[LiveStorageTracker]:
     """An active tracker; with ``fake``, under fake tensors (and the patches they need). Torch
     optimizers use CUDA's defaults either way. ``fast_quantizers``: our quantizers give fake
-    weights' codes and scales without computing them (``_fake_quantizers``)."""
+    weights' codes and scales without computing them (``_fake_quantizers``). ``watch_deaths``:
+    see ``LiveStorageTracker.sweep``."""
     tracker = LiveStorageTracker(fake)
+    tracker.watch_deaths = watch_deaths
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_storage_replacements_seen(tracker))
         if fake:
             # The shape environment lets data-dependent shapes (boolean masks) through, as bounded symbols.
             mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()))
+            tracker.fake_mode = mode
             stack.enter_context(_modules_convertible(mode))
             stack.enter_context(_numpy_placeholders(tracker))
             stack.enter_context(_foreach_for_fake_tensors())
@@ -604,6 +740,7 @@ class Estimate:
     fake: bool
     seconds: float  # wall time of the prediction
     cpu_seconds: float  # its process CPU time (on a shared machine, closer to an idle one's wall time)
+    replayed_calls: int = 0  # module calls replayed, not traced (benchmark/pass_replay.py)
     not_included: str = NOT_INCLUDED
 
     def as_dict(self) -> dict[str, Any]:
@@ -617,6 +754,8 @@ def estimate(
     num_images: int = 5,
     candidates: int | None = 2,
     fast_quantizers: bool = True,
+    replay_calls: bool = True,
+    watch_deaths: bool = True,
 ) -> Estimate:
     """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
     (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
@@ -626,9 +765,13 @@ def estimate(
     there are only through the candidate matrix (popsize x subspace dim in float64: 40 KB at
     SD1.5, left out; tests/test_memory_estimate.py checks the bound), while the time does:
     GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step.
-    ``fast_quantizers``: see ``tracking``."""
+    ``fast_quantizers``: see ``tracking``. ``replay_calls``: under fake tensors, repeated no-grad
+    calls of the U-Net and text encoders with the same input layouts are traced once and then
+    replayed (benchmark/pass_replay.py: the same peaks and breakdowns). ``watch_deaths``: see
+    ``LiveStorageTracker.sweep`` (if a storage died unwatched, predicted again without)."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
+    from benchmark.pass_replay import PassReplay
     from benchmark.sampling import training_batch
     from benchmark.train import step_generator
     from methods.base import ConfigError
@@ -645,7 +788,8 @@ def estimate(
     dtype = training_dtype(method_cfg)
     subject = data.get_subject(cfg.subject)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with tracking(fake, fast_quantizers) as tracker:
+    with tracking(fake, fast_quantizers, watch_deaths) as tracker:
+        tracker.checking_peaks = False  # loading: only what is live after it counts (reset_peaks)
         components = models.load_components(cfg.model, "cpu", dtype)
         method = method_class(method_cfg.name)(method_cfg)
         method.setup(components, subject)
@@ -658,12 +802,20 @@ def estimate(
         for tensor in quant_state_tensors(weights):
             tracker.tag(tensor, "weights_4bit", overwrite=False)
         after_setup = tracker.reset_peaks()
-        with tagging_hooks(tracker, params, method):
+        replay = PassReplay(tracker)
+        replayed = [components.unet, *components.text_encoders] if fake and replay_calls else []
+        with tagging_hooks(tracker, params, method), replay.wrapping(replayed):
             for step in range(steps):
                 tracker.start_step()
                 generator = step_generator(int(cfg.seed), step)
                 batch = training_batch(images, method_cfg.data, int(cfg.seed), step, bsz, generator)
                 method.step(batch, step)
+    if tracker.silent_deaths:
+        log.warning("%d storages died unwatched: predicted again", tracker.silent_deaths)
+        again = estimate(cfg, steps, fake, num_images, candidates, fast_quantizers, replay_calls, False)
+        return dataclasses.replace(  # the time of both predictions
+            again, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0
+        )
     peaks, seen = tracker.peaks, tracker.phases_seen  # a phase the method has not (no backward in ZO): None
     top = max(PHASES, key=lambda p: peaks[p].bytes)
     return Estimate(
@@ -683,4 +835,5 @@ def estimate(
         fake=fake,
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - cpu0,
+        replayed_calls=replay.replayed,
     )

@@ -290,3 +290,92 @@ def test_a_measure_only_run_meets_the_earlier_prediction_in_the_csv(tmp_path):
     assert row["measured_peak_allocated_gb"] == 1.2 and row["measured_nvml_peak_gb"] == 2.0
     assert row["predicted_error_percent"] == 25.0  # (1.5 - 1.2) / 1.2
     assert pd.isna(pd.read_csv(csv).set_index("method").loc["ti", "predicted_error_percent"])
+
+
+def _prediction(est) -> dict:
+    """An estimate without its timing and bookkeeping: what a prediction says."""
+    return {k: v for k, v in est.as_dict().items() if k not in ("seconds", "cpu_seconds", "replayed_calls")}
+
+
+class _Cached(torch.nn.Module):
+    """Keeps a tensor of each call alive until the next (as a cache would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 64)
+        self.cache = None
+
+    def forward(self, x):
+        self.cache = torch.relu(self.linear(x))
+        return self.cache.sum(dim=0)
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+
+
+def toy_replay_peaks(make_module, replay: bool):
+    """Peaks (bytes and breakdown per phase) of 5 no-grad calls of a module on (256, 64)
+    inputs, each call's output kept (the later calls see more live bytes), and how many calls
+    were replayed."""
+    from benchmark.pass_replay import PassReplay
+
+    with tracking(fake=True) as tracker:
+        module = make_module()
+        tracker.reset_peaks()
+        replayer, kept = PassReplay(tracker), []
+        with torch.no_grad(), replayer.wrapping([module] if replay else []):
+            for _ in range(5):
+                kept.append(module(torch.ones(256, 64)) * 2)
+        peaks = {p: (peak.bytes, tracker.breakdown(peak)) for p, peak in tracker.peaks.items()}
+    return peaks, replayer.replayed
+
+
+@pytest.mark.parametrize("make_module", [_mlp, _Cached])
+def test_replayed_calls_give_the_peaks_of_a_full_trace_on_a_toy(make_module):
+    """Calls 3-5 of the same signature are replayed; a call that leaves a tensor alive besides
+    its output (a cache) never is. Either way the peaks and breakdowns are those of a full trace."""
+    replayed, calls = toy_replay_peaks(make_module, replay=True)
+    traced, _ = toy_replay_peaks(make_module, replay=False)
+    assert replayed == traced
+    assert calls == (3 if make_module is _mlp else 0)
+
+
+@pytest.mark.parametrize(
+    "model, method, options",
+    [
+        ("tiny_sdxl", "gfti", ("method.popsize=4", "method.repeats=1")),  # two text encoders
+        ("tiny", "zoodip", ()),
+    ],
+)
+def test_replayed_calls_predict_what_a_full_trace_predicts(tiny_cfg, model, method, options):
+    """GF-TI's candidates and ZOODiP's passes call the text encoders and the U-Net with the
+    same layouts under no_grad: the repeats are replayed, the prediction is unchanged."""
+    cfg = tiny_cfg(f"model={model}", f"method={method}", *options)
+    replayed = estimate(cfg, num_images=1)
+    traced = estimate(cfg, num_images=1, replay_calls=False)
+    assert replayed.replayed_calls > 0 and traced.replayed_calls == 0
+    assert _prediction(replayed) == _prediction(traced)
+
+
+def storage_replaced_peak(watch_deaths: bool) -> int:
+    """A tensor whose storage is replaced (``.data =``) lives on while its old storage dies."""
+    with tracking(fake=True, watch_deaths=watch_deaths) as tracker:
+        tracker.reset_peaks()
+        kept = torch.ones(1024, 256)
+        kept.data = torch.ones(1)  # its 1 MB storage dies, no tensor object with it
+        torch.ones(1024, 256)  # the peak: 1 MB and the small ones, unless the old 1 MB counts
+        return tracker.peaks["forward"].bytes
+
+
+def test_a_replaced_storage_is_seen_dead_when_deaths_are_watched():
+    assert storage_replaced_peak(True) == storage_replaced_peak(False) < 2 * MB
+
+
+def test_watched_deaths_predict_what_reading_every_use_count_predicts(tiny_cfg):
+    """Sweeps read the use counts of storages no tensor object holds any more (suspects) only:
+    QLoRA has a forward, a backward through bitsandbytes and an AdamW step."""
+    cfg = tiny_cfg("method=qlora")
+    assert _prediction(estimate(cfg, num_images=1)) == _prediction(
+        estimate(cfg, num_images=1, watch_deaths=False)
+    )
