@@ -127,7 +127,9 @@ class RecoveryConfig:
             fit_steps=self.fit_steps if self.token_fit_steps is None else self.token_fit_steps,
             fit_lr=self.fit_lr if self.token_fit_lr is None else self.token_fit_lr,
             fit_batch=self.fit_batch if self.token_fit_batch is None else self.token_fit_batch,
-            teacher_steps=self.teacher_steps if self.token_teacher_steps is None else self.token_teacher_steps,
+            teacher_steps=self.teacher_steps
+            if self.token_teacher_steps is None
+            else self.token_teacher_steps,
         )
 
 

@@ -48,7 +48,12 @@ def test_token_fit_settings_are_checked_and_leave_the_weight_teachers_alone():
     assert (token.fit_steps, token.fit_lr, token.fit_batch, token.teacher_steps) == (30, 1e-2, 4, 7)
     assert rc.for_teacher("lora") is rc and rc.for_teacher("scales") is rc  # untouched
     unset = RecoveryConfig(fit_steps=100, teacher_steps=60).for_teacher("token")
-    assert (unset.fit_steps, unset.fit_lr, unset.fit_batch, unset.teacher_steps) == (100, 1e-3, 8, 60)  # null: shared
+    assert (unset.fit_steps, unset.fit_lr, unset.fit_batch, unset.teacher_steps) == (
+        100,
+        1e-3,
+        8,
+        60,
+    )  # null: shared
 
 
 def test_other_class_images_are_every_other_class_in_turn(dataset_root):
@@ -112,7 +117,9 @@ def test_token_teacher_steps_move_only_the_teacher_token(tmp_path, dataset_root)
                        f"data.root={dataset_root}", f"paths.results={tmp_path / str(steps)}"])  # fmt: skip
         subject = data.get_subject(cfg.subject)
         paths = data.subject_image_paths(dataset_root, subject)
-        settings[steps] = prepare(cfg, recovery_config(cfg), method_config(cfg), subject, paths, torch.device("cpu"))
+        settings[steps] = prepare(
+            cfg, recovery_config(cfg), method_config(cfg), subject, paths, torch.device("cpu")
+        )
     without, with_steps = settings[0], settings[2]
     assert len(without.fit_losses) == 1 and len(with_steps.fit_losses) == 3
     assert without.base_key != with_steps.base_key  # cached apart

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.xdist_group("recovery_tokens")  # one worker runs the f
 # The CI configuration is the full version's (conf/experiment/recovery.yaml: a 100-step joint fit
 # of W and the teacher token, 60 teacher-only steps, 100 training steps, 64 held-out draws) at one
 # seed; the margins come from seeds 0-7 of it (README, "Token arms"):
-#   python -m benchmark -m experiment=recovery '+experiment/recovery=ti,zoti_naive,zoodip,zoodip_spsa,zoodip_one_point' \
-#       seed=0,1,2,3,4,5,6,7 data.root=../shared/dreambooth/dataset paths.results=<dir>
+#   python -m benchmark -m experiment=recovery \
+#       '+experiment/recovery=ti,zoti_naive,zoodip,zoodip_spsa,zoodip_one_point' seed=0,1,2,3,4,5,6,7 \
+#       data.root=../shared/dreambooth/dataset paths.results=<dir>
 SEED = 0
 # arm: (least fraction of the gap closed at step 100, greatest prediction distance to the
 # teacher). Measured over seeds 0-7, min closed / max distance: TI 0.30 / 0.65 (seed 7; the
@@ -37,8 +38,9 @@ def token_runs(tmp_path_factory, dataset_root):
     records = {}
     for arm in MARGINS:
         cfg = compose(
-            ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}", f"data.root={dataset_root}",
-             f"paths.results={results}", "train.progress=false", "train.profile_steps=0"]
+            ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}",
+             f"data.root={dataset_root}", f"paths.results={results}", "train.progress=false",
+             "train.profile_steps=0"]
         )  # fmt: skip
         records[arm] = run(cfg)
     return records
