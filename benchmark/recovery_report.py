@@ -185,10 +185,15 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
                 lines.append((arm, steps, np.nanmean(values, axis=0), len(series)))
         if lines:
             drawn.append((label, lines))
+    # one colour and marker per arm in every panel: more than 10 arms would repeat tab10's colours
+    arms = list(dict.fromkeys(arm for _, lines in drawn for arm, *_ in lines))
+    palette = plt.get_cmap("tab20" if len(arms) > 10 else "tab10").colors
+    style = {arm: (palette[i % len(palette)], "osD^v<>PXh"[i % 10]) for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, max(len(drawn), 1), figsize=(4.5 * max(len(drawn), 1), 3.8), squeeze=False)
     for ax, (label, lines) in zip(axes[0], drawn):
         for arm, steps, mean, n in lines:
-            ax.plot(steps, mean, marker="o", ms=3, label=f"{arm_name(arm)} (n = {n})")
+            color, marker = style[arm]
+            ax.plot(steps, mean, color=color, marker=marker, ms=3.5, label=f"{arm_name(arm)} (n = {n})")
         ax.set_xlabel("training step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
