@@ -106,6 +106,11 @@ class RecoveryConfig:
             value = getattr(self, key)
             require(value is None or value >= least, f"recovery.{key}={value} must be >= {least} (or null)")
         require(
+            not (self.token_teacher_steps and not self.token_joint_fit),
+            f"recovery.token_teacher_steps={self.token_teacher_steps} needs recovery.token_joint_fit=true "
+            "(only the jointly fitted teacher token is a leaf to fit); set it to 0",
+        )
+        require(
             self.token_class_images in CONTRAST_CLASSES,
             f"recovery.token_class_images={self.token_class_images!r}; "
             f"choose one of: {', '.join(CONTRAST_CLASSES)}",

@@ -40,9 +40,13 @@ def test_token_fit_settings_are_checked_and_leave_the_weight_teachers_alone():
         RecoveryConfig(token_attention_gain=-1.0)
     with pytest.raises(ConfigError, match=r"recovery.token_teacher_steps=-1 must be >= 0"):
         RecoveryConfig(token_teacher_steps=-1)
+    with pytest.raises(
+        ConfigError, match=r"recovery.token_teacher_steps=60 needs recovery.token_joint_fit=true"
+    ):
+        RecoveryConfig(token_teacher_steps=60, token_joint_fit=False)
     rc = RecoveryConfig(
         fit_steps=100, fit_lr=3e-3, teacher_steps=60,
-        token_fit_steps=30, token_fit_lr=1e-2, token_fit_batch=4, token_teacher_steps=7,
+        token_fit_steps=30, token_fit_lr=1e-2, token_fit_batch=4, token_teacher_steps=7, token_joint_fit=True,
     )  # fmt: skip
     token = rc.for_teacher("token")
     assert (token.fit_steps, token.fit_lr, token.fit_batch, token.teacher_steps) == (30, 1e-2, 4, 7)
