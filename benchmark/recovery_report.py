@@ -27,7 +27,7 @@ ROW = "recovery.arm"
 # how a reader sees each arm (conf/experiment/recovery/<arm>.yaml)
 ARM_NAMES = {
     "ti": "TI",
-    "gfti": "GF-TI",
+    "gfti": "GF-TI (class-noun start)",
     "zoodip": "ZOODiP",
     "zoti_naive": "naive ZO-TI (no SG, uniform t)",
     "zoodip_spsa": "ZOODiP, SPSA",
@@ -86,6 +86,7 @@ PAIRS = (
     ("zoodip", "zoti_naive", "ZOODiP vs naive ZO-TI (SG + PUTS)"),
     ("zoodip", "zoodip_spsa", "ZOODiP: RGE vs SPSA"),
     ("zoodip", "zoodip_one_point", "ZOODiP: RGE vs one-point"),
+    ("zoodip", "gfti", "ZOODiP vs GF-TI, each at its arm's budget"),
 )
 PAIR_FIELDS = (
     ("gap closed", "recovery_gap_closed"),
