@@ -169,6 +169,8 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
         ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False),
         ("curve_token_distance", "token distance / start distance", False),
     )
+    log_scale = {"curve_token_distance"}  # GF-TI's token goes 20-30x as far as the others'
+
     ok = runs[runs["state"] == "ok"]
     drawn = []  # (label, [(arm, steps, mean, n)])
     for field, label, relative in panels:
@@ -185,18 +187,23 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
                 steps = np.asarray(series[0][0], dtype=float)
                 lines.append((arm, steps, np.nanmean(values, axis=0), len(series)))
         if lines:
-            drawn.append((label, lines))
+            drawn.append((label, lines, field in log_scale))
     # one colour and marker per arm in every panel: more than 10 arms would repeat tab10's colours
-    arms = list(dict.fromkeys(arm for _, lines in drawn for arm, *_ in lines))
+    arms = list(dict.fromkeys(arm for _, lines, _ in drawn for arm, *_ in lines))
+    # GF-TI's training step is a CMA-ES generation (popsize candidates)
+    x_label = "training step (GF-TI: generation)" if "gfti" in map(str, arms) else "training step"
     palette = plt.get_cmap("tab20" if len(arms) > 10 else "tab10").colors
     style = {arm: (palette[i % len(palette)], "osD^v<>PXh"[i % 10]) for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, max(len(drawn), 1), figsize=(4.5 * max(len(drawn), 1), 3.8), squeeze=False)
-    for ax, (label, lines) in zip(axes[0], drawn):
+    for ax, (label, lines, log) in zip(axes[0], drawn):
         for arm, steps, mean, n in lines:
             color, marker = style[arm]
             ax.plot(steps, mean, color=color, marker=marker, ms=3.5, label=f"{arm_name(arm)} (n = {n})")
-        ax.set_xlabel("training step")
+        ax.set_xlabel(x_label)
         ax.set_title(label, fontsize=10)
+        spread = [m for _, _, mean, _ in lines for m in mean if np.isfinite(m)]
+        if log and spread and min(spread) > 0 and max(spread) > 10 * min(spread):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # below the panels, where it hides no curve
