@@ -163,17 +163,16 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # (field, title, drawn relative to the start, log scale where it spans more than 10x)
     panels = (
-        ("curve_loss", "held-out loss − start", True),
-        ("curve_gap_closed", "gap closed (seeds with gap > 0)", False),
-        ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False),
-        ("curve_token_distance", "token distance / start distance", False),
+        ("curve_loss", "held-out loss − start", True, False),
+        ("curve_gap_closed", "gap closed (seeds with gap > 0)", False, False),
+        ("curve_prediction_distance", "‖ε − ε_teacher‖² / start's (0 = teacher)", False, False),
+        ("curve_token_distance", "token distance / start distance", False, True),  # GF-TI's: 20-30x
     )
-    log_scale = {"curve_token_distance"}  # GF-TI's token goes 20-30x as far as the others'
-
     ok = runs[runs["state"] == "ok"]
-    drawn = []  # (label, [(arm, steps, mean, n)])
-    for field, label, relative in panels:
+    drawn = []  # (label, [(arm, steps, mean, n)], log)
+    for field, label, relative, log in panels:
         lines = []
         for arm, group in ok.groupby(ROW, sort=False):
             series = [(s, c) for s, c in zip(group["curve_step"], group.get(field, [None] * len(group)))
@@ -187,7 +186,7 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
                 steps = np.asarray(series[0][0], dtype=float)
                 lines.append((arm, steps, np.nanmean(values, axis=0), len(series)))
         if lines:
-            drawn.append((label, lines, field in log_scale))
+            drawn.append((label, lines, log))
     # one colour and marker per arm in every panel: more than 10 arms would repeat tab10's colours
     arms = list(dict.fromkeys(arm for _, lines, _ in drawn for arm, *_ in lines))
     # GF-TI's training step is a CMA-ES generation (popsize candidates)

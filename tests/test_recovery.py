@@ -318,3 +318,31 @@ def test_fitted_base_is_cached_by_its_inputs(tiny_cfg):
     assert again_key == key and again_losses is None and all(torch.equal(again[k], state[k]) for k in state)
     assert all(torch.equal(again_teacher[k], teacher[k]) for k in teacher)
     assert fit_key([change]) != fit_key([lora_teacher(unet, 1, 4, 0.5)])  # another teacher, another base
+
+
+def test_curves_draw_token_distance_on_a_log_scale_when_it_spans_10x(tmp_path, monkeypatch):
+    """GF-TI's token goes 20-30x as far as its start: the token-distance panel turns
+    logarithmic (the other arms stay readable), and the step axis says GF-TI's is a generation."""
+    import matplotlib.figure
+    import pandas as pd
+
+    from benchmark.recovery_report import curves
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+
+    def runs(far: float) -> pd.DataFrame:
+        rows = [(arm, [1.0, 0.9, end]) for arm, end in (("ti", 0.95), ("gfti", far))]
+        return pd.DataFrame(
+            [{"recovery.arm": arm, "seed": 0, "state": "ok", "curve_step": [0, 5, 10],
+              "curve_loss": [0.2, 0.19, 0.18], "curve_token_distance": distance}
+             for arm, distance in rows]
+        )  # fmt: skip
+
+    for far, scale in ((26.0, "log"), (1.5, "linear")):
+        saved.clear()
+        curves(runs(far), tmp_path / "curves.png")
+        (fig,) = saved
+        loss_ax, token_ax = fig.axes[:2]
+        assert loss_ax.get_yscale() == "linear" and token_ax.get_yscale() == scale
+        assert token_ax.get_xlabel() == "training step (GF-TI: generation)"

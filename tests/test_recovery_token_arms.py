@@ -27,9 +27,9 @@ SEED = 0
 # teacher or None; GF-TI: at generation 20). Measured over seeds 0-7, min closed / max distance:
 # TI 0.08 / 0.90 (seed 7, where TI drifts back after step 25; the others 0.77-0.96 / 0.04-0.20),
 # ZOODiP 0.22 / 0.77 (rerun on another machine: 0.28 / 0.70), GF-TI 0.45 / 0.53 (seed 3; the
-# others 0.77-0.94 / 0.06-0.18). The bounds:
-# half the least closed; the greatest distance plus a margin (below 1: the predictions moved
-# toward the teacher's); none for TI, whose seed-7 distance (0.90) leaves no useful bound.
+# others 0.77-0.94 / 0.06-0.18). The bounds: half the least closed; the greatest distance plus a
+# margin (below 1: the predictions moved toward the teacher's); none for TI, whose seed-7
+# distance (0.90) leaves no useful bound.
 MARGINS = {"ti": (0.04, None), "zoodip": (0.11, 0.9), "gfti": (0.22, 0.7)}
 # TI was ahead of naive ZO-TI at every curve point (steps 25/50/75/100) on every one of seeds
 # 0-7 in one run, at 31 of the 32 in the rerun (seed 4, step 100: -0.04); on seed 0, the CI seed,
