@@ -80,10 +80,10 @@ def paper(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "benchmark.paper", f"results={results}")
 
 
-# Memory (issue 6): the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
+# Memory: the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
 MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
-# ZOODiP's memory and speed options (issue 16), each a row: the defaults are cache_latents and
+# ZOODiP's memory and speed options, each a row: the defaults are cache_latents and
 # compact_vocabulary on, passes sequential.
 ZOODIP_MEMORY_VARIANTS = [
     ["method=zoodip", "method.cache_latents=false", "method.compact_vocabulary=false"],
@@ -161,8 +161,8 @@ def memory_gpu(session: nox.Session) -> None:
 
 @nox.session
 def recovery(session: nox.Session) -> None:
-    """Known-answer personalization (issue 19): every arm of conf/experiment/recovery.yaml over
-    its seeds on the tiny model (CPU; about an hour in one process, 2026-12-02), then the report (results/recovery/:
+    """Known-answer personalization: every arm of conf/experiment/recovery.yaml over its seeds
+    on the tiny model (CPU; about an hour in one process), then the report (results/recovery/:
     table.md, table.csv, curves.png). `nox -s recovery -- seed=0,1 train.max_steps=50` for less;
     `nox -s recovery -- model=sd15 model.path=<dir> device=cuda` for real weights."""
     overrides = ["experiment=recovery", *session.posargs]
@@ -181,7 +181,7 @@ def calibrate_selective(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "benchmark.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
-# Issue 15: the memory map, every method x {SD1.5, SD2.1, SDXL} at the native resolution, batch 1.
+# The memory map: every method x {SD1.5, SD2.1, SDXL} at the native resolution, batch 1.
 MEMORY_MODELS = "sd15_arch,sd21_arch,sdxl_arch"
 MEMORY_MAP_CSV = "results/memory/predicted.csv"
 
@@ -201,7 +201,7 @@ def memory_models(session: nox.Session) -> None:
     session.run(sys.executable, "-m", "benchmark.memory_map", MEMORY_MAP_CSV)
 
 
-# Item 7 of issue 12: how far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours
+# How far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours
 # (fp32, lr 5e-3), per gradient scale.
 _ZO_ADAM_PRECISION = """
 import torch
@@ -230,3 +230,32 @@ def zo_adam_precision(session: nox.Session) -> None:
     """Mean per-coordinate ZO-Adam step over 200 steps of Gaussian gradients (768-d): fp16
     moments vs fp32, and the official setting (fp16, lr 1e-2) vs ours (fp32, lr 5e-3)."""
     session.run(sys.executable, "-c", _ZO_ADAM_PRECISION)
+
+
+LOCK = ".ci/constraints.txt"
+
+
+@nox.session(venv_backend="venv", reuse_venv=False)
+def latest(session: nox.Session) -> None:
+    """The whole suite against the newest releases pyproject.toml allows, without the lock, in a
+    fresh venv (.nox/latest, ~6 GB): drift shows here before a fresh install meets it. Prints the
+    packages that differ from the lock, then runs `.ci/test` in that venv.
+    `nox -s latest -- --update-lock` rewrites .ci/constraints.txt from that venv if the suite passed."""
+    update = "--update-lock" in session.posargs
+    pytest_args = [a for a in session.posargs if a != "--update-lock"]
+    session.install("--upgrade", "pip")
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    python = os.path.join(session.bin, "python")
+    frozen = session.run(python, "-m", "pip", "freeze", "--exclude-editable", silent=True)
+    newest = sorted(line for line in frozen.splitlines() if "==" in line)
+    with open(LOCK) as f:
+        locked = {line.strip() for line in f if "==" in line and not line.startswith("#")}
+    drift = [line for line in newest if line not in locked]
+    session.log(f"{len(drift)} of {len(newest)} packages differ from {LOCK}: {', '.join(drift) or 'none'}")
+    session.run("bash", ".ci/test", *pytest_args, env={"PYTHON": python}, external=True)
+    if update:
+        with open(LOCK) as f:
+            header = [line for line in f if line.startswith("#")]
+        with open(LOCK, "w") as f:
+            f.writelines(header + [line + "\n" for line in sorted(newest, key=str.lower)])
+        session.log(f"{LOCK} rewritten from the passing venv")

@@ -95,6 +95,10 @@ def quantize_linear_4bit(
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         layer = layer.to(linear.weight.device)  # Params4bit quantizes when moved to a device
+        # bitsandbytes >= 0.48 repacks a CPU layer for its bf16 kernel at the first no-grad eval
+        # forward: absmax rounded to bf16, and it fails for in_features < 2 * blocksize. Evaluation
+        # keeps the training path, so the scored model is the trained one.
+        layer.support_avx512bf16_for_cpu = False
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer)
     return len(targets)

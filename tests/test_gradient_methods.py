@@ -164,6 +164,25 @@ def test_qlora_eval_base_scores_the_trained_nf4_model_or_the_full_precision_one(
     assert method.record_extras()["qlora_compute_dtype"] == "fp32"  # compute_dtype=auto on CPU
 
 
+@pytest.mark.parametrize("in_features", [32, 256])
+def test_a_4bit_layer_evaluates_as_it_trained_on_a_bf16_capable_cpu(in_features, monkeypatch):
+    """bitsandbytes repacks a CPU Linear4bit for its bf16 kernel at the first no-grad eval forward
+    where the CPU has AVX512-BF16 (absmax rounded to bf16; an error for in_features < 128). The
+    CPU capability is forced on so the check holds on any machine."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True, raising=False)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, 64))
+    nn.init.normal_(model[0].weight, generator=gen)
+    quantize_linear_4bit(model)
+    x = torch.randn(3, in_features, generator=gen)
+    trained = model.train()(x).detach()
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=0)
+
+
 def test_qlora_compute_dtype_auto_is_the_paper_s_bf16_on_cuda_only():
     assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_compute_dtype("auto", "cpu") == torch.float32
