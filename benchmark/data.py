@@ -5,6 +5,7 @@ Subjects, classes and prompt lists follow ``dataset/prompts_and_classes.txt`` of
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import urllib.error
@@ -18,9 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+_log = logging.getLogger(__name__)
+
 DATASET_ARCHIVE_URL = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer shows them
+MIN_PIXEL_STD = 1.0  # 8-bit levels: below it an image is (nearly) constant and teaches nothing
 
 _BY_HAND = (
     "clone or download https://github.com/google/dreambooth and set data.root=<path to its dataset/ folder>"
@@ -137,12 +143,32 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    """Open ``path`` upright (EXIF orientation applied) as RGB; ValueError naming the file otherwise."""
+    """Open ``path`` upright (EXIF orientation applied) as 8-bit RGB with its real values;
+    ValueError naming the file where that is not possible."""
     try:
         with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(im), path)
     except _PIL_ERRORS as e:
         raise _unreadable(path, e) from None
+
+
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit grey scaled to 8 bits (PIL's own conversion clips it to white), transparency
+    composited on ``ALPHA_BACKGROUND``, palette / CMYK / grey / bilevel converted by PIL."""
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{im.mode} pixel values outside 0..65535 in {path}; save it as 8- or 16-bit")
+        scale = 257.0 if im.mode in _SIXTEEN_BIT or values.max() > 255 else 1.0
+        grey = Image.fromarray(np.rint(values / scale).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if im.mode == "F":
+        raise ValueError(f"floating-point image {path} (mode F); save it as 8- or 16-bit")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _unreadable(path: Path, e: Exception) -> ValueError:
@@ -150,8 +176,8 @@ def _unreadable(path: Path, e: Exception) -> ValueError:
 
 
 def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
-    """Sorted image files of ``subject`` under ``root``; each is decoded once, so a truncated or
-    corrupt file is named here, before a run starts (``verify()`` would not decode the data)."""
+    """Sorted image files of ``subject`` under ``root``; each is decoded once, so a truncated,
+    corrupt or blank file is named here, before a run starts (``verify()`` would not decode the data)."""
     name = subject.name if isinstance(subject, Subject) else subject
     folder = Path(root) / name
     paths = sorted(p for p in folder.iterdir() if _is_image_name(p)) if folder.is_dir() else []
@@ -161,7 +187,12 @@ def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
             "set data.root=<dir holding the 30 subject folders>"
         )
     for p in paths:
-        _open_rgb(p)
+        spread = float(np.asarray(_open_rgb(p), dtype=np.float32).std())
+        if spread < MIN_PIXEL_STD:
+            raise ValueError(
+                f"image {p} is (nearly) constant (pixel standard deviation {spread:.2f} of 255); "
+                "remove or replace it"
+            )
     return paths
 
 
@@ -178,8 +209,18 @@ def load_pil_images(paths: Iterable[str | Path], size: int | None = None) -> lis
 
 
 def load_images(paths: Iterable[str | Path], resolution: int) -> torch.Tensor:
-    """float32 tensor (N, 3, R, R) in [-1, 1] of center-cropped, resized images."""
-    arrays = [np.asarray(im, dtype=np.float32) for im in load_pil_images(paths, resolution)]
+    """float32 tensor (N, 3, R, R) in [-1, 1] of center-cropped, resized images; one warning
+    line names the images smaller than ``resolution`` (they are upscaled)."""
+    paths = [Path(p) for p in paths]
+    originals = [_open_rgb(p) for p in paths]
+    small = [(min(im.size), p.name) for p, im in zip(paths, originals) if min(im.size) < resolution]
+    if small:
+        smallest, name = min(small)
+        _log.warning(
+            f"{len(small)} of {len(originals)} training images are smaller than {resolution} px and are "
+            f"upscaled (smallest: {name}, {smallest} px): {', '.join(n for _, n in sorted(small))}"
+        )
+    arrays = [np.asarray(_center_square(im, resolution), dtype=np.float32) for im in originals]
     if not arrays:
         return torch.empty(0, 3, resolution, resolution)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)

@@ -156,8 +156,8 @@ def test_subject_image_paths_rejects_non_image_file(tmp_path):
     folder = tmp_path / "dog6"
     folder.mkdir()
     for i in range(2):
-        _save(folder / f"0{i}.jpg", [RED], height=8, col_width=8)
-    _save(folder / "03.PNG", [BLUE], height=8, col_width=8)
+        _save(folder / f"0{i}.jpg", [RED, BLUE], height=8, col_width=8)
+    _save(folder / "03.PNG", [BLUE, GREEN], height=8, col_width=8)
     (folder / "notes.txt").write_text("ignored: not an image suffix")
     (folder / ".DS_Store").write_text("ignored: hidden")
     assert [p.name for p in subject_image_paths(tmp_path, "dog6")] == ["00.jpg", "01.jpg", "03.PNG"]
@@ -165,6 +165,85 @@ def test_subject_image_paths_rejects_non_image_file(tmp_path):
     with pytest.raises(ValueError) as exc:
         subject_image_paths(tmp_path, get_subject("dog6"))
     assert str(folder / "02.jpg") in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _ramp(height: int = 32, width: int = 32) -> np.ndarray:
+    """A left-to-right grey ramp, 0..1 (square: loading crops to the centre square)."""
+    return np.tile(np.linspace(0.0, 1.0, width), (height, 1))
+
+
+def test_a_16_bit_grey_png_keeps_its_values(tmp_path):
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.rint(_ramp() * 65535).astype(np.uint16)).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")  # PIL's own convert("RGB") would clip it to white
+    (im,) = load_pil_images([path])
+    grey = np.asarray(im, dtype=np.float64)[..., 0]
+    np.testing.assert_allclose(grey, _ramp() * 255, atol=0.51)  # one 8-bit rounding
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_composited_on_white(tmp_path, mode):
+    arr = np.zeros((16, 16, 4), np.uint8)
+    arr[..., 0] = 200  # red everywhere; the left half fully transparent
+    arr[:, 8:, 3] = 255
+    rgba = Image.fromarray(arr, mode="RGBA")
+    image = rgba.convert(mode) if mode != "P" else rgba.quantize(colors=4)
+    if mode == "P":  # palette transparency: the index the transparent half uses
+        image.info["transparency"] = image.getpixel((0, 0))
+    image.save(
+        tmp_path / "alpha.png", **({"transparency": image.info["transparency"]} if mode == "P" else {})
+    )
+    (im,) = load_pil_images([tmp_path / "alpha.png"])
+    out = np.asarray(im)
+    assert (out[:, :8] == 255).all(), "transparent half not white"
+    assert not (out[:, 8:] == 255).all() and (out[:, 8:] != 0).any(), "opaque half lost its colour"
+
+
+def test_cmyk_and_palette_images_keep_their_colours(tmp_path):
+    base = Image.fromarray(np.concatenate([np.full((16, 8, 3), c, np.uint8) for c in (RED, BLUE)], axis=1))
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    base.convert("P", palette=Image.Palette.ADAPTIVE, colors=2).save(tmp_path / "palette.png")
+    for name in ("cmyk.jpg", "palette.png"):
+        (im,) = load_pil_images([tmp_path / name])
+        left, right = np.asarray(im, dtype=float)[8, 2], np.asarray(im, dtype=float)[8, 13]
+        assert left[0] > 200 and left[2] < 60 and right[2] > 200 and right[0] < 60, name
+
+
+def test_a_floating_point_image_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "float.tif"
+    Image.fromarray(_ramp().astype(np.float32), mode="F").save(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as exc:
+        load_images([path], 8)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("level", [0, 255, 128])
+def test_a_constant_image_is_refused_naming_the_file(tmp_path, level):
+    folder = tmp_path / "dog6"
+    folder.mkdir()
+    _save(folder / "00.jpg", [RED, BLUE], height=8, col_width=8)
+    blank = np.full((16, 16), level, np.uint16 if level == 128 else np.uint8)
+    if level == 128:  # a 16-bit grey image, nearly constant after scaling
+        blank = blank * 257
+    Image.fromarray(blank).save(folder / "01.png")
+    with pytest.raises(ValueError) as exc:
+        subject_image_paths(tmp_path, "dog6")
+    assert str(folder / "01.png") in str(exc.value) and "constant" in str(exc.value)
+
+
+def test_training_images_smaller_than_the_resolution_get_one_warning_line(tmp_path, caplog):
+    big = _save(tmp_path / "big.png", [RED, BLUE], height=32, col_width=16)
+    small = _save(tmp_path / "small.png", [RED, BLUE], height=8, col_width=4)
+    with caplog.at_level("WARNING", logger="benchmark.data"):
+        load_images([big, small], 16)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "small.png" in message and "big.png" not in message and "16 px" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="benchmark.data"):
+        load_images([big], 16)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("make_folder", [False, True], ids=["missing", "empty"])
