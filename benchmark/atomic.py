@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -14,12 +15,47 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+class DiskFull(OSError):
+    """A write ran out of space (or quota); the message names the file being written."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}")
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """True if ``error`` or an exception it was raised from or during is ENOSPC / EDQUOT
+    (torch.save, for one, reports a full disk as a RuntimeError raised during the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        if any(words in str(error) for words in _NO_SPACE_WORDS):  # e.g. safetensors' own error
+            return True
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over it."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over it.
+    Running out of space raises :class:`DiskFull` naming ``path``; the old file stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise DiskFull(path) from None
+        raise
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
     os.close(fd)
     tmp = Path(tmp_name)
@@ -29,6 +65,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # the rename itself survives a power cut
+    except Exception as e:
+        if is_out_of_space(e):
+            raise DiskFull(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

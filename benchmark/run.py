@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from benchmark import data, models
-from benchmark.atomic import exclusive_lock, write_json_atomic, write_text_atomic
+from benchmark.atomic import DiskFull, exclusive_lock, is_out_of_space, write_json_atomic, write_text_atomic
 from benchmark.config import (
     LOCK_NAME,
     flat,
@@ -60,11 +61,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if checked.cfg.mode == "real":
         return run_real_images(cfg)
     run_dir = run_dir_for(cfg)
+    require_writable(run_dir)
     with exclusive_lock(run_dir / LOCK_NAME) as held:
         if not held:  # e.g. a second sweep into the same results dir: it moves on to its next run
             log.warning("busy: another process is running %s; skipped here", run_dir)
             return {"status": BUSY, "run_dir": str(run_dir)}
         return run_locked(cfg, checked, run_dir)
+
+
+class ResultsUnwritable(ConfigError):
+    """The run's folder cannot be created or written (permissions, an immutable or read-only
+    folder, a file in its place)."""
+
+    def __init__(self, run_dir: Path, error: OSError):
+        super().__init__(
+            f"cannot write the run folder {run_dir} ({error.strerror or error}); "
+            "set paths.results=<a writable folder> or fix that folder's permissions"
+        )
+
+
+def require_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        if is_out_of_space(e):
+            raise DiskFull(run_dir) from None
+        raise ResultsUnwritable(run_dir, e) from None
 
 
 def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, Any]:
@@ -95,10 +119,15 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
         if isinstance(e, USER_ERRORS):
             raise
         status = "oom" if is_oom(e) else "failed"
-        log.exception("run failed: %s", run_dir)
-        record = new_record(
-            **base, status=status, error=f"{type(e).__name__}: {e}".splitlines()[0], **monitor.summary()
-        )
+        if is_out_of_space(e):  # one line: the traceback would only repeat it
+            error_line = str(
+                e if isinstance(e, DiskFull) else DiskFull(getattr(e, "filename", None) or run_dir)
+            )
+            log.error("run failed: %s", error_line)
+        else:
+            error_line = f"{type(e).__name__}: {e}".splitlines()[0]
+            log.exception("run failed: %s", run_dir)
+        record = new_record(**base, status=status, error=error_line, **monitor.summary())
     release_memory(device)  # what a failed run held goes with its traceback: free it for the next job
     write_record(run_dir, record)
     log.info("%s: %s", record["status"], run_dir / RECORD_NAME)
@@ -124,12 +153,15 @@ def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
         base = record_base(cfg, run_dir, str(cfg.subject), str(cfg.device))
     except Exception:  # the config itself does not resolve: no run directory to speak of
         return None
-    with exclusive_lock(run_dir / LOCK_NAME) as held:
-        record_path = run_dir / RECORD_NAME
-        if not held or (record_path.exists() and read_record(record_path)["status"] == "ok"):
-            return None
-        error_line = f"{type(error).__name__}: {error}".splitlines()[0]
-        return write_record(run_dir, new_record(**base, status="failed", error=error_line))
+    try:
+        with exclusive_lock(run_dir / LOCK_NAME) as held:
+            record_path = run_dir / RECORD_NAME
+            if not held or (record_path.exists() and read_record(record_path)["status"] == "ok"):
+                return None
+            error_line = f"{type(error).__name__}: {error}".splitlines()[0]
+            return write_record(run_dir, new_record(**base, status="failed", error=error_line))
+    except OSError:  # the folder cannot be written (the refusal may say so): nothing to record
+        return None
 
 
 def clear_outputs(run_dir: Path) -> None:

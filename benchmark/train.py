@@ -64,18 +64,24 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def save_checkpoint(path: Path, step: int, method, seconds: float, loss: float | None = None) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"step": step, "seconds": seconds, "loss": loss, "method": method.checkpoint()}, tmp)
+    state = {"step": step, "seconds": seconds, "loss": loss, "method": method.checkpoint()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError
+        torch.save(state, f)
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
+def load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path``, loaded to the CPU (the method's ``restore`` moves what it needs
+    to its device). An unreadable one is moved aside to ``<name>.corrupt-<time>`` (nothing is
+    deleted) with one warning line, and None is returned: training restarts from step 0."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many kinds; the file is what matters
-        raise RuntimeError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
-            "delete it to restart the run from step 0"
-        ) from None
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.warning("checkpoint %s is unreadable (%s); moved to %s, training restarts from step 0",
+                    path, reason, aside)  # fmt: skip
+        return None
 
 
 @contextlib.contextmanager
@@ -124,8 +130,8 @@ def train(
     sent at some point lands mid-training on any machine; the numbers do not change."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
     start, seconds_before, loss_value = 0, 0.0, None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device)
+    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
         method.restore(state["method"])
         start, seconds_before, loss_value = state["step"], state["seconds"], state.get("loss")
         log.info("resuming from step %d (%s)", start, ckpt_path)

@@ -19,7 +19,7 @@ from hydra.errors import MissingConfigException
 
 import benchmark.atomic
 from benchmark import models
-from benchmark.atomic import exclusive_lock, write_text_atomic
+from benchmark.atomic import DiskFull, exclusive_lock, is_out_of_space, write_text_atomic
 from benchmark.config import method_config, training_dtype
 from benchmark.records import CorruptRecord, load_records, new_record, read_record, write_record
 from benchmark.run import BUSY, LOCK_NAME, USER_ERRORS, run, run_dir_for
@@ -313,10 +313,20 @@ def test_the_report_refuses_a_corrupt_record_with_its_path(tmp_path):
         read_record(alien / "record.json")
 
 
-def test_a_corrupt_checkpoint_is_named(tmp_path):
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"torn")
-    with pytest.raises(RuntimeError, match=f"{tmp_path / CHECKPOINT_NAME}.*delete it"):
-        train(_Tiny(), torch.zeros(1, 3, 8, 8), 4, 1, 0, tmp_path, torch.device("cpu"), progress=False)
+def test_a_truncated_checkpoint_is_moved_aside_and_training_restarts(tmp_path, caplog):
+    _, straight = _train_fake(tmp_path / "straight", steps=4)
+    torn = tmp_path / "torn"
+    _train_fake(torn, steps=4, checkpoint_every=2)  # leaves the checkpoint of step 2
+    checkpoint = (torn / CHECKPOINT_NAME).read_bytes()
+    (torn / CHECKPOINT_NAME).write_bytes(checkpoint[: len(checkpoint) // 2])
+    with caplog.at_level("WARNING", logger="benchmark.train"):
+        method, result = _train_fake(torn, steps=4)
+    (aside,) = torn.glob(f"{CHECKPOINT_NAME}.corrupt-*")
+    assert aside.read_bytes() == checkpoint[: len(checkpoint) // 2]  # kept as it was
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert str(torn / CHECKPOINT_NAME) in warning and aside.name in warning and "step 0" in warning
+    assert result.resumed_from == 0 and result.final_loss == straight.final_loss
+    assert method.x.tolist() == _train_fake(tmp_path / "again", steps=4)[0].x.tolist()
 
 
 # -- interruption and resume ------------------------------------------------------------------
@@ -578,7 +588,7 @@ def test_a_held_run_is_left_to_its_holder(tiny_cfg):
 
 def test_two_sweeps_into_one_results_dir(tmp_path, dataset_root):
     """Both sweeps finish; each run is trained once (the other sweep skips it while it is held, or
-    finds it done) and every record is whole."""
+    finds it done) and every record is whole. A sweep that left a run to the other exits 3."""
     sweep = [
         "-m",
         "method=ti",
@@ -596,7 +606,10 @@ def test_two_sweeps_into_one_results_dir(tmp_path, dataset_root):
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=900)[0] for p in sweeps]
-    assert [p.returncode for p in sweeps] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    # 3: the sweep left a run to the other one (the same code as a single busy run)
+    for p, out in zip(sweeps, outputs):
+        assert p.returncode in (0, 3), out[-2000:]
+        assert (p.returncode == 3) == ("busy: another process is running" in out), out[-2000:]
     run_dirs = sorted(tmp_path.glob("runs/ti/dog6/*"))
     assert len(run_dirs) == 2
     for run_dir in run_dirs:
@@ -604,3 +617,92 @@ def test_two_sweeps_into_one_results_dir(tmp_path, dataset_root):
         trained = sum(out.count(f"ok: {run_dir / 'record.json'}") for out in outputs)
         assert trained == 1, f"{run_dir} was run {trained} times"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# -- disk full, unwritable folders, a run held elsewhere ---------------------------------------
+
+
+def test_a_full_disk_is_named_by_the_file_being_written(tmp_path, monkeypatch):
+    write_text_atomic(tmp_path / "config.yaml", "old\n")
+
+    def full(self, data):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DiskFull) as exc:
+        write_text_atomic(tmp_path / "config.yaml", "new\n")
+    assert str(exc.value) == f"no space left on device writing {tmp_path / 'config.yaml'}"
+    monkeypatch.undo()
+    assert (tmp_path / "config.yaml").read_text() == "old\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_torch_and_safetensors_report_a_full_disk_in_their_own_words():
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert not is_out_of_space(torch_save)
+    try:
+        try:
+            raise OSError(28, os.strerror(28))
+        except OSError as e:
+            raise torch_save from e  # torch.save to a file object: raised from the OSError
+    except RuntimeError as e:
+        assert is_out_of_space(e)
+    safetensors = "Error while serializing: I/O error: No space left on device (os error 28)"
+    assert is_out_of_space(Exception(safetensors))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only): a checkpoint of the tiny TI does not fit, a record does."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_a_record(small_disk, tiny_cfg, caplog):
+    cfg = tiny_cfg("method=ti", "train.checkpoint_every=1", f"paths.results={small_disk}")
+    with caplog.at_level("ERROR"):
+        record = run(cfg)
+    checkpoint = run_dir_for(cfg) / CHECKPOINT_NAME
+    assert record["status"] == "failed"
+    assert record["error"] == f"no space left on device writing {checkpoint}"
+    assert read_record(run_dir_for(cfg) / "record.json")["error"] == record["error"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [f"run failed: {record['error']}"]
+    assert not any(r.exc_info for r in errors), "a traceback for a full disk"
+    assert not list(small_disk.rglob("*.tmp"))
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, dataset_root):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "ti").write_text("a file where the method's folder goes")
+    proc = _cli("method=ti", "model=tiny", f"data.root={dataset_root}", f"paths.results={results}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"error: cannot write the run folder {results / 'runs' / 'ti'}")
+        and "paths.results=" in last
+    )
+
+
+def test_a_run_held_by_another_process_exits_3_alone_and_in_a_sweep(tiny_cfg, dataset_root, tmp_path):
+    fast = ["method=ti", "train.max_steps=1", "train.progress=false", "train.profile_steps=0"]
+    held, other = run_dir_for(tiny_cfg(*fast)), run_dir_for(tiny_cfg(*fast, "seed=1"))
+    common = [*fast, "model=tiny", f"data.root={dataset_root}", f"paths.results={tmp_path / 'results'}"]
+    with exclusive_lock(held / LOCK_NAME):
+        alone = _cli(*common)
+        swept = _cli("-m", *common, "seed=0,1")
+    assert alone.returncode == 3, alone.stderr[-2000:]
+    assert swept.returncode == 3, swept.stderr[-2000:]
+    assert "busy: 1 run(s) left to the process holding them" in swept.stderr
+    assert not (held / "record.json").exists()
+    assert read_record(other / "record.json")["status"] == "ok"  # the sweep's other run was done

@@ -200,7 +200,7 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    return load_checkpoint(run_dir / CHECKPOINT_NAME, torch.device("cpu"))["step"]
+    return load_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
 
 
 def by_seed(results: Path, name: str) -> dict[int, Path]:
