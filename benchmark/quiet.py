@@ -8,7 +8,13 @@ message by message, so that a run prints our progress and results, and every oth
 - diffusers' "Unable to import `torchao` Tensor objects" (a torchao version it does not know);
 - transformers' note on how new token rows are initialized (diffusers' textual-inversion
   loader resizes the embeddings; the token's row is written right after);
-- open_clip's INFO lines when it builds a tokenizer ("Parsing tokenizer identifier", ...).
+- open_clip's INFO lines when it builds a tokenizer ("Parsing tokenizer identifier", ...);
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" and the kernels
+  package's "Skipping publisher trust check" (offline, bitsandbytes uses its own CPU kernel);
+- the CPU allocator's "Memory block of unknown size was allocated before the profiling started"
+  on every profiled step. It is a C++ log line, so it goes with c10's log level: WARNING lines
+  of torch's C++ layer are dropped (TORCH_CPP_LOG_LEVEL=ERROR unless the environment sets it);
+  torch's warnings raised while Python code runs are Python warnings and still show.
 
 Called from benchmark/__init__.py, so it runs before torch is imported by any entry point.
 """
@@ -30,6 +36,8 @@ NOTICES = (
     ("root", "Parsing tokenizer identifier"),  # open_clip logs to the root logger
     ("root", "Using default SimpleTokenizer"),
     ("root", "Attempting to load config from built-in"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check"),
 )
 
 
@@ -46,6 +54,7 @@ class DropNotices(logging.Filter):
 
 def silence_third_party_notices() -> None:
     os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_SILENT)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     by_logger: dict[str, tuple[str, ...]] = {}
     for name, fragment in NOTICES:
         by_logger[name] = by_logger.get(name, ()) + (fragment,)
