@@ -12,6 +12,7 @@ torch, diffusers and the other heavy libraries load only once a run starts.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,30 @@ _left_to_others: list[str] = []  # this sweep's runs that another process holds
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        run_job(cfg)
+    finally:
+        remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
+
+
+def remove_if_empty(output_dir: Path) -> None:
+    """Hydra makes a folder per call (`<results>/hydra/<time>/`, a sweep's
+    `hydra/multirun-<time>/<job>/`); runs log to the terminal and write under `<results>/runs/`,
+    so it is usually empty: remove it, then its sweep folder and `hydra/` if they are empty too
+    (a sweep's SLURM logs keep theirs)."""
+    folders = [output_dir]
+    if output_dir.parent.name.startswith("multirun-"):
+        folders.append(output_dir.parent)
+    if folders[-1].parent.name == "hydra":
+        folders.append(folders[-1].parent)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone: what is above it stays
+            return
+
+
+def run_job(cfg: DictConfig) -> None:
     from benchmark.atomic import DiskFull
     from benchmark.run import BUSY, USER_ERRORS, record_refusal, run
     from benchmark.train import TrainingInterrupted

@@ -54,12 +54,13 @@ def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_diagonal: boo
     return ((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))).item()
 
 
-def check_weights_available(eval_cfg) -> None:
-    """Locate (fetching once if the Hub is reachable) the metric weights, or raise
-    MetricModelsUnavailable at once: a run checks this before it trains."""
-    if eval_cfg.clip.source == "open_clip":
+def check_weights_available(eval_cfg, metric: str | None = None) -> None:
+    """Locate (fetching once if the Hub is reachable) the metric weights, CLIP's and DINO's or
+    the one ``metric`` names, or raise MetricModelsUnavailable at once: a run checks this before
+    it trains."""
+    if metric in (None, "clip") and eval_cfg.clip.source == "open_clip":
         _clip_weights(eval_cfg.clip)
-    if eval_cfg.dino.source == "timm":
+    if metric in (None, "dino") and eval_cfg.dino.source == "timm":
         _dino_weights(eval_cfg.dino)
 
 

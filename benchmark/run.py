@@ -194,6 +194,11 @@ def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path,
     method = cls(method_cfg)
     method.setup(components, subject)
     steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
+    step_cap = cfg.train.max_steps if steps < method_cfg.steps else None
+    if step_cap is not None:
+        log.info(
+            "training %d of method.steps=%d steps (train.max_steps=%d)", steps, method_cfg.steps, step_cap
+        )
     method.precompute(images, cfg.seed, steps)  # e.g. Hollowed Net's stage 1
     monitor.loaded(components, method)  # the papers measure after quantization: setup counts as model load
     result = train(
@@ -203,7 +208,8 @@ def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path,
     )  # fmt: skip
     artifact_path = method.save_artifact(run_dir)
     fields: dict[str, Any] = {
-        "train_steps": result.steps, "train_seconds": result.seconds, "final_loss": result.final_loss,
+        "train_steps": result.steps, "train_step_cap": step_cap,
+        "train_seconds": result.seconds, "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from, "artifact_bytes": artifact_path.stat().st_size,
         "trainable_params": sum(t.numel() for t in method.state_dict().values()),
         "forward_passes_per_step": None,  # ZO methods report theirs in record_extras

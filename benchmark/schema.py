@@ -382,8 +382,9 @@ class Checker:
             key = ("weights", json.dumps(model, sort_keys=True, default=str))
             self.attempt(self.disk.once, key, lambda: models.locate_weights(OmegaConf.create(model)))
         if run_cfg.mode != "recovery":  # recovery scores by denoising loss: no CLIP/DINO weights
-            key = ("metric weights", json.dumps(eval_, sort_keys=True, default=str))
-            self.attempt(self.disk.once, key, lambda: check_metric_weights(OmegaConf.create(eval_)))
+            for metric in ("clip", "dino"):  # each missing set its own line
+                key = (f"{metric} weights", json.dumps(eval_, sort_keys=True, default=str))
+                self.attempt(self.disk.once, key, check_metric_weights, OmegaConf.create(eval_), metric)
         image_paths = None
         if run_cfg.data.root is not None or not self.found:  # no dataset download for a doomed run
             key = ("images", str(run_cfg.data), subject.name)
@@ -420,10 +421,10 @@ def problems(
     return checker.found
 
 
-def check_metric_weights(eval_cfg) -> None:
+def check_metric_weights(eval_cfg, metric: str) -> None:
     from benchmark.metrics import check_weights_available
 
-    check_weights_available(eval_cfg)
+    check_weights_available(eval_cfg, metric)
 
 
 def check_method_against_model(method_cfg: MethodConfig, model: ModelSchema) -> None:

@@ -137,10 +137,8 @@ def train(
         log.info("resuming from step %d (%s)", start, ckpt_path)
     images = images.to(device)
     t0 = time.perf_counter()
-    bar = tqdm(
-        range(start, steps), initial=start, total=steps, disable=not progress, desc=method.name, leave=False
-    )
-    with stop_signals() as received:
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc=method.name)
+    with stop_signals() as received, bar:  # closed, the bar shows where training ended
         for step in bar:
             generator = step_generator(seed, step)
             batch = training_batch(images, method.cfg.data, seed, step, batch_size, generator)

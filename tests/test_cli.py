@@ -56,7 +56,9 @@ def test_ti_run_writes_a_complete_run_directory(tmp_path, dataset_root):
     assert record["status"] == "ok" and record["method"] == "ti" and record["subject"] == "dog6"
     for key in ("clip_t", "clip_i", "dino", "dino_inter", "train_seconds"):
         assert isinstance(record[key], float) and math.isfinite(record[key]), key
-    assert record["train_steps"] == 4  # the tiny model caps steps
+    assert record["train_steps"] == record["train_step_cap"] == 4  # the tiny model caps steps
+    assert f"training 4 of method.steps={record['method.steps']} steps (train.max_steps=4)" in proc.stdout
+    assert sorted(p.name for p in results.iterdir()) == ["runs"]  # no empty hydra/<time>/ left
     assert record["trainable_params"] == 32  # one token row of the tiny text encoder
     artifact = run_dir / "learned_embeds.safetensors"
     assert record["artifact_bytes"] == artifact.stat().st_size

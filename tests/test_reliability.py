@@ -706,3 +706,11 @@ def test_a_run_held_by_another_process_exits_3_alone_and_in_a_sweep(tiny_cfg, da
     assert "busy: 1 run(s) left to the process holding them" in swept.stderr
     assert not (held / "record.json").exists()
     assert read_record(other / "record.json")["status"] == "ok"  # the sweep's other run was done
+
+
+def test_the_progress_bar_is_left_where_training_ended(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    method = _Tiny()
+    train(method, torch.zeros(1, 3, 8, 8), 4, 1, 0, tmp_path, torch.device("cpu"), progress=True)
+    shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert "4/4" in shown[-1] and "loss=" in shown[-1], shown[-3:]

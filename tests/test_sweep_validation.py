@@ -243,6 +243,9 @@ def test_the_main_job_reports_missing_weights_before_fetching_the_dataset(tmp_pa
     cfg = compose(["method=ti", "subject=dog6", f"data.cache_dir={tmp_path / 'cache'}"])
     found = problems(cfg)
     assert found and "Stable Diffusion weights" in found[0] and "model.path=" in found[0]
+    # every missing set of weights, one line each, before anything loads
+    assert [line.split()[0] for line in found[:3]] == ["cannot", "CLIP", "DINO"], found
+    assert "eval.clip.checkpoint=" in found[1] and "eval.dino." in found[2]
 
 
 def test_hydra_output_folders_are_ignored_by_git():
