@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir
 from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.train import step_generator
-from methods.registry import method_class
+from methods.common.registry import method_class
 
 name, device = sys.argv[1], torch.device(sys.argv[2])
 with initialize_config_dir(config_dir=str(pathlib.Path("conf").resolve()), version_base="1.3"):
@@ -138,9 +138,10 @@ def speed(session: nox.Session) -> None:
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
         # CPU: ZOODiP in fp32 (fp16 runs tens of times slower on CPUs without fp16 kernels);
-        # `-- --zoodip-precision fp16` overrides it
-        precision = ["--zoodip-precision", "fp32"] if device == "cpu" else []
-        session.run(sys.executable, "-m", "benchmark.speed", "--device", device, *precision, *session.posargs,
+        # `-- --precision fp16` overrides it
+        precision = ["--precision", "fp32"] if device == "cpu" else []
+        session.run(sys.executable, "-m", "benchmark.speed", "--method", "zoodip", "--baseline", "ti",
+                    "--device", device, *precision, *session.posargs,
                     env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
 
 
@@ -205,7 +206,7 @@ def memory_models(session: nox.Session) -> None:
 # (fp32, lr 5e-3), per gradient scale.
 _ZO_ADAM_PRECISION = """
 import torch
-from methods.zo_adam import ZOAdam
+from methods.common.zo_adam import ZOAdam
 
 def mean_step(state_dtype, lr, scale, steps=200):
     g = torch.Generator().manual_seed(0)

@@ -49,9 +49,9 @@ def remove_if_empty(output_dir: Path) -> None:
 
 
 def run_job(cfg: DictConfig) -> None:
-    from benchmark.atomic import DiskFull
     from benchmark.run import BUSY, USER_ERRORS, record_refusal, run
     from benchmark.train import TrainingInterrupted
+    from methods.common.atomic import DiskFull
 
     single = HydraConfig.get().mode == RunMode.RUN
     try:

@@ -26,11 +26,12 @@ import torch
 
 from benchmark import data, models
 from benchmark.config import method_config
-from benchmark.sampling import training_batch
 from benchmark.train import step_generator
-from methods.diffusion import encode_latents, noisy_latents, token_ids
+from methods.common.conditioning import token_ids
+from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.sampling import training_batch
+from methods.common.zo_adam import ZOAdam
 from methods.selective import Selective, resize
-from methods.zo_adam import ZOAdam
 
 HELDOUT_SEED = 1_000_000_007  # the held-out draws never coincide with a training step's
 

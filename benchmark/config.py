@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from methods.errors import ConfigError, ConfigErrors, every_problem
-from methods.registry import method_class
+from methods.common.errors import ConfigError, ConfigErrors, every_problem
+from methods.common.registry import method_class
 
 if TYPE_CHECKING:
-    from methods.base import MethodConfig
+    from methods.common.base import MethodConfig
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOCK_NAME = ".lock"  # held (flock) by the process running the run directory

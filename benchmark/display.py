@@ -5,21 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# (display name as in the ZOODiP / DreamBooth papers, colour: colour-blind-safe Okabe-Ito + greys)
-METHODS: dict[str, tuple[str, str]] = {
-    "dreambooth": ("DreamBooth", "#0072B2"),
-    "qlora": ("QLoRA", "#E69F00"),
-    "peqa": ("PEQA", "#009E73"),
-    "tuneqdm": ("TuneQDM", "#CC79A7"),
-    "ti": ("TI", "#56B4E9"),
-    "gfti": ("GF-TI", "#D55E00"),
-    "zoodip": ("ZOODiP", "#000000"),
-    "hollowed": ("Hollowed Net", "#F0E442"),
-    "lora": ("LoRA", "#999999"),
-    "selective": ("Selective BP/ZO", "#882255"),
-    "real": ("Real images", "#666666"),
-}
-GRADIENT_FREE = {"gfti", "zoodip"}  # ZOODiP Table 1's "Grad-free" column
+# A method's display name and colour are declared on its class (methods.common.base.Method);
+# mode=real (the real images scored against themselves: the upper bound) is no method.
+REAL = "real"
+REAL_DISPLAY = ("Real images", "#666666")
+UNKNOWN_COLOR = "#444444"
 
 # Swept keys in the papers' notation: (matplotlib mathtext, also LaTeX; plain text for markdown)
 AXES: dict[str, tuple[str, str]] = {
@@ -39,12 +29,36 @@ AXES: dict[str, tuple[str, str]] = {
 }
 
 
+def method_type(key: Any):
+    """The class of the method named ``key`` (``methods.common.registry``); None if no method has
+    that name (mode=real, a run of a method since removed)."""
+    from methods.common.errors import ConfigError
+    from methods.common.registry import method_class
+
+    try:
+        return method_class(str(key))
+    except ConfigError:
+        return None
+
+
 def method_name(key: Any) -> str:
-    return METHODS.get(str(key), (str(key), ""))[0]
+    if str(key) == REAL:
+        return REAL_DISPLAY[0]
+    cls = method_type(key)
+    return cls.display_name if cls else str(key)
 
 
 def method_color(key: Any) -> str:
-    return METHODS.get(str(key), ("", "#444444"))[1]
+    if str(key) == REAL:
+        return REAL_DISPLAY[1]
+    cls = method_type(key)
+    return cls.color if cls else UNKNOWN_COLOR
+
+
+def gradient_free(key: Any) -> bool:
+    """No backpropagation through the model (ZOODiP Table 1's "Grad-free" column)."""
+    cls = method_type(key)
+    return bool(cls and cls.gradient_free)
 
 
 def axis_label(key: str, text: bool = False) -> str:
@@ -61,13 +75,8 @@ def value_label(key: str, value: Any) -> str:
 
 
 def quantization(row: dict[str, Any]) -> str:
-    """The weights' storage during training, from a record: NF4, INT8, INT4 or '' (full precision)."""
-    if row.get("method") == "qlora":
-        return "NF4"
-    quantize = row.get("method.quantize")
-    if isinstance(quantize, str) and quantize not in ("", "none"):
-        return quantize.upper()
-    bits = row.get("method.bits")
-    if bits is not None and bits == bits:  # PEQA, TuneQDM: integer weights
-        return f"INT{int(bits)}"
-    return ""
+    """The weights' storage during training, from a record: NF4, INT8, INT4 or '' (full
+    precision); the method's class reads its own config keys (``Method.quantization``)."""
+    from methods.common.base import Method
+
+    return (method_type(row.get("method")) or Method).quantization(row)

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmark import data
-from benchmark.atomic import atomic_path, write_text_atomic
 from benchmark.report import Report, number, row_name
+from methods.common.atomic import atomic_path, write_text_atomic
 
 THUMB_PX = 160
 SCORES = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmark.atomic import atomic_path
+from methods.common.atomic import atomic_path
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.display import AXES, GRADIENT_FREE, axis_label, quantization
+from benchmark.display import AXES, axis_label, gradient_free, quantization
 from benchmark.report import (
     CI_LEVEL,
     FEWER_SUBJECTS_MARK,
@@ -50,7 +50,7 @@ def row_cells(report: Report, entry: dict[str, Any], runs: pd.DataFrame) -> list
     if method_columns(report):
         first = runs[runs["method"] == entry["method"]].iloc[0].to_dict() if "method" in runs else {}
         cells.append(quantization(first) or "--")
-        cells.append(r"$\checkmark$" if entry["method"] in GRADIENT_FREE else "--")
+        cells.append(r"$\checkmark$" if gradient_free(entry["method"]) else "--")
     return cells + [ours(entry, m) for m in report.spec["metrics"]]
 
 

@@ -26,9 +26,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from benchmark.atomic import write_text_atomic
 from benchmark.memory_estimate import PHASES, Estimate, estimate
 from benchmark.profiling import CATEGORIES
+from methods.common.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 GB = 10**9  # as the papers and results/paper/ (nvidia-smi's MiB are not converted)
@@ -136,7 +136,7 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
     from benchmark.config import method_config, resolve_device, training_dtype
     from benchmark.profiling import TrainingMonitor
     from benchmark.train import Diverged, train
-    from methods.registry import method_class
+    from methods.common.registry import method_class
 
     device = resolve_device(cfg.device)
     method_cfg = method_config(cfg)
@@ -181,7 +181,7 @@ def report(cfg: DictConfig) -> bool:
     A method that cannot be predicted or measured is reported, and the sweep goes on: returns
     False then."""
     from benchmark.config import method_config
-    from methods.base import ConfigError
+    from methods.common.base import ConfigError
 
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r}; choose one of: {', '.join(FORMATS)}")

@@ -648,13 +648,15 @@ def _shapes_only(quantize, outputs):
     return shapes_only
 
 
-def _per_channel_outputs(weight, bits, symmetric):  # methods.quant.quantize_per_channel's
+def _per_channel_outputs(weight, bits, symmetric):  # methods.common.quant.quantize_per_channel's
     rows = (weight.shape[0],)
     zero_point = None if symmetric else (rows, torch.int16)
     return (tuple(weight.shape), torch.int16), (rows, torch.float32), zero_point
 
 
-def _affine_groups_outputs(weight, bits, group_size):  # methods.quant_groupwise.quantize_affine_groups'
+def _affine_groups_outputs(
+    weight, bits, group_size
+):  # methods.common.quant_groupwise.quantize_affine_groups'
     groups = (weight.numel() // group_size,)
     return ((groups[0], group_size), torch.uint8), (groups, torch.float32), (groups, torch.float32)
 
@@ -662,7 +664,7 @@ def _affine_groups_outputs(weight, bits, group_size):  # methods.quant_groupwise
 @contextlib.contextmanager
 def _fake_quantizers() -> Iterator[None]:
     """Our int8/int4 quantizers make the quantized weights of a fake weight directly."""
-    from methods import quant, quant_groupwise
+    from methods.common import quant, quant_groupwise
 
     patched = [
         (quant, "quantize_per_channel", _per_channel_outputs),
@@ -772,10 +774,10 @@ def estimate(
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
     from benchmark.pass_replay import PassReplay
-    from benchmark.sampling import training_batch
     from benchmark.train import step_generator
-    from methods.base import ConfigError
-    from methods.registry import method_class
+    from methods.common.base import ConfigError
+    from methods.common.registry import method_class
+    from methods.common.sampling import training_batch
 
     method_cfg = method_config(cfg)
     if candidates is not None and hasattr(method_cfg, "popsize"):

@@ -28,7 +28,6 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 GPU_GB = (8, 12, 16, 24, 40, 80)  # common cards: RTX 4060/3060 12 GB/4080/4090/A100 40 GB/H100
 CONTEXT_MARGIN_GIB = 1.0
 GIB = 2**30
-METHOD_ORDER = ("dreambooth", "qlora", "peqa", "tuneqdm", "ti", "gfti", "zoodip", "hollowed", "selective")
 MODEL_ORDER = ("sd15_arch", "sd21_arch", "sdxl_arch")
 MODEL_LABELS = {"sd15_arch": "SD1.5 (512 px)", "sd21_arch": "SD2.1 (768 px)", "sdxl_arch": "SDXL (1024 px)"}
 DEFAULT_CSV = Path("results/memory/predicted.csv")
@@ -41,13 +40,14 @@ def smallest_gpu(peak_bytes: float) -> int | None:
 
 
 def memory_grid(csv: Path) -> pd.DataFrame:
-    """Predicted peak bytes, one row per method (with its variant), one column per model."""
+    """Predicted peak bytes, one row per method (with its variant), one column per model; the
+    methods in the order the CSV first names them (the sweep's order), variants after their method."""
     table = pd.read_csv(csv, keep_default_na=False)
     variants = [v.replace("method.", "").replace("schedule=", "") for v in table["variant"]]
     table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], variants)]
     table["predicted_peak_bytes"] = pd.to_numeric(table["predicted_peak_bytes"], errors="coerce")
     grid = table.pivot_table(index="row", columns="model", values="predicted_peak_bytes", aggfunc="first")
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(dict.fromkeys(table["method"]))}
     rows = sorted(grid.index, key=lambda r: (rank.get(r.split(" ")[0], len(rank)), r))
     columns = [m for m in MODEL_ORDER if m in grid.columns] + [
         m for m in grid.columns if m not in MODEL_ORDER

@@ -148,6 +148,10 @@ class Components:
             module.to(self.device)
         return self
 
+    def pipeline(self):
+        """The family's stock diffusers pipeline over these modules (:func:`build_pipeline`)."""
+        return build_pipeline(self)
+
 
 class Networks(NamedTuple):
     text_encoder: CLIPTextModel

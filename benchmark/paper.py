@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmark.atomic import write_text_atomic
 from benchmark.latex import PREAMBLE
+from methods.common.atomic import write_text_atomic
 
 OUT_NAME = "pdf"  # <results>/pdf/paper.tex (results/paper/ holds the papers' numbers)
 

@@ -185,9 +185,11 @@ def istar_histogram(report, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, max(len(ratios), 1), figsize=(3.4 * max(len(ratios), 1), 2.8), squeeze=False)
     taus = sorted(set(pd.to_numeric(runs.get("method.tau", pd.Series(dtype=float))).dropna().astype(int)))
     nus = sorted(set(pd.to_numeric(runs.get("method.nu", pd.Series(dtype=float))).dropna()))
+    methods = runs["method"].dropna() if "method" in runs else []
+    color = method_color(methods.iloc[0]) if len(methods) else None
     for ax, (subject, values) in zip(axes[0], ratios.items()):
         if values:
-            ax.hist(values, bins=np.linspace(0, 1, 21), color=method_color("zoodip"), edgecolor="white")
+            ax.hist(values, bins=np.linspace(0, 1, 21), color=color, edgecolor="white")
         else:
             ax.text(
                 0.5, 0.5, "no SG recomputation recorded", ha="center", va="center", transform=ax.transAxes

@@ -40,7 +40,7 @@ BREAKDOWN_FIELDS = ("breakdown_peak_bytes", *(f"breakdown_{c}_bytes" for c in CA
 
 
 def weight_category(dtype: torch.dtype) -> str:
-    """Model weights by storage dtype: uint8 holds packed 4-bit codes (methods/quant.py,
+    """Model weights by storage dtype: uint8 holds packed 4-bit codes (methods/common/quant.py,
     bitsandbytes NF4), int8 8-bit codes; integer buffers (position ids) are "other"."""
     return {
         torch.float32: "weights_fp32", torch.float16: "weights_fp16", torch.bfloat16: "weights_bf16",

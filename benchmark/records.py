@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmark.atomic import write_json_atomic
+from methods.common.atomic import write_json_atomic
 
 RECORD_NAME = "record.json"
 

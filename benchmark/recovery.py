@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmark.atomic import atomic_path
-from methods.base import Method, require
-from methods.diffusion import encode_latents, noisy_latents, token_ids
-from methods.token_method import TokenMethod
+from methods.common.atomic import atomic_path
+from methods.common.base import LOW_RANK_TEACHER, SCALES_TEACHER, TOKEN_TEACHER, Method, require
+from methods.common.conditioning import token_ids
+from methods.common.diffusion import encode_latents, noisy_latents
 
-TEACHER_KINDS = ("token", "scales", "lora")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 SNAPSHOT_DIR = "snapshots"
 CONTRAST_CLASSES = ("same_class", "other_classes", "inverted")
@@ -125,7 +124,7 @@ class RecoveryConfig:
     def for_teacher(self, kind: str) -> RecoveryConfig:
         """The settings the ``kind`` teacher's fit uses: the token_* keys in place for the token
         teacher; the weight teachers' unchanged."""
-        if kind != "token":
+        if kind != TOKEN_TEACHER:
             return self
         return dataclasses.replace(
             self,
@@ -139,11 +138,8 @@ class RecoveryConfig:
 
 
 def teacher_kind(method: Method) -> str:
-    if isinstance(method, TokenMethod):
-        return "token"
-    if method.name in ("peqa", "tuneqdm"):
-        return "scales"
-    return "lora"
+    """The teacher the method can represent (``Method.teacher_kind``)."""
+    return method.teacher_kind
 
 
 def teacher_generator(seed: int) -> torch.Generator:
@@ -208,16 +204,23 @@ def lora_teacher(unet, seed: int, rank: int, scale: float) -> dict[str, torch.Te
 def draw_change(kind: str, initial_token, unet, seed: int, rc: RecoveryConfig) -> dict[str, torch.Tensor]:
     """The teacher as a change of the base, drawn from the seed: the token (token methods), the
     per-layer scale factors (PEQA, TuneQDM) or the weight deltas (LoRA-shaped)."""
-    if kind == "token":
+    if kind == TOKEN_TEACHER:
         return token_teacher(initial_token, seed, rc.token_scale)
-    if kind == "scales":
+    if kind == SCALES_TEACHER:
         return scale_factors(unet, seed, rc.scales_std)
     return lora_teacher(unet, seed, rc.lora_rank, rc.lora_scale)
 
 
 def teacher_artifact(kind: str, change, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The teacher as the method's artifact (what its ``apply`` or ``install`` puts in place)."""
-    return scales_teacher(initial, change) if kind == "scales" else change
+    return scales_teacher(initial, change) if kind == SCALES_TEACHER else change
+
+
+def is_projection_weight(key: str) -> bool:
+    """``key`` names an attention projection's weight (``<module>.to_q.weight``), as the
+    LoRA-shaped teacher's keys do; a method's artifact (LoRA factors, a whole U-Net) does not."""
+    module, _, leaf = key.rpartition(".")
+    return leaf == "weight" and module.endswith(ATTENTION_PROJECTIONS)
 
 
 def install(pipeline, method: Method, kind: str, artifact: dict[str, torch.Tensor] | None) -> None:
@@ -225,7 +228,7 @@ def install(pipeline, method: Method, kind: str, artifact: dict[str, torch.Tenso
     teacher) its weight changes added in place. None: the base model as it is."""
     if artifact is None:
         return
-    if kind == "lora" and all(k.endswith(".weight") and "lora" not in k for k in artifact):
+    if kind == LOW_RANK_TEACHER and all(is_projection_weight(k) for k in artifact):
         with torch.no_grad():
             for name, delta in artifact.items():
                 weight = pipeline.unet.get_parameter(name)

@@ -38,7 +38,8 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 
 from benchmark.recovery import save_tensors
-from methods.diffusion import latent_distribution, noisy_latents, randn
+from methods.common.base import LOW_RANK_TEACHER, SCALES_TEACHER
+from methods.common.diffusion import latent_distribution, noisy_latents, randn
 
 log = logging.getLogger(__name__)
 BASES_DIR = "recovery_bases"
@@ -48,9 +49,9 @@ TEACHER_TOKEN_KEY = "recovery.teacher_token"  # the jointly fitted teacher token
 def teacher_weights(params: dict[str, torch.Tensor], kind: str, teacher: dict[str, torch.Tensor]):
     """The U-Net weights the teacher overrides, as functions of ``params`` (gradients flow):
     LoRA-shaped: W + delta W; scales: each weight's rows times its factor; token: none."""
-    if kind == "lora":
+    if kind == LOW_RANK_TEACHER:
         return {name: params[name] + delta.to(params[name]) for name, delta in teacher.items()}
-    if kind == "scales":
+    if kind == SCALES_TEACHER:
         return {
             name: params[name] * factor.to(params[name]).view(-1, *[1] * (params[name].dim() - 1))
             for name, factor in teacher.items()
@@ -67,7 +68,7 @@ class JointTeacher:
         self.kind = kind
         self.factors: dict[str, list[torch.Tensor]] = {}
         for name, value in teacher.items():
-            if kind == "lora":
+            if kind == LOW_RANK_TEACHER:
                 u, s, vh = torch.linalg.svd(value.double(), full_matrices=False)
                 root = s[:rank].sqrt()
                 pieces = [u[:, :rank] * root, root[:, None] * vh[:rank]]
@@ -79,7 +80,7 @@ class JointTeacher:
         return [p for pieces in self.factors.values() for p in pieces]
 
     def current(self) -> dict[str, torch.Tensor]:
-        if self.kind == "lora":
+        if self.kind == LOW_RANK_TEACHER:
             return {name: u @ v for name, (u, v) in self.factors.items()}
         return {name: factor for name, (factor,) in self.factors.items()}
 

@@ -24,7 +24,7 @@ from benchmark.jobs import CONF_DIR
 from benchmark.recovery import heldout_loss, install
 from benchmark.recovery_run import base_pipeline, prepare, recovery_config
 from benchmark.report import bootstrap_ci
-from methods.registry import method_class
+from methods.common.registry import method_class
 
 
 def probe(method_name: str, seed: int, overrides: list[str]) -> tuple[float, float]:

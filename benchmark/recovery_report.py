@@ -12,39 +12,24 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
-from benchmark.atomic import write_text_atomic
-from benchmark.display import method_name
+from benchmark.display import method_name, method_type
 from benchmark.report import bootstrap_ci, report_dir, runs_frame
 from benchmark.sweep import plan_sweep, primary_config
+from methods.common.atomic import write_text_atomic
 
 ROW = "recovery.arm"
-# how a reader sees each arm (conf/experiment/recovery/<arm>.yaml)
-ARM_NAMES = {
-    "ti": "TI",
-    "gfti": "GF-TI (class-noun start)",
-    "zoodip": "ZOODiP",
-    "zoti_naive": "naive ZO-TI (no SG, uniform t)",
-    "zoodip_spsa": "ZOODiP, SPSA",
-    "zoodip_one_point": "ZOODiP, one-point",
-    "dreambooth": "DreamBooth",
-    "qlora": "QLoRA",
-    "peqa": "PEQA",
-    "tuneqdm": "TuneQDM",
-    "hollowed_f0": "Hollowed Net, fraction 0",
-    "hollowed_f05": "Hollowed Net, fraction 0.5",
-    "selective": "selective BP-low / ZO-high",
-    "selective_bp_only": "selective, BP-low only",
-}
 
 
-def arm_name(arm) -> str:
-    return ARM_NAMES.get(str(arm), str(arm))
+def arm_name(arm, arm_names: Mapping[str, str]) -> str:
+    """How a reader sees an arm: ``report.arms`` of conf/experiment/recovery.yaml, else its name."""
+    return arm_names.get(str(arm), str(arm))
 
 
 # (column, label, record field, digits)
@@ -78,28 +63,19 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-# The issue's paired questions (arm a vs arm b, same seeds: same teacher and base): a − b per seed
-PAIRS = (
-    ("selective", "selective_bp_only", "selective: with vs without ZO-high steps"),
-    ("hollowed_f0", "hollowed_f05", "Hollowed Net: fraction 0 vs 0.5"),
-    ("ti", "zoti_naive", "TI (backprop) vs naive ZO-TI, equal steps"),
-    ("zoodip", "zoti_naive", "ZOODiP vs naive ZO-TI (SG + PUTS)"),
-    ("zoodip", "zoodip_spsa", "ZOODiP: RGE vs SPSA"),
-    ("zoodip", "zoodip_one_point", "ZOODiP: RGE vs one-point"),
-    ("zoodip", "gfti", "ZOODiP vs GF-TI, each at its arm's budget"),
-)
 PAIR_FIELDS = (
     ("gap closed", "recovery_gap_closed"),
     ("‖ε − ε_teacher‖² / start's", "recovery_prediction_distance"),
 )
 
 
-def paired(runs: pd.DataFrame) -> list[str]:
-    """One Markdown line per pair present in ``runs``: mean a − b over the seeds where both ran
-    ok, [95 % bootstrap CI], n."""
+def paired(runs: pd.DataFrame, pairs: Sequence[Sequence[str]], arm_names: Mapping[str, str]) -> list[str]:
+    """One Markdown line per pair (arm a, arm b, question; ``report.pairs``) present in ``runs``:
+    mean a − b over the seeds where both ran ok (same seed: same teacher and base), [95 %
+    bootstrap CI], n."""
     ok = runs[runs["state"] == "ok"]
     lines = []
-    for a, b, question in PAIRS:
+    for a, b, question in pairs:
         sides = [ok[ok[ROW] == arm].set_index("seed") for arm in (a, b)]
         seeds = sorted(set(sides[0].index) & set(sides[1].index))
         if not seeds:
@@ -114,7 +90,7 @@ def paired(runs: pd.DataFrame) -> list[str]:
             low, high = bootstrap_ci([[d] for d in diff])
             ci = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
             cells.append(f"{np.mean(diff):+.3f}{ci}" if diff else "—")
-        difference = f"{arm_name(a)} − {arm_name(b)}"
+        difference = f"{arm_name(a, arm_names)} − {arm_name(b, arm_names)}"
         lines.append(f"| {question} | {difference} | {' | '.join(cells)} | {len(seeds)} |")
     if not lines:
         return []
@@ -132,12 +108,12 @@ def cell(row, column: str, digits: int) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown(table: pd.DataFrame, title: str) -> str:
+def markdown(table: pd.DataFrame, title: str, arm_names: Mapping[str, str]) -> str:
     header = ["arm", "method", "ok / runs", "seeds with gap > 0", *(label for _, label, _, _ in COLUMNS)]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [
-            arm_name(row["arm"]),
+            arm_name(row["arm"], arm_names),
             method_name(row["method"]) if isinstance(row["method"], str) else "—",  # — : no run yet
             f"{row['ok']} / {row['runs']}",
             str(row["positive_gap"]),
@@ -154,7 +130,7 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curves(runs: pd.DataFrame, path: Path) -> Path:
+def curves(runs: pd.DataFrame, path: Path, arm_names: Mapping[str, str]) -> Path:
     """Per arm, mean over its ok seeds (n in the legend): held-out loss change, gap closed,
     prediction distance, token distance; a panel no arm has (token distance without token
     arms) is left out."""
@@ -189,15 +165,16 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
             drawn.append((label, lines, log))
     # one colour and marker per arm in every panel: more than 10 arms would repeat tab10's colours
     arms = list(dict.fromkeys(arm for _, lines, _ in drawn for arm, *_ in lines))
-    # GF-TI's training step is a CMA-ES generation (popsize candidates)
-    x_label = "training step (GF-TI: generation)" if "gfti" in map(str, arms) else "training step"
+    x_label = step_label(ok.loc[ok[ROW].isin(arms), "method"].dropna() if "method" in ok else [])
     palette = plt.get_cmap("tab20" if len(arms) > 10 else "tab10").colors
     style = {arm: (palette[i % len(palette)], "osD^v<>PXh"[i % 10]) for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, max(len(drawn), 1), figsize=(4.5 * max(len(drawn), 1), 3.8), squeeze=False)
     for ax, (label, lines, log) in zip(axes[0], drawn):
         for arm, steps, mean, n in lines:
             color, marker = style[arm]
-            ax.plot(steps, mean, color=color, marker=marker, ms=3.5, label=f"{arm_name(arm)} (n = {n})")
+            ax.plot(
+                steps, mean, color=color, marker=marker, ms=3.5, label=f"{arm_name(arm, arm_names)} (n = {n})"
+            )
         ax.set_xlabel(x_label)
         ax.set_title(label, fontsize=10)
         spread = [m for _, _, mean, _ in lines for m in mean if np.isfinite(m)]
@@ -218,6 +195,17 @@ def curves(runs: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def step_label(methods) -> str:
+    """The step axis, naming what a step is for the methods whose step is no optimisation step
+    (``Method.step_unit``: GF-TI's is a CMA-ES generation)."""
+    units = []
+    for name in dict.fromkeys(map(str, methods)):
+        cls = method_type(name)
+        if cls is not None and cls.step_unit != "step":
+            units.append(f"{cls.display_name}: {cls.step_unit}")
+    return f"training step ({'; '.join(units)})" if units else "training step"
+
+
 def main(argv: Sequence[str]) -> int:
     cfg = primary_config(argv)
     results = Path(cfg.paths.results)
@@ -225,10 +213,16 @@ def main(argv: Sequence[str]) -> int:
     table = summarize(runs)
     out_dir = report_dir(results, "recovery", argv)  # a narrowed report never overwrites the full one
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(table, cfg.report.title) + "\n".join(paired(runs)) + "\n"
+    spec = OmegaConf.to_container(cfg.report, resolve=True)
+    arm_names, pairs = spec.get("arms") or {}, spec.get("pairs") or []
+    text = markdown(table, cfg.report.title, arm_names) + "\n".join(paired(runs, pairs, arm_names)) + "\n"
     write_text_atomic(out_dir / "table.md", text)
     write_text_atomic(out_dir / "table.csv", table.to_csv(index=False))
-    for path in (out_dir / "table.md", out_dir / "table.csv", curves(runs, out_dir / "curves.png")):
+    for path in (
+        out_dir / "table.md",
+        out_dir / "table.csv",
+        curves(runs, out_dir / "curves.png", arm_names),
+    ):
         print(path)
     return 0
 

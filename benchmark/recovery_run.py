@@ -21,7 +21,6 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 from benchmark import data, models
-from benchmark.atomic import write_json_atomic
 from benchmark.config import config_error, training_dtype
 from benchmark.recovery import (
     RecoveryConfig,
@@ -51,9 +50,11 @@ from benchmark.recovery_fit import (
     fitted_base,
 )
 from benchmark.train import CHECKPOINT_NAME, train
-from methods.diffusion import token_ids
-from methods.registry import method_class
-from methods.token_method import load_token
+from methods.common.atomic import write_json_atomic
+from methods.common.base import SCALES_TEACHER, TOKEN_TEACHER
+from methods.common.conditioning import token_ids
+from methods.common.registry import method_class
+from methods.common.token_method import load_token
 
 log = logging.getLogger(__name__)
 TEACHER_NAME = "teacher.safetensors"
@@ -110,7 +111,7 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     kind = teacher_kind(method)
     rc = rc.for_teacher(kind)
     prompt = rc.prompt.format(method.subject_phrase(subject))
-    initial_token = start_state(cfg, cls, method_cfg, subject, torch.float32) if kind == "token" else {}
+    initial_token = start_state(cfg, cls, method_cfg, subject, torch.float32) if kind == TOKEN_TEACHER else {}
     change = draw_change(kind, initial_token, models.load_components(cfg.model).unet, cfg.seed, rc)
     base_key, fit_losses, base = None, None, None
     if rc.fit_steps:
@@ -122,7 +123,7 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     if base is not None:
         components.unet.load_state_dict(base)
     method.setup(components, subject)
-    teacher = teacher_artifact(kind, change, method.state_dict() if kind == "scales" else {})
+    teacher = teacher_artifact(kind, change, method.state_dict() if kind == SCALES_TEACHER else {})
     images = stored_images(run_dir)
     if images is None:
         if rc.fit_steps:  # the subject's real images; held out: fresh (noise, t) draws on them
@@ -166,7 +167,7 @@ def prompt_states(cfg, method_cfg, kind, token, prompt, device) -> torch.Tensor:
     """P's text states in a stock pipeline, with ``token`` put in unquantized (as TI's apply; the
     same for every token method, so that they share one fitted base)."""
     pipeline = models.load_pipeline(cfg.model, device=device)
-    if kind == "token":
+    if kind == TOKEN_TEACHER:
         load_token(pipeline, token, method_cfg.placeholder_token)
     with torch.no_grad():
         return pipeline.text_encoder(token_ids(pipeline.tokenizer, [prompt], device))[0]
@@ -177,7 +178,7 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
     with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery_fit.py."""
     resolution = method_cfg.resolution
     subject_images = data.load_images(image_paths, resolution)
-    contrast = rc.token_class_images if kind == "token" else "same_class"
+    contrast = rc.token_class_images if kind == TOKEN_TEACHER else "same_class"
     if contrast == "inverted":  # C = S in negative: the start token comes to mean "the negative photo"
         class_images = -subject_images
     else:
@@ -185,29 +186,29 @@ def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial
             image_paths, subject, rc.class_images
         )
         class_images = data.load_images(class_paths, resolution)
-    if kind == "token":  # P's states with the teacher's token, and with the token at its start
+    if kind == TOKEN_TEACHER:  # P's states with the teacher's token, and with the token at its start
         states = [prompt_states(cfg, method_cfg, kind, t, prompt, device) for t in (change, initial_token)]
     else:
         states = [prompt_states(cfg, method_cfg, kind, None, prompt, device)] * 2
-    weight_joint = rc.fit_teacher and kind != "token"
+    weight_joint = rc.fit_teacher and kind != TOKEN_TEACHER
     fit_settings = (rc.fit_steps, rc.fit_lr, rc.fit_batch, cfg.seed, kind)
     if weight_joint:  # (a base fitted with a fixed teacher keeps its old key)
         fit_settings += ("joint", rc.lora_rank, rc.teacher_steps)
-    if kind == "token" and (rc.token_attention_gain != 1 or rc.token_joint_fit):
+    if kind == TOKEN_TEACHER and (rc.token_attention_gain != 1 or rc.token_joint_fit):
         fit_settings += (rc.token_attention_gain, rc.token_joint_fit)
-    if kind == "token" and rc.token_joint_fit and rc.teacher_steps:
+    if kind == TOKEN_TEACHER and rc.token_joint_fit and rc.teacher_steps:
         fit_settings += ("teacher_steps", rc.teacher_steps)
     key = fit_key([OmegaConf.to_container(cfg.model, resolve=True), fit_settings, change, *states,
                    subject_images, class_images])  # fmt: skip
     path = bases_dir(cfg.paths.results) / f"{key}.safetensors"
     teacher_path = path.with_suffix(".teacher.safetensors")  # the jointly fitted weight teacher
-    losses, joint = [], kind == "token" and rc.token_joint_fit
+    losses, joint = [], kind == TOKEN_TEACHER and rc.token_joint_fit
 
     def fit():
         components = models.load_components(cfg.model, device=device)
-        if kind == "token":
+        if kind == TOKEN_TEACHER:
             amplify_cross_attention(components.unet, rc.token_attention_gain)
-        weight_change = {} if kind == "token" else change
+        weight_change = {} if kind == TOKEN_TEACHER else change
         if weight_joint:
             weight_change = JointTeacher(kind, change, rc.lora_rank, device)
         token_states = joint_token_states(cfg, method_cfg, change, prompt, device) if joint else None
@@ -344,7 +345,7 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
                 prediction_distance(pred, pred_teacher) / distance_initial if distance_initial > 0 else None
             ),
         }  # fmt: skip
-        if kind == "token":
+        if kind == TOKEN_TEACHER:
             point.update(token_scores(artifact, initial, teacher))
         points.append(point)
         log.info("recovery step %d: %s", step, point)

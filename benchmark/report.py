@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.atomic import write_text_atomic
 from benchmark.config import NOT_IN_RUN_KEY
 from benchmark.records import CorruptRecord, load_records
 from benchmark.sweep import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
+from methods.common.atomic import write_text_atomic
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 CI_LEVEL = 0.95
@@ -403,6 +403,12 @@ def latex_escape(text: Any) -> str:
     return "".join(LATEX_SPECIALS.get(ch, ch) for ch in str(text))
 
 
+def papers_setting() -> dict[str, str]:
+    """The model and evaluation protocol of the papers' tables: conf/config.yaml's defaults."""
+    defaults = primary_config([])
+    return {"model": defaults.model.name, "eval": defaults.eval.name}
+
+
 def provenance(report: Report) -> list[str]:
     runs, spec = report.runs, report.spec
     states = Counter(runs["state"])
@@ -415,8 +421,12 @@ def provenance(report: Report) -> list[str]:
     evals = sorted(runs["eval"].dropna().unique()) if "eval" in runs else []
     if models:
         lines.append(f"Model: {', '.join(models)}; evaluation protocol: {', '.join(evals)}.")
-    if spec.get("paper") and (set(models) - {"sd15"} or set(evals) - {"zoodip"}):
-        lines.append("Not the papers' setting (SD1.5, eval=zoodip): the paper column is for reference only.")
+    papers = papers_setting()
+    if spec.get("paper") and (set(models) - {papers["model"]} or set(evals) - {papers["eval"]}):
+        lines.append(
+            f"Not the papers' setting (model={papers['model']}, eval={papers['eval']}): "
+            "the paper column is for reference only."
+        )
     if "memory_gb" in spec["metrics"]:
         sources = Counter(memory_source(runs[runs["state"] == "ok"]).dropna())
         used = ", ".join(f"{name} ({n} runs)" for name, n in sources.items()) or "none recorded"

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from benchmark import data, models
-from benchmark.atomic import DiskFull, exclusive_lock, is_out_of_space, write_json_atomic, write_text_atomic
 from benchmark.config import (
     LOCK_NAME,
     flat,
@@ -35,8 +34,15 @@ from benchmark.profiling import TrainingMonitor
 from benchmark.records import RECORD_NAME, CorruptRecord, new_record, read_record, write_record
 from benchmark.schema import ValidRun, validate
 from benchmark.train import CHECKPOINT_NAME, Diverged, train
-from methods.base import ConfigError
-from methods.registry import method_class
+from methods.common.atomic import (
+    DiskFull,
+    exclusive_lock,
+    is_out_of_space,
+    write_json_atomic,
+    write_text_atomic,
+)
+from methods.common.base import ConfigError
+from methods.common.registry import method_class
 
 log = logging.getLogger(__name__)
 # Problems the user must fix (bad config, missing weights or data): raised, never recorded.

@@ -26,8 +26,8 @@ from benchmark import data, models
 from benchmark.config import config_error, resolve_device, typed_method, typed_object
 from benchmark.families import FAMILIES
 from benchmark.metrics import MetricModelsUnavailable
-from methods.base import ConfigError, MethodConfig, require
-from methods.errors import ConfigErrors, every_problem, problem_messages
+from methods.common.base import ConfigError, MethodConfig, require
+from methods.common.errors import ConfigErrors, every_problem, problem_messages
 
 MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
 MODEL_KINDS = ("hub", "tiny", "arch")

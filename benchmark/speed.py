@@ -1,11 +1,12 @@
-"""`python -m benchmark.speed [--device cpu] [--resolution 256] [--steps 3]`: training it/s of
-ZOODiP with sequential and with batched forward passes, and of TI, in one process on one
-device, with model=sd15_arch (random weights: speed needs none). ZOODiP's model is loaded once
-and its sequential and batched steps alternate (the same machine load for both); TI follows.
-After setup, precompute (cached latents) and one warm-up step each, ``--steps`` steps of each
-are timed, the method's own step only, on 5 random images. Prints one line per variant, then
-the ratios; the last line is ``zoodip batched/sequential it/s ratio: R``. `nox -s speed` runs
-it on the CPU and, when one is present, on CUDA. ``--zoodip-precision fp32``: on a CPU without
+"""`python -m benchmark.speed --method M --baseline B [--device cpu] [--resolution 256] [--steps 3]`:
+training it/s of method M (one with ``batched_passes``, e.g. ZOODiP) with sequential and with
+batched forward passes, and of method B, in one process on one device, with model=sd15_arch
+(random weights: speed needs none). M's model is loaded once and its sequential and batched
+steps alternate (the same machine load for both); B follows. After setup, precompute (cached
+latents) and one warm-up step each, ``--steps`` steps of each are timed, the method's own step
+only, on 5 random images. Prints one line per variant, then the ratios; the last line is
+``M batched/sequential it/s ratio: R``. `nox -s speed` runs it for ZOODiP against TI on the CPU
+and, when one is present, on CUDA. ``--precision fp32`` (M's compute dtype): on a CPU without
 fp16 kernels (no AVX512-FP16 or AMX) an fp16 ZOODiP step at 256 px costs tens of CPU-minutes.
 """
 
@@ -21,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.train import step_generator
-from methods.registry import method_class
+from methods.common.registry import method_class
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -53,43 +54,49 @@ def prepared(overrides: list[str], device: torch.device, steps: int, num_images:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", required=True, help="the method timed with sequential and batched passes")
+    parser.add_argument(
+        "--baseline", required=True, help="the method it is compared with (its config's dtype)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
-        "--zoodip-precision",
+        "--precision",
         choices=("fp16", "fp32"),
-        default="fp16",
-        help="ZOODiP's compute dtype: fp16 (the paper's); fp32 on a CPU without fp16 kernels "
+        help="the method's compute dtype (default: its config's); fp32 on a CPU without fp16 kernels "
         "(no AVX512-FP16 or AMX), where fp16 runs tens of times slower than fp32",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     fixed = ["model=sd15_arch", f"model.resolution={args.resolution}"]
     where = f"{device.type} · sd15_arch · {args.resolution} px"
-    zoodip_where = f"{where} · {args.zoodip_precision}"
-    # ZOODiP: one model, sequential and batched steps alternating, so that both see the same
+    # the method: one model, sequential and batched steps alternating, so that both see the same
     # machine load; one warm-up step of each first
-    zoodip_overrides = ["method=zoodip", f"method.precision={args.zoodip_precision}"]
-    zoodip, step = prepared(fixed + zoodip_overrides, device, 2 * args.steps + 1)
+    overrides = [f"method={args.method}", *([f"method.precision={args.precision}"] if args.precision else [])]
+    method, step = prepared(fixed + overrides, device, 2 * args.steps + 1)
+    name, method_where = args.method, f"{where} · {getattr(method.cfg, 'precision', 'fp32')}"
     seconds = {False: 0.0, True: 0.0}
     for s in range(2 * args.steps + 2):
-        zoodip.cfg.batched_passes = bool(s % 2)
+        method.cfg.batched_passes = bool(s % 2)
         elapsed = step(s)
-        seconds[zoodip.cfg.batched_passes] += elapsed if s >= 2 else 0.0
-    del zoodip, step
-    speeds = {"zoodip sequential": args.steps / seconds[False], "zoodip batched": args.steps / seconds[True]}
-    for name in speeds:
-        print(f"{zoodip_where} · {name}: {speeds[name]:.3f} it/s", flush=True)
-    _, step = prepared(fixed + ["method=ti"], device, args.steps)
+        seconds[method.cfg.batched_passes] += elapsed if s >= 2 else 0.0
+    del method, step
+    sequential, batched = f"{name} sequential", f"{name} batched"
+    speeds = {sequential: args.steps / seconds[False], batched: args.steps / seconds[True]}
+    for label in speeds:
+        print(f"{method_where} · {label}: {speeds[label]:.3f} it/s", flush=True)
+    baseline, step = prepared(fixed + [f"method={args.baseline}"], device, args.steps)
     step(0)  # warm-up
-    speeds["ti"] = args.steps / sum(step(s) for s in range(1, args.steps + 1))
-    print(f"{where} · fp32 · ti: {speeds['ti']:.3f} it/s", flush=True)
-    print(f"zoodip sequential/ti it/s ratio: {speeds['zoodip sequential'] / speeds['ti']:.2f}")
-    print(f"zoodip batched/ti it/s ratio: {speeds['zoodip batched'] / speeds['ti']:.2f}")
+    speeds[args.baseline] = args.steps / sum(step(s) for s in range(1, args.steps + 1))
+    baseline_precision = getattr(baseline.cfg, "precision", "fp32")
     print(
-        f"zoodip batched/sequential it/s ratio: {speeds['zoodip batched'] / speeds['zoodip sequential']:.2f}"
+        f"{where} · {baseline_precision} · {args.baseline}: {speeds[args.baseline]:.3f} it/s",
+        flush=True,
     )
+    print(f"{sequential}/{args.baseline} it/s ratio: {speeds[sequential] / speeds[args.baseline]:.2f}")
+    print(f"{batched}/{args.baseline} it/s ratio: {speeds[batched] / speeds[args.baseline]:.2f}")
+    print(f"{name} batched/sequential it/s ratio: {speeds[batched] / speeds[sequential]:.2f}")
 
 
 if __name__ == "__main__":

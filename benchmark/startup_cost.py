@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("kinds", nargs="*", help="the first word of each kind to measure (default: all)")
     args = parser.parse_args(argv)
-    dataset = os.environ.get("DREAMBOOTH_DATASET", str(REPO.parent / "shared" / "dreambooth" / "dataset"))
+    dataset = os.environ.get("DREAMBOOTH_DATASET", str(REPO.parent / "shared/dreambooth/dataset"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     print(f"{'process':38s} {'CPU s':>6s} {'imports s':>9s}  optional backends imported")
     for kind, (module, *overrides) in KINDS.items():

@@ -40,7 +40,6 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.atomic import exclusive_lock
 from benchmark.config import LOCK_NAME, flat, run_dir_for
 from benchmark.jobs import (
     COMPOSE_ERRORS,
@@ -50,6 +49,7 @@ from benchmark.jobs import (
     hydra_message,
 )
 from benchmark.records import RECORD_NAME, CorruptRecord, read_record
+from methods.common.atomic import exclusive_lock
 
 log = logging.getLogger(__name__)
 NAMED = ("method", "model", "eval")  # config groups whose record field is the chosen name

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from benchmark.atomic import write_text_atomic
+from methods.common.atomic import write_text_atomic
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408

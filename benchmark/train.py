@@ -2,7 +2,7 @@
 
 Randomness: step s draws everything (noise, timesteps, ZO directions) from a CPU generator
 seeded with (seed, s); which images it sees and their flips come from (seed, s) and (seed,
-epoch) too (``benchmark.sampling``, ``method.data``). A resumed run therefore needs only the
+epoch) too (``methods.common.sampling``, ``method.data``). A resumed run therefore needs only the
 method's state and the step number to continue bit-identically.
 
 Faults: checkpoints are written atomically every ``checkpoint_every`` steps, so a kill costs at
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmark.atomic import atomic_path
-from benchmark.sampling import training_batch
+from methods.common.atomic import atomic_path
+from methods.common.sampling import step_generator, training_batch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -57,10 +57,6 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     resumed_from: int
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def save_checkpoint(path: Path, step: int, method, seconds: float, loss: float | None = None) -> None:

@@ -21,7 +21,7 @@ candidate is scored is ``protocol``:
 
 The initial token e0 is ``init``: ``cross_attention`` (feizc's initialize_inversion.py, the
 default: a unit-norm vector from CLIP image features of the training images attending over
-ImageNet class names, ``methods.gfti_init``; the CLIP named by ``init_clip``) or
+ImageNet class names, ``methods.common.gfti_init``; the CLIP named by ``init_clip``) or
 ``initializer`` (the embedding of ``method.initializer``, the class noun by default).
 
 CMA-ES draws its normal samples from the step's generator (the ``randn`` option), so a run
@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from torch._guards import detect_fake_mode
 
-from methods.base import require
-from methods.conditioning import encode_prompts, prompt_ids
-from methods.diffusion import denoising_loss, noisy_latents, randn
-from methods.gfti_init import class_keys, cross_attention_token
-from methods.latent_cache import release_weights
-from methods.prompts import sample_prompts
-from methods.quantized_model import check_quantize, quantize_networks
-from methods.token_method import TokenConfig, TokenMethod
+from methods.common.base import require
+from methods.common.conditioning import encode_prompts, prompt_ids
+from methods.common.diffusion import denoising_loss, noisy_latents, randn
+from methods.common.gfti_init import class_keys, cross_attention_token
+from methods.common.latent_cache import release_weights
+from methods.common.prompts import sample_prompts
+from methods.common.quantized_model import check_quantize, quantize_networks
+from methods.common.token_method import TokenConfig, TokenMethod
 
 PROTOCOLS = ("official", "ours")
 INITS = ("cross_attention", "initializer")
@@ -108,6 +108,10 @@ class StepNormal:
 
 class GradientFreeTI(TokenMethod):
     name = "gfti"
+    display_name = "GF-TI"
+    color = "#D55E00"
+    gradient_free = True
+    step_unit = "generation"  # one CMA-ES generation (popsize candidates)
     Config = GFTIConfig
 
     def setup(self, components, subject) -> None:
@@ -140,7 +144,7 @@ class GradientFreeTI(TokenMethod):
     def precompute(self, images, seed, steps) -> None:
         """official: the VAE posterior (mean, std) of every image and of its mirror image, once;
         each sample then draws its latent from it (the same draw as encoding it again).
-        init=cross_attention: e0 from the images (methods.gfti_init), then the CLIP is freed."""
+        init=cross_attention: e0 from the images (methods.common.gfti_init), then the CLIP is freed."""
         if self.init_keys is not None:
             rows = [cross_attention_token(keys, images) for keys in self.init_keys]
             self.initial_token = torch.cat(rows).double().to(self.basis.device)
@@ -148,7 +152,7 @@ class GradientFreeTI(TokenMethod):
             with torch.no_grad():
                 self._write_token(self.token_from(self.saved_x()))
         if self.cfg.protocol != "official":
-            return super().precompute(images, seed, steps)  # cache_latents (methods/latent_cache.py)
+            return super().precompute(images, seed, steps)  # cache_latents (methods/common/latent_cache.py)
         vae = self.c.vae
         self.num_images = len(images)
         with torch.no_grad():

@@ -4,9 +4,9 @@ The paper has no public code; this is our reading of it (../shared/papers/METHOD
 
 - Stage 1 (``precompute``, before step 0, counted as model load by the harness): for every
   step the loop will run, draw that step's sample exactly as the loop and the plain LoRA step
-  would (the loop's image pick and flip, ``benchmark.sampling``, then the VAE
+  would (the loop's image pick and flip, ``methods.common.sampling``, then the VAE
   posterior sample, t and the noise from the same generator), run the original U-Net up to
-  the cut and store what crosses it (``methods.hollow_unet``) with the noisy latents, t and the
+  the cut and store what crosses it (``methods.common.hollow_unet``) with the noisy latents, t and the
   target: safetensors files (``cache=disk``: a fresh folder under ``cache_dir``, or the
   system's temp dir, deleted with the method) or CPU tensors (``cache=host``).
 - Stage 2 (``step``): the removed layers are gone (their modules replaced by weightless
@@ -33,12 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch._guards import detect_fake_mode
 
-from benchmark.sampling import batch_pixels, draw_images
-from benchmark.train import step_generator
-from methods.base import require
-from methods.conditioning import encode_text
-from methods.diffusion import encode_latents, noisy_latents
-from methods.hollow_unet import (
+from methods.common.base import require
+from methods.common.conditioning import encode_text
+from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.hollow_unet import (
     HollowPlan,
     UNetLayers,
     boundary_activations,
@@ -47,11 +45,12 @@ from methods.hollow_unet import (
     remove_layers,
     unet_layers,
 )
-from methods.latent_cache import release_weights
+from methods.common.latent_cache import release_weights
+from methods.common.lora_io import ATTENTION_PROJECTIONS, add_unet_lora
+from methods.common.sampling import batch_pixels, draw_images, step_generator
+from methods.common.timesteps import sample_timesteps
+from methods.common.unet_finetune import UNetFinetune
 from methods.lora import LoRA, LoRAConfig
-from methods.lora_io import ATTENTION_PROJECTIONS, add_unet_lora
-from methods.timesteps import sample_timesteps
-from methods.unet_finetune import UNetFinetune
 
 CACHE_KINDS = ("disk", "host")
 LORA_SCOPES = ("exact", "all")
@@ -130,6 +129,8 @@ def downstream_lora_targets(layers: UNetLayers, plan: HollowPlan) -> str:
 
 class HollowedNet(LoRA):
     name = "hollowed"
+    display_name = "Hollowed Net"
+    color = "#F0E442"
     Config = HollowedConfig
 
     def setup(self, components, subject) -> None:
@@ -149,7 +150,7 @@ class HollowedNet(LoRA):
         num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
         for step in range(steps):
             g = step_generator(seed, step)
-            draw = draw_images(cfg.data, seed, step, len(images), cfg.batch_size, g)  # benchmark.train's own
+            draw = draw_images(cfg.data, seed, step, len(images), cfg.batch_size, g)  # the loop's own
             latents = encode_latents(c.vae, batch_pixels(images, draw).to(c.device), g)
             t = sample_timesteps(cfg.timesteps, cfg.batch_size, g, num_train_timesteps, cfg.T_L, cfg.T_U)
             z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
@@ -189,7 +190,7 @@ class HollowedNet(LoRA):
             raise RuntimeError(
                 f"stage-1 entry {step} was drawn for images {drawn['image_index'].tolist()} "
                 f"(flipped {drawn['flipped'].tolist()}) but the loop drew {batch['image_index'].tolist()} "
-                f"(flipped {batch['flipped'].tolist()}): precompute no longer replays benchmark.train's draws"
+                f"(flipped {batch['flipped'].tolist()}): precompute no longer replays the loop's draws"
             )
         text = self.text.expand(entry["z_t"].shape[0])
         pred = hollowed_forward(c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry)

@@ -2,7 +2,7 @@
 
 The baseline of the Hollowed Net paper (LoRA r=128 and r=1; ranks 4 and 16 in its appendix):
 ``method=lora method.rank=128``. peft LoRA on the attention projections (to_q, to_k, to_v,
-to_out.0), the DreamBooth training step of ``methods.unet_finetune`` (instance prompt "a photo
+to_out.0), the DreamBooth training step of ``methods.common.unet_finetune`` (instance prompt "a photo
 of sks dog", AdamW, gradient clipping). The stored file is a diffusers LoRA file; ``apply``
 loads it into a stock pipeline and fuses it into the weights (no inference overhead).
 Hollowed Net and selective BP-low / ZO-high build on this class.
@@ -14,9 +14,9 @@ import dataclasses
 
 import torch
 
-from methods.base import require
-from methods.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
-from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
+from methods.common.base import require
+from methods.common.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
+from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 
 @dataclasses.dataclass
@@ -36,6 +36,8 @@ class LoRAConfig(UNetFinetuneConfig):
 
 class LoRA(UNetFinetune):
     name = "lora"
+    display_name = "LoRA"
+    color = "#999999"
     Config = LoRAConfig
     artifact_filename = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights uses
 

@@ -11,9 +11,9 @@ import dataclasses
 
 import torch
 
-from methods.base import require
-from methods.quant import quantize_model, quantized_layers
-from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
+from methods.common.base import SCALES_TEACHER, require
+from methods.common.quant import quantize_model, quantized_layers
+from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 
 @dataclasses.dataclass
@@ -45,6 +45,9 @@ def check_artifact_keys(artifact, expected: set[str], method: str) -> None:
 
 class PEQA(UNetFinetune):
     name = "peqa"
+    display_name = "PEQA"
+    color = "#009E73"
+    teacher_kind = SCALES_TEACHER
     Config = ScaleTuningConfig
     artifact_filename = "scales.safetensors"
 

@@ -20,9 +20,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from methods.base import require
-from methods.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
-from methods.unet_finetune import UNetFinetune, UNetFinetuneConfig
+from methods.common.base import require
+from methods.common.lora_io import add_unet_lora, load_unet_lora, unet_lora_state_dict
+from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EVAL_BASES = ("full", "nf4")
@@ -106,8 +106,16 @@ def quantize_linear_4bit(
 
 class QLoRA(UNetFinetune):
     name = "qlora"
+    display_name = "QLoRA"
+    color = "#E69F00"
     Config = QLoRAConfig
     artifact_filename = "pytorch_lora_weights.safetensors"
+
+    @classmethod
+    def quantization(cls, config) -> str:
+        """The 4-bit data type the base weights are stored in (``method.quant_type``)."""
+        quant_type = config.get("method.quant_type")
+        return quant_type.upper() if isinstance(quant_type, str) else "NF4"
 
     def quantize(self, unet, device) -> int:
         cfg = self.cfg

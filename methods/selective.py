@@ -7,9 +7,9 @@ Each step draws one timestep t (shared by the batch), then picks its kind with p
 - BP-low: the images resized to ``low_resolution``, one backprop step of the LoRA (the plain
   LoRA step: AdamW, gradient clipping);
 - ZO-high: the images at ``high_resolution``, a zeroth-order estimate of the LoRA gradient
-  (``methods.zo``: RGE by default, same latent, noise and t for all forward passes) under
+  (``methods.common.zo``: RGE by default, same latent, noise and t for all forward passes) under
   no_grad, and an update by ``zo_optimizer``: ``adam`` (default) is ZOODiP's recipe, the
-  estimate normalized by sqrt((d + n - 1) / n) and ZO-Adam (``methods.zo_adam``, moments of its
+  estimate normalized by sqrt((d + n - 1) / n) and ZO-Adam (``methods.common.zo_adam``, moments of its
   own, separate from BP-low's AdamW); ``sgd`` is MeZO's p -= zo_lr * g. With MeZO's unnormalized
   ZO-SGD at zo_lr 1e-5 (the default before issue 12) a ZO-high step moved the LoRA ~250x less
   than a BP-low step and lowered the loss ~5000x less: the method reduced to "BP-low on some
@@ -34,12 +34,12 @@ import random
 import torch
 import torch.nn.functional as F
 
-from methods.base import require
-from methods.conditioning import encode_text, unet_prediction
-from methods.diffusion import encode_latents, noisy_latents
+from methods.common.base import require
+from methods.common.conditioning import encode_text, unet_prediction
+from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.zo import check_estimator, estimate_gradient, forward_passes
+from methods.common.zo_adam import ZOAdam
 from methods.lora import LoRA, LoRAConfig
-from methods.zo import check_estimator, estimate_gradient, forward_passes
-from methods.zo_adam import ZOAdam
 
 
 def timestep_progress(t_frac: float, progress: float, cfg) -> float:
@@ -117,6 +117,8 @@ def resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 class Selective(LoRA):
     name = "selective"
+    display_name = "Selective BP/ZO"
+    color = "#882255"
     Config = SelectiveConfig
 
     def setup(self, components, subject) -> None:

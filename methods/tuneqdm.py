@@ -21,10 +21,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from methods.base import require
+from methods.common.base import SCALES_TEACHER, require
+from methods.common.quant import QuantizedLayer
+from methods.common.unet_finetune import UNetFinetune
 from methods.peqa import ScaleTuningConfig, check_artifact_keys, quantize_unet
-from methods.quant import QuantizedLayer
-from methods.unet_finetune import UNetFinetune
 
 
 @dataclasses.dataclass
@@ -132,6 +132,9 @@ def scale_tensors(layers: dict[str, TimestepScaledLayer]) -> dict[str, nn.Parame
 
 class TuneQDM(UNetFinetune):
     name = "tuneqdm"
+    display_name = "TuneQDM"
+    color = "#CC79A7"
+    teacher_kind = SCALES_TEACHER
     Config = TuneQDMConfig
     artifact_filename = "scales.safetensors"
 

@@ -2,9 +2,9 @@
 on a weight-quantized Stable Diffusion, with no backpropagation.
 
 One step: encode the image, draw one timestep (PUTS by default), one noise and one prompt;
-estimate the token's gradient from n + 1 forward passes that share them (RGE, ``methods.zo``);
-project it off the history's low-variance directions (Subspace Gradient, ``methods.subspace``);
-update the token with ZO-Adam (``methods.zo_adam``); record the new token in the history.
+estimate the token's gradient from n + 1 forward passes that share them (RGE, ``methods.common.zo``);
+project it off the history's low-variance directions (Subspace Gradient, ``methods.common.subspace``);
+update the token with ZO-Adam (``methods.common.zo_adam``); record the new token in the history.
 
 The token is a separate fp32 vector (the official code updates the fp16 embedding row in
 place); before every forward pass it is written, in the model's dtype, into its embedding row.
@@ -21,14 +21,14 @@ import dataclasses
 
 import torch
 
-from methods.base import require
-from methods.conditioning import encode_prompts
-from methods.diffusion import denoising_loss, denoising_losses
-from methods.quantized_model import check_quantize, quantize_networks, quantized_fraction
-from methods.subspace import SubspaceGradient
-from methods.token_method import TokenConfig, TokenMethod, TokenRows, compact_vocabulary
-from methods.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
-from methods.zo_adam import STATE_DTYPES, ZOAdam
+from methods.common.base import require
+from methods.common.conditioning import encode_prompts
+from methods.common.diffusion import denoising_loss, denoising_losses
+from methods.common.quantized_model import check_quantize, quantize_networks, quantized_fraction
+from methods.common.subspace import SubspaceGradient
+from methods.common.token_method import TokenConfig, TokenMethod, TokenRows, compact_vocabulary
+from methods.common.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
+from methods.common.zo_adam import STATE_DTYPES, ZOAdam
 
 
 @dataclasses.dataclass
@@ -72,6 +72,9 @@ class ZOODiPConfig(TokenConfig):
 
 class ZOODiP(TokenMethod):
     name = "zoodip"
+    display_name = "ZOODiP"
+    color = "#000000"
+    gradient_free = True
     Config = ZOODiPConfig
 
     def setup(self, components, subject) -> None:

@@ -39,7 +39,7 @@ def _few_imagenet_classes(monkeypatch):
     """GF-TI's default init attends over 1,000 ImageNet class names x 80 templates (~17 s of CPU
     on the tiny model): tests take the first 8 names, all 80 templates. test_gfti checks the full
     lists against feizc's and the computation against a transcription of his code."""
-    from methods import gfti_init
+    from methods.common import gfti_init
 
     full = gfti_init.imagenet_classes
 

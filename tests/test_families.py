@@ -16,8 +16,8 @@ from benchmark.generate import eval_prompts
 from benchmark.memory_estimate import allocator_bytes, estimate
 from benchmark.tokenizer import clip_tokenizer
 from benchmark.train import step_generator
-from methods.conditioning import encode_text, unet_prediction
-from methods.registry import METHODS, method_class
+from methods.common.conditioning import encode_text, unet_prediction
+from methods.common.registry import method_class, method_names
 from tests.conftest import compose
 
 TINY_FAMILIES = ("tiny_sd21", "tiny_sdxl")
@@ -38,7 +38,7 @@ def image(pipeline, prompt: str) -> torch.Tensor:
     ],
 )
 def test_each_family_sets_its_native_resolution_and_target(tiny_cfg, model, resolution, pipeline, prediction):
-    for name in sorted(METHODS):
+    for name in method_names():
         cfg = compose([f"model={model}", f"method={name}"])
         assert method_config(cfg).resolution == resolution, name
     selective = method_config(compose([f"model={model}", "method=selective"]))
@@ -145,7 +145,7 @@ FEWER_PASSES = {"gfti": ("method.popsize=2", "method.repeats=1")}
 
 
 @pytest.mark.parametrize("model", TINY_FAMILIES)
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", method_names())
 def test_method_trains_and_its_artifact_changes_the_stock_pipeline(tiny_cfg, stock_image, model, name):
     cfg = tiny_cfg(f"model={model}", f"method={name}", *FEWER_PASSES.get(name, ()))
     method_cfg, subject = method_config(cfg), data.get_subject("dog6")
@@ -177,7 +177,7 @@ def test_method_trains_and_its_artifact_changes_the_stock_pipeline(tiny_cfg, sto
 # Every method on SDXL, the family whose conditioning differs (two encoders, pooled text, size
 # ids); SD2.1 differs from SD1.5 only in the target and the attention projection: one method.
 @pytest.mark.parametrize(
-    ("model", "name"), [("tiny_sdxl", name) for name in sorted(METHODS)] + [("tiny_sd21", "ti")]
+    ("model", "name"), [("tiny_sdxl", name) for name in method_names()] + [("tiny_sd21", "ti")]
 )
 def test_every_method_is_predicted_under_fake_tensors(tiny_cfg, model, name):
     est = estimate(tiny_cfg(f"model={model}", f"method={name}", *FEWER_PASSES.get(name, ())))
@@ -239,7 +239,8 @@ def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_m
         f"zoodip,,sdxl_arch,{4 * GIB}\nzoodip,,sd15_arch,{1 * GIB}\ndreambooth,,sdxl_arch,{60 * GIB}\n"
     )
     grid = memory_grid(csv)
-    assert list(grid.index) == ["dreambooth", "zoodip"] and list(grid.columns) == ["sd15_arch", "sdxl_arch"]
+    # methods in the CSV's (the sweep's) order, models in MODEL_ORDER
+    assert list(grid.index) == ["zoodip", "dreambooth"] and list(grid.columns) == ["sd15_arch", "sdxl_arch"]
     table = markdown(grid)
     assert "| ZOODiP | 1.07 (8 GB) | 4.29 (8 GB) |" in table and "| DreamBooth | – | 64.42 (80 GB) |" in table
     assert draw(grid, tmp_path / "map.png").stat().st_size > 0

@@ -11,8 +11,8 @@ from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.generate import eval_prompts
 from benchmark.run import personalized_pipeline
-from methods.quant import quantized_layers
-from methods.registry import METHODS, method_class
+from methods.common.quant import quantized_layers
+from methods.common.registry import method_class, method_names
 
 
 def perturbed_artifact(method) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def fp16_image(pipeline, prompt: str) -> torch.Tensor:
     ).images  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", method_names())
 def test_artifact_applies_to_an_fp16_pipeline(tiny_cfg, name):
     cfg = tiny_cfg(f"method={name}")
     method_cfg = method_config(cfg)

@@ -16,8 +16,8 @@ from benchmark.config import method_config
 from benchmark.records import REQUIRED_FIELDS
 from benchmark.run import run
 from benchmark.train import step_generator
-from methods import gfti_init
-from methods.base import ConfigError
+from methods.common import gfti_init
+from methods.common.base import ConfigError
 from methods.gfti import GradientFreeTI, principal_directions
 
 

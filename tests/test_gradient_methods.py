@@ -14,10 +14,10 @@ from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.run import personalized_pipeline
 from benchmark.train import train
-from methods.base import ConfigError
-from methods.lora_io import ATTENTION_PROJECTIONS
+from methods.common.base import ConfigError
+from methods.common.lora_io import ATTENTION_PROJECTIONS
+from methods.common.registry import method_class
 from methods.qlora import quantize_linear_4bit, resolve_compute_dtype
-from methods.registry import method_class
 from methods.tuneqdm import TimestepSets
 from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_tolerance
 

@@ -18,10 +18,10 @@ from benchmark.config import method_config
 from benchmark.models import SD15_UNET
 from benchmark.run import run
 from benchmark.train import train
-from methods.base import ConfigError
-from methods.hollow_unet import boundary_activations, hollowed_forward, plan_removal, unet_layers
-from methods.lora_io import load_unet_lora
-from methods.registry import method_class
+from methods.common.base import ConfigError
+from methods.common.hollow_unet import boundary_activations, hollowed_forward, plan_removal, unet_layers
+from methods.common.lora_io import load_unet_lora
+from methods.common.registry import method_class
 from tests.conftest import run_sweep_in_process
 from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_tolerance
 

@@ -11,9 +11,9 @@ import torch
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.train import step_generator, train
-from methods.diffusion import encode_latents
-from methods.latent_cache import LatentCache
-from methods.registry import method_class
+from methods.common.diffusion import encode_latents
+from methods.common.latent_cache import LatentCache
+from methods.common.registry import method_class
 
 
 @pytest.fixture

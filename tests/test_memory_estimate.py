@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmark.memory_estimate import allocator_bytes, estimate, tagging_hooks, tracking
-from methods.registry import METHODS
+from methods.common.registry import method_names
 
 MB = 2**20  # the toy's tensors are whole multiples of the allocator's 512-byte blocks
 
@@ -193,13 +193,13 @@ def test_fast_fake_quantizers_make_the_real_quantizers_tensors(bits, symmetric):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from benchmark.memory_estimate import _fake_quantizers
-    from methods.quant import quantize_per_channel
-    from methods.quant_groupwise import quantize_affine_groups
+    from methods.common.quant import quantize_per_channel
+    from methods.common.quant_groupwise import quantize_affine_groups
 
     weight = torch.randn(6, 4, 3, 3)
     real = [*quantize_per_channel(weight, bits, symmetric), *quantize_affine_groups(weight, bits, 12)]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, _fake_quantizers():
-        from methods import quant, quant_groupwise  # the patched module attributes
+        from methods.common import quant, quant_groupwise  # the patched module attributes
 
         fake_weight = mode.from_tensor(weight)
         fast = [
@@ -229,7 +229,7 @@ def test_fast_fake_quantizers_predict_the_same_bytes(tiny_cfg, method, options):
     assert fast.after_setup_bytes == computed.after_setup_bytes
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", method_names())
 def test_every_registered_method_runs_under_fake_tensors(tiny_cfg, method):
     est = estimate(tiny_cfg(f"method={method}"))
     assert est.peak_bytes >= est.after_setup_bytes > 0
@@ -238,7 +238,7 @@ def test_every_registered_method_runs_under_fake_tensors(tiny_cfg, method):
 
 
 def test_hub_models_are_refused_with_the_arch_alternative(tiny_cfg):
-    from methods.base import ConfigError
+    from methods.common.base import ConfigError
 
     with pytest.raises(ConfigError, match="sd15_arch"):
         estimate(tiny_cfg("model=sd15"))

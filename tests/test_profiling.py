@@ -12,7 +12,7 @@ from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.profiling import BREAKDOWN_FIELDS, CATEGORIES, CUDA_FIELDS, NvmlSampler, TrainingMonitor
 from benchmark.train import train
-from methods.registry import method_class
+from methods.common.registry import method_class
 
 
 def profiled_training(tiny_cfg, tmp_path, method_name: str, *overrides: str):

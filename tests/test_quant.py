@@ -1,4 +1,4 @@
-"""methods.quant: integer storage, error within one quantization step, exact scale gradients,
+"""methods.common.quant: integer storage, error within one quantization step, exact scale gradients,
 and no float copy of a weight kept as module state or saved for backward."""
 
 from __future__ import annotations
@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant import QuantizedLayer, _pack_nibbles, _unpack_nibbles, quantize_model, quantized_layers
+from methods.common.quant import (
+    QuantizedLayer,
+    _pack_nibbles,
+    _unpack_nibbles,
+    quantize_model,
+    quantized_layers,
+)
 
 CASES = [
     (kind, bits, symmetric) for kind in ("linear", "conv") for bits in (8, 4) for symmetric in (True, False)

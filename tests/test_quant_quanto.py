@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods.quant import QuantizedLayer
-from methods.quant_groupwise import GroupwiseQuantizedLayer, quanto_group_size
+from methods.common.quant import QuantizedLayer
+from methods.common.quant_groupwise import GroupwiseQuantizedLayer, quanto_group_size
 
 quanto = pytest.importorskip("optimum.quanto")
 

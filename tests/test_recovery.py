@@ -29,8 +29,8 @@ from benchmark.recovery_fit import JointTeacher, fit_key, teacher_weights
 from benchmark.recovery_run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
 from benchmark.run import run
 from benchmark.schema import validate
-from methods.base import ConfigError
-from methods.textual_inversion import TextualInversion
+from methods.common.base import ConfigError
+from methods.ti import TextualInversion
 from tests.conftest import compose
 
 # A run small enough for CI: 2 steps, a 2-step fit of the base, 8 held-out draws (the machinery,
@@ -286,7 +286,7 @@ def test_class_images_are_the_other_subjects_of_the_class_in_turn(dataset_root):
 def test_fitted_base_is_cached_by_its_inputs(tiny_cfg):
     """The fit changes the U-Net, is stored once under its key, and is read back, not refitted."""
     from benchmark.config import method_config
-    from methods.registry import method_class
+    from methods.common.registry import method_class
 
     cfg = tiny_cfg(*SMALL, "+experiment/recovery=dreambooth", "recovery.fit_steps=1")
     rc, method_cfg, subject = recovery_config(cfg), method_config(cfg), data.get_subject("dog6")
@@ -334,14 +334,14 @@ def test_curves_draw_token_distance_on_a_log_scale_when_it_spans_10x(tmp_path, m
     def runs(far: float) -> pd.DataFrame:
         rows = [(arm, [1.0, 0.9, end]) for arm, end in (("ti", 0.95), ("gfti", far))]
         return pd.DataFrame(
-            [{"recovery.arm": arm, "seed": 0, "state": "ok", "curve_step": [0, 5, 10],
+            [{"recovery.arm": arm, "method": arm, "seed": 0, "state": "ok", "curve_step": [0, 5, 10],
               "curve_loss": [0.2, 0.19, 0.18], "curve_token_distance": distance}
              for arm, distance in rows]
         )  # fmt: skip
 
     for far, scale in ((26.0, "log"), (1.5, "linear")):
         saved.clear()
-        curves(runs(far), tmp_path / "curves.png")
+        curves(runs(far), tmp_path / "curves.png", {"gfti": "GF-TI (class-noun start)"})
         (fig,) = saved
         loss_ax, token_ax = fig.axes[:2]
         assert loss_ax.get_yscale() == "linear" and token_ax.get_yscale() == scale

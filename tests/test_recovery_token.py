@@ -18,7 +18,7 @@ from benchmark.recovery_run import (
     prompt_states,
     recovery_config,
 )
-from methods.base import ConfigError
+from methods.common.base import ConfigError
 from tests.conftest import compose
 
 # One fit step on 2 + 2 draws: the machinery, not the measurement.

@@ -128,8 +128,19 @@ def test_report_pairs_arms_over_shared_seeds():
         [{"recovery.arm": a, "seed": s, "state": "ok", "recovery_gap_closed": g,
           "recovery_prediction_distance": d} for a, s, g, d in rows]
     )  # fmt: skip
-    (line,) = [line for line in paired(runs) if line.startswith("| selective")]
+    spec = recovery_report_spec()
+    pairs, arms = spec["pairs"], spec["arms"]
+    (line,) = [line for line in paired(runs, pairs, arms) if line.startswith("| selective")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "selective BP-low / ZO-high − selective, BP-low only"  # display names
     assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150") and cells[4] == "2"
-    assert not [line for line in paired(runs) if line.startswith("| Hollowed")]  # no such runs
+    assert not [line for line in paired(runs, pairs, arms) if line.startswith("| Hollowed")]  # no such runs
+
+
+def recovery_report_spec() -> dict:
+    """The ``report`` section of conf/experiment/recovery.yaml (arm names, paired questions)."""
+    from omegaconf import OmegaConf
+
+    from benchmark.sweep import primary_config
+
+    return OmegaConf.to_container(primary_config(["experiment=recovery"]).report, resolve=True)

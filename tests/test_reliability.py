@@ -17,17 +17,17 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-import benchmark.atomic
+import methods.common.atomic
 from benchmark import models
-from benchmark.atomic import DiskFull, exclusive_lock, is_out_of_space, write_text_atomic
 from benchmark.config import method_config, training_dtype
 from benchmark.records import CorruptRecord, load_records, new_record, read_record, write_record
 from benchmark.run import BUSY, LOCK_NAME, USER_ERRORS, run, run_dir_for
 from benchmark.schema import typed_config
 from benchmark.train import CHECKPOINT_NAME, TrainingInterrupted, save_checkpoint, train
-from methods.base import Method, MethodConfig
-from methods.registry import METHODS, method_class
-from methods.textual_inversion import TextualInversion
+from methods.common.atomic import DiskFull, exclusive_lock, is_out_of_space, write_text_atomic
+from methods.common.base import Method, MethodConfig
+from methods.common.registry import method_class, method_names
+from methods.ti import TextualInversion
 from tests.conftest import CONF_DIR, REPO, compose
 
 TIMING_FIELDS = ("train_seconds", "it_per_s", "generation_seconds")
@@ -36,7 +36,7 @@ CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
 def _method_case(method: str, *overrides: str, expect: str, xfail: str | None = None):
-    marks = [pytest.mark.skipif(method not in METHODS, reason=f"method {method} not registered yet")]
+    marks = [pytest.mark.skipif(method not in method_names(), reason=f"method {method} not registered yet")]
     if xfail:
         marks.append(pytest.mark.xfail(reason=xfail, strict=True))
     return pytest.param(
@@ -202,7 +202,7 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, dataset_root):
     assert proc.stderr.strip().splitlines()[-1] == "error: method.steps=0 must be >= 1"
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", method_names())
 def test_every_shipped_config_fits_the_schema(method):
     """Each conf/ file composes into the typed schema (a key added to a YAML file needs its field)."""
     for model in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
@@ -288,7 +288,7 @@ def test_a_failure_between_write_and_rename_keeps_the_old_file(what, tmp_path, m
         assert Path(src).stat().st_size > 0  # the new content was fully written, then we "die"
         raise OSError("injected: killed before the rename")
 
-    monkeypatch.setattr(benchmark.atomic.os, "replace", crash)
+    monkeypatch.setattr(methods.common.atomic.os, "replace", crash)
     with pytest.raises(OSError, match="injected"):
         WRITERS[what](tmp_path, 0.7)
     assert path.read_bytes() == before
@@ -386,7 +386,7 @@ def test_resume_restores_the_optimizer_state(tmp_path, monkeypatch):
 RESUME_TESTED_ELSEWHERE = {"dreambooth", "qlora", "peqa", "tuneqdm", "zoodip", "ti"}
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - RESUME_TESTED_ELSEWHERE))
+@pytest.mark.parametrize("name", sorted(set(method_names()) - RESUME_TESTED_ELSEWHERE))
 def test_every_method_resumes_bit_identically(name, tiny_cfg, dataset_root, tmp_path):
     from benchmark import data
 

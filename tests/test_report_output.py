@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 
 from benchmark import display, latex, paper
-from benchmark.atomic import write_json_atomic
 from benchmark.gallery import write_gallery
 from benchmark.heatmaps import MIN_SPAN_DIGITS, cell_states, color_range
 from benchmark.records import new_record, write_record
 from benchmark.report import build_report, report_dir, write_report
 from benchmark.run import IMAGE_SCORES_NAME, real_run_dir
 from benchmark.sweep import plan_sweep, primary_config
-from methods.registry import METHODS as REGISTERED
-from methods.subspace import SubspaceGradient
+from methods.common.atomic import write_json_atomic
+from methods.common.registry import method_classes, method_names
+from methods.common.subspace import SubspaceGradient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,13 +66,18 @@ def table1_records(results: Path, subjects: str = "dog6,cat") -> list[str]:
 
 
 def test_every_method_has_one_display_name_and_colour():
-    assert set(REGISTERED) <= set(display.METHODS)
-    names = [name for name, _ in display.METHODS.values()]
-    colours = [colour for _, colour in display.METHODS.values()]
+    classes = method_classes().values()
+    names = [cls.display_name for cls in classes] + [display.REAL_DISPLAY[0]]
+    colours = [cls.color for cls in classes] + [display.REAL_DISPLAY[1]]
     assert len(set(names)) == len(names) and len(set(colours)) == len(colours)
+    assert display.UNKNOWN_COLOR not in colours  # every method declares its own
     assert display.method_name("gfti") == "GF-TI" and display.axis_label("method.tau") == r"$\tau$"
+    assert display.method_name("real") == "Real images" and display.method_name("nope") == "nope"
     assert display.quantization({"method": "zoodip", "method.quantize": "int8"}) == "INT8"
     assert display.quantization({"method": "ti", "method.bits": float("nan")}) == ""
+    assert display.quantization({"method": "qlora"}) == "NF4"
+    assert display.quantization({"method": "peqa", "method.bits": 4.0}) == "INT4"
+    assert [n for n in method_names() if display.gradient_free(n)] == ["gfti", "zoodip"]
 
 
 # -- LaTeX --------------------------------------------------------------------------------

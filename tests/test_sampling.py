@@ -1,4 +1,4 @@
-"""Which images a step sees (benchmark.sampling): shuffled epochs cover every image once, flips
+"""Which images a step sees (methods.common.sampling): shuffled epochs cover every image once, flips
 come at the configured rate and really mirror the pixels, and every draw is a function of
 (seed, step) alone, so a resumed run sees the same batches."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.sampling import batch_pixels, draw_images, epoch_order, training_batch
 from benchmark.train import step_generator, train
-from methods.base import DataConfig, Method, MethodConfig
+from methods.common.base import DataConfig, Method, MethodConfig
+from methods.common.sampling import batch_pixels, draw_images, epoch_order, training_batch
 
 
 def draws(data: DataConfig, steps: int, n_images: int, batch_size: int = 1, seed: int = 0):

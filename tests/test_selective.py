@@ -15,7 +15,7 @@ from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.run import run
 from benchmark.train import train
-from methods.base import ConfigError
+from methods.common.base import ConfigError
 from methods.selective import SCHEDULES, Selective
 
 CPU = torch.device("cpu")

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from benchmark.records import RECORD_NAME, read_record
@@ -403,7 +402,7 @@ def test_job_returns_lists_each_failed_or_lost_job_once_then_one_summary(caplog)
     from submitit.core.utils import UncompletedJobError
 
     from benchmark.slurm import JobFailed, job_returns
-    from methods.base import ConfigError
+    from methods.common.base import ConfigError
 
     ok = JobReturn(overrides=["seed=0"], status=JobStatus.COMPLETED, _return_value={"status": "ok"})
     error = ConfigError("seed: bad\nmore")

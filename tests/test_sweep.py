@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs `python -m benchmark` with TI's step raising for method.lr=0.001: an injected failure.
 INJECT_FAILURE = """
 import runpy, sys
-import methods.textual_inversion as ti
+import methods.ti as ti
 real_step = ti.TextualInversion.step
 def step(self, batch, step):
     if self.cfg.lr == 0.001:
@@ -127,7 +127,7 @@ def test_a_refused_job_of_a_sweep_leaves_a_failed_record_but_never_replaces_an_o
     from benchmark.records import CorruptRecord, new_record, write_record
     from benchmark.run import record_refusal, run_dir_for
     from benchmark.schema import validate
-    from methods.base import ConfigError
+    from methods.common.base import ConfigError
 
     missing = tmp_path / "no-such-weights"
     cfg = tiny_cfg("model=sd15", f"model.path={missing}", "eval=smoke")

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.train import train
-from methods.base import ConfigError
-from methods.textual_inversion import TextualInversion
+from methods.common.base import ConfigError
+from methods.ti import TextualInversion
 
 
 def _image(pipeline, prompt):

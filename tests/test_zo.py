@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from methods.base import ConfigError
-from methods.subspace import SubspaceGradient
-from methods.timesteps import sample_timesteps, sd_alphas_cumprod, snr_sampling_weights
-from methods.zo import estimate_gradient, estimate_gradient_batched, forward_passes
-from methods.zo_adam import ZOAdam
+from methods.common.base import ConfigError
+from methods.common.subspace import SubspaceGradient
+from methods.common.timesteps import sample_timesteps, sd_alphas_cumprod, snr_sampling_weights
+from methods.common.zo import estimate_gradient, estimate_gradient_batched, forward_passes
+from methods.common.zo_adam import ZOAdam
 
 D = 10
 

@@ -12,10 +12,10 @@ from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.records import REQUIRED_FIELDS
 from benchmark.train import step_generator
-from methods.base import ConfigError
-from methods.quant import QuantizedLayer, quantized_layers
-from methods.quant_groupwise import GroupwiseQuantizedLayer
-from methods.quantized_model import quantize_networks
+from methods.common.base import ConfigError
+from methods.common.quant import QuantizedLayer, quantized_layers
+from methods.common.quant_groupwise import GroupwiseQuantizedLayer
+from methods.common.quantized_model import quantize_networks
 from methods.zoodip import ZOODiP
 from tests.conftest import run_sweep_in_process
 

@@ -8,7 +8,7 @@ Every draw is a function of (seed, step) alone, so a resumed run sees the same i
   ``(step * batch_size + b) mod (N x repeats)`` of epoch ``(step * batch_size + b) // (N x repeats)``,
   so a batch may straddle two epochs (the DataLoader would end an epoch with a short batch).
 - ``sampling=replacement``: ``batch_size`` uniform draws from the step's own generator
-  (``benchmark.train.step_generator``), before the method draws anything from it.
+  (:func:`step_generator`), before the method draws anything from it.
 - flips: one uniform number per drawn image from a generator seeded with (seed, step), flipped
   when below ``flip_p`` (torchvision's RandomHorizontalFlip), applied to the pixels.
 
@@ -21,9 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import DataConfig
+from methods.common.base import DataConfig
 
 _EPOCH_STREAM, _FLIP_STREAM = 1, 2
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step ``step`` of a run seeded ``seed``: the batch's ``generator``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def _stream_generator(stream: int, seed: int, counter: int) -> torch.Generator:
@@ -70,7 +75,7 @@ def batch_pixels(images: torch.Tensor, draw: Draw) -> torch.Tensor:
 def training_batch(
     images: torch.Tensor, data: DataConfig, seed: int, step: int, batch_size: int, generator: torch.Generator
 ) -> dict:
-    """The batch dict a method's ``step`` receives (``methods.base.Method.step``)."""
+    """The batch dict a method's ``step`` receives (``methods.common.base.Method.step``)."""
     draw = draw_images(data, seed, step, len(images), batch_size, generator)
     return {
         "pixel_values": batch_pixels(images, draw),

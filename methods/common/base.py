@@ -1,6 +1,6 @@
 """The method contract: the harness owns the loop, a method owns only what differs.
 
-A method is a small class registered by name (``methods.registry``) with a typed config
+A method is a small class registered by name (``methods.common.registry``) with a typed config
 dataclass. The harness calls, in order::
 
     method = Method(cfg)                    # cfg: the method's Config, validated
@@ -13,6 +13,10 @@ dataclass. The harness calls, in order::
 
 ``checkpoint()`` / ``restore()`` make runs resumable; their default covers methods whose
 state is their trainable tensors plus one torch optimizer.
+
+What the harness shows or decides about a method is declared on its class (``name``,
+``display_name``, ``color``, ``gradient_free``, ``teacher_kind``, ``step_unit``,
+``quantization``); nothing outside the method's module names it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,25 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
 
-from benchmark.atomic import atomic_path
-from methods.errors import ConfigError, require
+from methods.common.atomic import atomic_path
+from methods.common.errors import ConfigError, require
+from methods.common.registry import register
 
 __all__ = ["ConfigError", "Method", "MethodConfig", "require"]
+
+# The known-answer experiment's hidden teacher (benchmark/recovery.py), by what a method trains:
+TOKEN_TEACHER = "token"  # a token embedding (token methods)
+SCALES_TEACHER = "scales"  # per-output-channel scale factors of every Linear/Conv2d (scale tuning)
+LOW_RANK_TEACHER = "lora"  # a rank-r change of every attention projection (weight methods)
+TEACHER_KINDS = (TOKEN_TEACHER, SCALES_TEACHER, LOW_RANK_TEACHER)
+DEFAULT_COLOR = "#444444"
 
 
 SAMPLINGS = ("epoch", "replacement")
@@ -37,7 +50,7 @@ SAMPLINGS = ("epoch", "replacement")
 
 @dataclasses.dataclass
 class DataConfig:
-    """How the loop draws training images (``benchmark.sampling``); ``method.data.*``, because
+    """How the loop draws training images (``methods.common.sampling``); ``method.data.*``, because
     the reference scripts differ per method (each method's YAML says what its reference does).
 
     - ``sampling=epoch``: the DataLoader(shuffle=True) of the diffusers and official scripts: each
@@ -86,11 +99,48 @@ class MethodConfig:
 
 
 class Method(abc.ABC):
+    # ``method=<name>`` on the command line, ``name:`` in conf/method/<name>.yaml, the module
+    # methods/<name>.py; a subclass that sets it is registered (``methods.common.registry``).
     name: ClassVar[str]
+    # How tables and figures show the method (the papers' spelling; default: ``name``) and its
+    # colour in every figure (default: grey). Not inherited: each registered class has its own.
+    display_name: ClassVar[str]
+    color: ClassVar[str]
+    # No backpropagation through the model (ZOODiP Table 1's "Grad-free" column).
+    gradient_free: ClassVar[bool] = False
+    # The known-answer experiment's teacher: one of TEACHER_KINDS.
+    teacher_kind: ClassVar[str] = LOW_RANK_TEACHER
+    # What one training step is, where it is not one optimisation step (GF-TI: a generation).
+    step_unit: ClassVar[str] = "step"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     artifact_filename: ClassVar[str] = "artifact.safetensors"
     # True for token methods (TI, GF-TI, ZOODiP): evaluation prompts omit the class noun.
     token_only_prompts: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # a family of methods (TokenMethod, UNetFinetune): not a method of its own
+        cls.display_name = cls.__dict__.get("display_name", cls.name)
+        cls.color = cls.__dict__.get("color", DEFAULT_COLOR)
+        if cls.teacher_kind not in TEACHER_KINDS:
+            raise TypeError(
+                f"{cls.__qualname__}.teacher_kind={cls.teacher_kind!r}; "
+                f"choose one of: {', '.join(TEACHER_KINDS)}"
+            )
+        register(cls)
+
+    @classmethod
+    def quantization(cls, config: Mapping[str, Any]) -> str:
+        """How the base weights are stored during training, from a run's flat config
+        (``method.quantize``, ``method.bits``): NF4, INT8, INT4 or '' (full precision)."""
+        quantize = config.get("method.quantize")
+        if isinstance(quantize, str) and quantize not in ("", "none"):
+            return quantize.upper()
+        bits = config.get("method.bits")
+        if bits is not None and bits == bits:  # nan: a table row without the key
+            return f"INT{int(bits)}"
+        return ""
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -99,7 +149,9 @@ class Method(abc.ABC):
     # -- the contract ------------------------------------------------------------------
     @abc.abstractmethod
     def setup(self, components, subject) -> None:
-        """Prepare ``components`` (benchmark.models.Components) before step 0."""
+        """Prepare ``components`` before step 0: the harness's model (``tokenizer``(s),
+        ``text_encoder``(s), ``vae``, ``unet``, ``noise_scheduler``, ``device``, ``dtype``;
+        ``pipeline()`` wraps them in the family's stock diffusers pipeline)."""
 
     @abc.abstractmethod
     def step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor | float]:
@@ -127,7 +179,7 @@ class Method(abc.ABC):
         generation dtype. A method that re-quantizes the base model (PEQA, TuneQDM, QLoRA on
         NF4) asks for fp32, so that it quantizes the weights it was trained on (fp16 weights
         round to different integer codes); the harness then casts the pipeline to the
-        generation dtype (``benchmark.models.cast_pipeline``)."""
+        generation dtype."""
         return None
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:

@@ -1,5 +1,5 @@
 """ConfigError and ``require``: importable without torch, so that a config is checked (and
-``--help`` answers) before the heavy libraries load. ``methods.base`` re-exports both.
+``--help`` answers) before the heavy libraries load. ``methods.common.base`` re-exports both.
 
 A check stops at its first failed ``require``; inside :func:`every_problem` it notes the failure
 and goes on, so that a sweep's validation lists every bad value of a section, not only the first.

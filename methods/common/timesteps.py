@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import require
+from methods.common.base import require
 
 TIMESTEP_SAMPLERS = ("uniform", "puts", "snr")
 SNR_GAMMA = 5.0  # Min-SNR-gamma's recommended value (Hang et al., 2023)

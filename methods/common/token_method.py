@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
-from methods.base import ConfigError, DataConfig, Method, MethodConfig, require
-from methods.conditioning import prompt_ids
-from methods.diffusion import encode_latents, noisy_latents
-from methods.latent_cache import LatentCache, release_weights
-from methods.prompts import IMAGENET_TEMPLATES_SMALL, sample_prompts
-from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.common.base import TOKEN_TEACHER, ConfigError, DataConfig, Method, MethodConfig, require
+from methods.common.conditioning import prompt_ids
+from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.latent_cache import LatentCache, release_weights
+from methods.common.prompts import IMAGENET_TEMPLATES_SMALL, sample_prompts
+from methods.common.timesteps import check_timestep_bounds, sample_timesteps
 
 
 def add_placeholder_token(tokenizer, text_encoder, token: str, initializer_words: str) -> int:
@@ -199,6 +199,7 @@ class TokenMethod(Method):
 
     artifact_filename = "learned_embeds.safetensors"
     token_only_prompts = True
+    teacher_kind = TOKEN_TEACHER
 
     def subject_phrase(self, subject) -> str:
         return self.cfg.placeholder_token
@@ -218,7 +219,7 @@ class TokenMethod(Method):
 
     def precompute(self, images, seed, steps) -> None:
         """With ``cfg.cache_latents``: the VAE posterior of every image (and its flip), then the
-        VAE's weights are released (methods/latent_cache.py)."""
+        VAE's weights are released (methods/common/latent_cache.py)."""
         if self.cfg.cache_latents:
             self.latent_cache = LatentCache(self.c.vae, images)
             release_weights(self.c.vae)

@@ -2,13 +2,13 @@
 Linear and Conv2d of the U-Net, VAE and text encoder; embeddings and norms stay in the model's
 float dtype.
 
-Storage is ``methods.quant`` (the suite's one quantizer): symmetric per-output-channel
+Storage is ``methods.common.quant`` (the suite's one quantizer): symmetric per-output-channel
 codes, one scale per output channel, dequantized on the fly one layer at a time. For
 ``int8`` this is the storage of optimum-quanto's ``qint8`` weights that the official ZOODiP
 code uses (int8 data + one scale per output channel, activations in the float dtype).
 torchao's int8 weight-only quantization and bitsandbytes' Int8 cover nn.Linear only, not the
 U-Net's and VAE's Conv2d, hence the shared quantizer. ``int4`` is, by default, quanto's
-``qint4`` as the paper used it: affine, group size 128 (``methods.quant_groupwise``);
+``qint4`` as the paper used it: affine, group size 128 (``methods.common.quant_groupwise``);
 ``int4_scheme=symmetric_channel`` keeps the per-output-channel symmetric codes. ``scope``
 says which networks are quantized: ``all`` (the paper's INT8 model, 96.4 % of the weights) or
 ``unet`` (its INT4 model, Table S8).
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import require
-from methods.quant import quantize_model, quantized_layers
-from methods.quant_groupwise import quantize_model_groupwise
+from methods.common.base import require
+from methods.common.quant import quantize_model, quantized_layers
+from methods.common.quant_groupwise import quantize_model_groupwise
 
 QUANTIZE_BITS = {"int8": 8, "int4": 4, "none": None}
 INT4_SCHEMES = ("affine_group128", "symmetric_channel")

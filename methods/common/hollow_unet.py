@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.base import ConfigError
-from methods.conditioning import Conditioning, added_cond_kwargs
+from methods.common.base import ConfigError
+from methods.common.conditioning import Conditioning, added_cond_kwargs
 
 HIDDEN = "hidden"
 

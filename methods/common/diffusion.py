@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from methods.common.conditioning import unet_prediction
+
 
 def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
     """Gaussian noise drawn on the CPU generator (same numbers on every device), then moved."""
@@ -31,16 +33,6 @@ def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) 
     return sample_latents(mean, std, generator, vae.config.scaling_factor)
 
 
-def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-
-
 def noisy_latents(scheduler, latents: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator):
     """(z_t, target): z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps; target = eps (or v)."""
     timesteps = timesteps.to(latents.device)
@@ -53,9 +45,7 @@ def noisy_latents(scheduler, latents: torch.Tensor, timesteps: torch.Tensor, gen
 
 def denoising_loss(unet, z_t, timesteps, cond, target) -> torch.Tensor:
     """MSE between the U-Net's prediction and its target, in fp32. ``cond``: a
-    ``methods.conditioning.Conditioning`` (any family) or SD1/SD2 hidden states."""
-    from methods.conditioning import unet_prediction  # conditioning builds on this module
-
+    ``methods.common.conditioning.Conditioning`` (any family) or SD1/SD2 hidden states."""
     pred = unet_prediction(unet, z_t, timesteps, cond)
     return F.mse_loss(pred.float(), target.float())
 
@@ -64,8 +54,6 @@ def denoising_losses(unet, z_t, timesteps, cond, target, groups: int) -> torch.T
     """``groups`` denoising losses from one U-Net call: the conditioning (a Conditioning or
     SD1/SD2 hidden states) holds ``groups`` consecutive blocks of len(z_t) rows, each block
     scored on the same (z_t, t, target)."""
-    from methods.conditioning import unet_prediction
-
     repeat = (groups,) + (1,) * (z_t.dim() - 1)
     pred = unet_prediction(unet, z_t.repeat(repeat), timesteps.to(z_t.device).repeat(groups), cond)
     errors = F.mse_loss(pred.float(), target.float().repeat(repeat), reduction="none")

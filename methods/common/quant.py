@@ -14,7 +14,7 @@ not fit int8, so they are stored shifted by -128 together with the zero point (t
 difference ``q - zero_point`` is unchanged): ``dequantized = (integer - zero_point) * scale``
 holds for every case. 4-bit codes are stored as ``q + 8`` (symmetric) or ``q`` (asymmetric).
 
-Affine group-wise int4 (quanto's ``qint4``): ``methods.quant_groupwise``.
+Affine group-wise int4 (quanto's ``qint4``): ``methods.common.quant_groupwise``.
 
 Backprop through the scale does not keep a float copy of the weight alive until
 backward: ``_QuantizedOp`` saves only the layer's input and recomputes the dequantized

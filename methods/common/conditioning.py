@@ -18,9 +18,17 @@ from typing import NamedTuple
 
 import torch
 
-from methods.diffusion import token_ids
-
 VAE_DOWNSAMPLING = 8  # every family's VAE: latents are pixels / 8
+
+
+def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
 
 
 class Conditioning(NamedTuple):

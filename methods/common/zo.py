@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from methods.base import require
+from methods.common.base import require
 
 ESTIMATORS = ("rge", "spsa", "one_point")
 

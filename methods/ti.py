@@ -13,10 +13,10 @@ import dataclasses
 
 import torch
 
-from methods.base import require
-from methods.conditioning import encode_prompts
-from methods.diffusion import denoising_loss
-from methods.token_method import TokenConfig, TokenMethod
+from methods.common.base import require
+from methods.common.conditioning import encode_prompts
+from methods.common.diffusion import denoising_loss
+from methods.common.token_method import TokenConfig, TokenMethod
 
 
 @dataclasses.dataclass
@@ -29,6 +29,8 @@ class TIConfig(TokenConfig):
 
 class TextualInversion(TokenMethod):
     name = "ti"
+    display_name = "TI"
+    color = "#56B4E9"
     Config = TIConfig
 
     def setup(self, components, subject) -> None:

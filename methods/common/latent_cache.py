@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.diffusion import latent_distribution, sample_latents
+from methods.common.diffusion import latent_distribution, sample_latents
 
 
 def release_weights(module: torch.nn.Module) -> None:

@@ -6,7 +6,7 @@ the row; one group per row if none does or the row is <= 128 long); per group
 scale)`` in ``[0, 2^bits - 1]`` and ``dequantized = q * scale - shift``: quanto's MaxOptimizer
 and ``quantize_affine``.
 
-The codes are packed as in ``methods.quant`` (two 4-bit codes per byte); layers are
+The codes are packed as in ``methods.common.quant`` (two 4-bit codes per byte); layers are
 ``QuantizedLayer`` subclasses, so ``quantized_layers`` and the memory accounting see them.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.quant import QuantizedLayer, _pack_nibbles, _unpack_nibbles
+from methods.common.quant import QuantizedLayer, _pack_nibbles, _unpack_nibbles
 
 
 def quanto_group_size(row_numel: int, group_size: int = 128) -> int:

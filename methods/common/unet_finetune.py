@@ -16,10 +16,10 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, MethodConfig, require
-from methods.conditioning import encode_text, unet_prediction
-from methods.diffusion import encode_latents, noisy_latents
-from methods.timesteps import check_timestep_bounds, sample_timesteps
+from methods.common.base import Method, MethodConfig, require
+from methods.common.conditioning import encode_text, unet_prediction
+from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.timesteps import check_timestep_bounds, sample_timesteps
 
 
 @dataclasses.dataclass
