@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOCK_NAME = ".lock"  # held (flock) by the process running the run directory
-# Keys that say where things live, or how a run is displayed, not what it computes. data.root is
-# kept (normalized): other images are another run.
+# Keys that say where things live, or how a run is displayed, not what it computes. Where the
+# images are (data.root) is not in the key either: the run key ends with the image set's
+# fingerprint (benchmark.image_set), so the same photos in another folder are the same run.
 NOT_IN_RUN_KEY = (
-    "paths", "data.download", "data.cache_dir", "skip_done", "device",
+    "paths", "data.root", "data.download", "data.cache_dir", "skip_done", "device",
     "train.progress", "train.log_every", "train.checkpoint_every", "train.step_delay_s",
     "train.profile_steps",
     "method.class_images_dir",  # DreamBooth's class-image cache: a location
@@ -141,9 +142,34 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_key(cfg: DictConfig | dict[str, Any]) -> str:
-    """Stable key from the resolved config minus paths: the same run always lands in the same dir."""
+    """Stable key from the resolved config minus paths, then the subject's image set: the same run
+    always lands in the same dir. ``seed<seed>-<config digest>-<image fingerprint>``; the image
+    part is ``NO_IMAGES`` where the subject's folder has no images (yet)."""
     values = plain(cfg)
-    return f"seed{values['seed']}-{config_digest(values)}"
+    return run_key_prefix(values) + (images_fingerprint(values) or NO_IMAGES)
+
+
+NO_IMAGES = "noimages"
+
+
+def run_key_prefix(cfg: DictConfig | dict[str, Any]) -> str:
+    """The run key up to its image fingerprint: the runs of one configuration on any image set."""
+    values = plain(cfg)
+    return f"seed{values['seed']}-{config_digest(values)}-"
+
+
+def dataset_root(values: dict[str, Any]) -> Path:
+    """The folder of subject folders a run reads: data.root, or the fetched copy in data.cache_dir."""
+    data = values.get("data") or {}
+    if data.get("root") is not None:
+        return Path(str(data["root"])).expanduser()
+    return Path(str(data.get("cache_dir", "."))).expanduser() / "dataset"
+
+
+def images_fingerprint(values: dict[str, Any]) -> str | None:
+    from benchmark.image_set import fingerprint
+
+    return fingerprint(dataset_root(values) / str(values["subject"]))
 
 
 def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -164,8 +190,6 @@ def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
     kept = {
         k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
     }
-    if kept.get("data.root") is not None:  # the same folder however it is spelled
-        kept["data.root"] = str(Path(kept["data.root"]).expanduser().resolve())
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -179,7 +203,8 @@ def run_dir_for(cfg: DictConfig | dict[str, Any]) -> Path:
 
 def real_run_dir(cfg: DictConfig | dict[str, Any]) -> Path:
     """mode=real scores the subject's images against each other: nothing random, no method, no
-    model, so the key is the subject and the evaluation protocol alone (no seed)."""
+    model, so the key is the subject, the evaluation protocol and the image set (no seed)."""
     values = plain(cfg)
     key = config_digest({"subject": values["subject"], "eval": values["eval"]})
-    return Path(values["paths"]["results"]) / "runs" / "real" / values["subject"] / f"real-{key}"
+    images = images_fingerprint(values) or NO_IMAGES
+    return Path(values["paths"]["results"]) / "runs" / "real" / values["subject"] / f"real-{key}-{images}"

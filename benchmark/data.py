@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from benchmark.image_set import image_files, is_image_name
+
 _log = logging.getLogger(__name__)
 
 DATASET_ARCHIVE_URL = "https://github.com/google/dreambooth/archive/refs/heads/main.zip"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer shows them
@@ -138,10 +139,6 @@ def get_subject(name: str) -> Subject:
     return SUBJECTS[name]
 
 
-def _is_image_name(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def _open_rgb(path: Path) -> Image.Image:
     """Open ``path`` upright (EXIF orientation applied) as 8-bit RGB with its real values;
     ValueError naming the file where that is not possible."""
@@ -180,7 +177,7 @@ def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
     corrupt or blank file is named here, before a run starts (``verify()`` would not decode the data)."""
     name = subject.name if isinstance(subject, Subject) else subject
     folder = Path(root) / name
-    paths = sorted(p for p in folder.iterdir() if _is_image_name(p)) if folder.is_dir() else []
+    paths = image_files(folder)
     if not paths:
         raise ValueError(
             f"dataset root {root} has no images for subject {name!r} (expected {folder}/*.jpg); "
@@ -236,7 +233,7 @@ class DatasetUnavailable(RuntimeError):
 
 def _missing_subjects(root: Path) -> list[str]:
     def has_images(d: Path) -> bool:
-        return d.is_dir() and any(_is_image_name(p) for p in d.iterdir())
+        return d.is_dir() and any(is_image_name(p) for p in d.iterdir())
 
     return [s for s in SUBJECTS if not has_images(root / s)]
 

@@ -22,7 +22,10 @@ from safetensors.torch import load_file
 from benchmark import data, models
 from benchmark.config import (
     LOCK_NAME,
+    dataset_root,
     flat,
+    images_fingerprint,
+    plain,
     real_run_dir,
     resolve_device,
     run_dir_for,
@@ -143,9 +146,19 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
 def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> dict[str, Any]:
     return {
         "method": cfg.method.name, "subject": subject, "seed": cfg.seed, "run_key": run_dir.name,
-        "model": cfg.model.name, "eval": cfg.eval.name, "device": device,
+        "model": cfg.model.name, "eval": cfg.eval.name, "device": device, **image_set_fields(cfg),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
     }  # fmt: skip
+
+
+def image_set_fields(cfg: DictConfig) -> dict[str, Any]:
+    """Which photos the run used: their fingerprint (the run key's last part) and their folder."""
+    values = plain(cfg)
+    root = dataset_root(values)
+    return {
+        "data_images": images_fingerprint(values),
+        "data_root": str(root.resolve() / str(values["subject"])),
+    }
 
 
 def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
@@ -292,7 +305,7 @@ def run_real_images(cfg: DictConfig) -> dict[str, Any]:
     record = new_record(
         method="real", subject=subject.name, seed=None, status="ok", run_key=run_dir.name, model=None,
         eval=cfg.eval.name, clip_t=None, clip_i=scores.clip_i, dino=scores.dino, dino_inter=None,
-        n_images=scores.n_images,
+        n_images=scores.n_images, **image_set_fields(cfg),
     )  # fmt: skip
     write_record(run_dir, record)
     return record

@@ -165,14 +165,22 @@ def test_a_truncated_jpeg_is_named_before_the_run(tmp_path, dataset_root, no_mod
     assert "truncated" in message and "remove or replace it" in message
 
 
-def test_the_dataset_folder_is_part_of_the_run_key(tmp_path, dataset_root, monkeypatch):
-    copy = _subject_copy(dataset_root, tmp_path / "data").parent
+def test_the_run_key_follows_the_images_not_their_folder(tmp_path, dataset_root):
+    """A copied dataset is the same run; a changed image, a removed one or a renamed one is another."""
     here = run_dir_for(_data_cfg(tmp_path, dataset_root))
-    assert run_dir_for(_data_cfg(tmp_path, copy)) != here  # other images: another run
-    monkeypatch.chdir(dataset_root.parent)
-    assert (
-        run_dir_for(_data_cfg(tmp_path, Path(dataset_root.name))) == here
-    )  # the same folder, spelled relatively
+    copy = _subject_copy(dataset_root, tmp_path / "copy", n=100)
+    assert run_dir_for(_data_cfg(tmp_path, copy.parent)) == here
+    first = sorted(copy.glob("*.jpg"))[0]
+    first.write_bytes(first.read_bytes()[:-1] + b"\0")  # one byte of one image
+    changed = run_dir_for(_data_cfg(tmp_path, copy.parent))
+    assert changed != here and changed.parent == here.parent
+    assert changed.name.rsplit("-", 1)[0] == here.name.rsplit("-", 1)[0]  # the same configuration
+    shutil.copy(dataset_root / "dog6" / first.name, first)  # fixed in place: the first run again
+    assert run_dir_for(_data_cfg(tmp_path, copy.parent)) == here
+    first.rename(first.with_name("renamed.jpg"))
+    assert run_dir_for(_data_cfg(tmp_path, copy.parent)) != here
+    first.with_name("renamed.jpg").unlink()
+    assert run_dir_for(_data_cfg(tmp_path, copy.parent)) != here
 
 
 def test_the_tests_step_delay_is_not_part_of_the_run_key(tiny_cfg):
