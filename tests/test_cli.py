@@ -54,6 +54,8 @@ def test_ti_run_writes_a_complete_run_directory(tmp_path, dataset_root):
     record = json.loads((run_dir / "record.json").read_text())
     assert set(REQUIRED_FIELDS) <= set(record)
     assert record["status"] == "ok" and record["method"] == "ti" and record["subject"] == "dog6"
+    assert record["run_key"] == run_dir.name and run_dir.name.endswith("-" + record["data_images"])
+    assert record["data_root"] == str((dataset_root / "dog6").resolve())
     for key in ("clip_t", "clip_i", "dino", "dino_inter", "train_seconds"):
         assert isinstance(record[key], float) and math.isfinite(record[key]), key
     assert record["train_steps"] == record["train_step_cap"] == 4  # the tiny model caps steps
