@@ -50,7 +50,7 @@ from benchmark.recovery_fit import (
     fit_key,
     fitted_base,
 )
-from benchmark.train import CHECKPOINT_NAME, train
+from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, release_memory, train
 from methods.diffusion import token_ids
 from methods.registry import method_class
 from methods.token_method import load_token
@@ -70,8 +70,6 @@ def recovery_config(cfg) -> RecoveryConfig:
 
 
 def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
-    from benchmark.run import TRAINED_NAME, release_memory
-
     rc = recovery_config(cfg)
     steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
     trained_path = run_dir / TRAINED_NAME

@@ -6,7 +6,6 @@ stock pipeline loads it, generation leaves images on disk, the scorer turns them
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
@@ -33,7 +32,7 @@ from benchmark.metrics import MetricModelsUnavailable, Scorer
 from benchmark.profiling import TrainingMonitor
 from benchmark.records import RECORD_NAME, CorruptRecord, new_record, read_record, write_record
 from benchmark.schema import ValidRun, validate
-from benchmark.train import CHECKPOINT_NAME, Diverged, train
+from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, Diverged, release_memory, train
 from methods.base import ConfigError
 from methods.registry import method_class
 
@@ -44,7 +43,6 @@ USER_ERRORS = (
 )  # fmt: skip
 BUSY = "busy"  # run()'s answer when another process holds the run: nothing is written
 IMAGE_SCORES_NAME = "scores.json"  # images/: each scored image's CLIP-T, CLIP-I, DINO (the gallery)
-TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
 
 
 def is_oom(error: BaseException) -> bool:
@@ -252,9 +250,3 @@ def run_real_images(cfg: DictConfig) -> dict[str, Any]:
     )  # fmt: skip
     write_record(run_dir, record)
     return record
-
-
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
