@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 1 the run failed, diverged, ran out of memory or is held by another
 process (its record.json says which); 2 bad input (one line per bad value on stderr, nothing
-trained, nothing written; a sweep checks every job before the first starts: benchmark.preflight);
+trained, nothing written; a sweep checks every job before the first starts: benchmark.sweep.preflight);
 128+N stopped by signal N during training (a checkpoint was written: the same command resumes).
 torch, diffusers and the other heavy libraries load only once a run starts.
 """
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from benchmark.preflight import exit_on_bad_input
+    from benchmark.sweep.preflight import exit_on_bad_input
 
     exit_on_bad_input(sys.argv[1:])
     main()

@@ -28,8 +28,8 @@ from benchmark.config import (
     training_dtype,
 )
 from benchmark.generate import eval_prompts, generate_images
+from benchmark.memory.profiling import TrainingMonitor
 from benchmark.metrics import MetricModelsUnavailable, Scorer
-from benchmark.profiling import TrainingMonitor
 from benchmark.records import RECORD_NAME, CorruptRecord, new_record, read_record, write_record
 from benchmark.schema import ValidRun, validate
 from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, Diverged, release_memory, train
@@ -113,7 +113,7 @@ def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> di
 
 def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
     """A sweep's job whose input is refused (say model.path missing where the job runs) leaves a
-    failed record, so that `benchmark.sweep` and the report count it and the next sweep retries
+    failed record, so that `benchmark.sweep.plan` and the report count it and the next sweep retries
     it. An ok record is kept; a corrupt one is left for the user to look at. Returns its path."""
     if isinstance(error, CorruptRecord) or OmegaConf.select(cfg, "mode") != "personalize":
         return None
@@ -137,7 +137,7 @@ def clear_outputs(run_dir: Path) -> None:
 
 def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
     if cfg.mode == "recovery":  # known-answer experiment: teacher-made images, no CLIP/DINO
-        from benchmark import recovery_run
+        from benchmark.recovery import run as recovery_run
 
         return recovery_run.execute(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
     trained_path = run_dir / TRAINED_NAME

@@ -91,7 +91,7 @@ def run_sweep_in_process(arguments: list[str]) -> list[dict]:
     that plan_sweep names the directories Hydra's jobs write."""
     from benchmark.records import RECORD_NAME, read_record
     from benchmark.run import run, run_dir_for
-    from benchmark.sweep import plan_sweep
+    from benchmark.sweep.plan import plan_sweep
 
     records = []
     for planned in plan_sweep(arguments, check="run"):

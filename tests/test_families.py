@@ -13,8 +13,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
 from benchmark.generate import eval_prompts
-from benchmark.memory_estimate import allocator_bytes, estimate
-from benchmark.tokenizer import clip_tokenizer
+from benchmark.memory.estimate import estimate
+from benchmark.memory.tracker import allocator_bytes
+from benchmark.models.tokenizer import clip_tokenizer
 from benchmark.train import step_generator
 from methods.conditioning import encode_text, unet_prediction
 from methods.registry import METHODS, method_class
@@ -213,7 +214,8 @@ def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from benchmark.plots import GALLERY_PROMPTS, PNG_DPI, gallery
+    from benchmark.report.figures import PNG_DPI
+    from benchmark.report.plots import GALLERY_PROMPTS, gallery
 
     runs = []
     for i, state in enumerate(["ok", "failed"]):
@@ -230,7 +232,7 @@ def test_gallery_shows_one_image_per_prompt_of_each_finished_run(tmp_path):
 
 
 def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_margin(tmp_path):
-    from benchmark.memory_map import GIB, draw, markdown, memory_grid, smallest_gpu
+    from benchmark.memory.map import GIB, draw, markdown, memory_grid, smallest_gpu
 
     assert [smallest_gpu(g * GIB) for g in (6.9, 7.1, 22.9, 79.5)] == [8, 12, 24, None]
     csv = tmp_path / "predicted.csv"

@@ -259,7 +259,7 @@ def test_cross_attention_init_needs_a_clip_per_text_encoder(tiny_cfg):
 
 
 def test_table1_runs_gfti_with_feizcs_protocol_init_and_the_papers_evaluations(tmp_path):
-    from benchmark.sweep import plan_sweep
+    from benchmark.sweep.plan import plan_sweep
 
     args = ["experiment=table1", "method=gfti", "subject=dog6", f"paths.results={tmp_path}"]
     (planned,) = plan_sweep(args)

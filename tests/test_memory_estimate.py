@@ -1,4 +1,4 @@
-"""The memory predictor (benchmark/memory_estimate.py): exact on a model small enough to count
+"""The memory predictor (benchmark/memory/estimate.py): exact on a model small enough to count
 by hand, identical on fake and real tensors, and able to run every registered method's code."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.memory_estimate import allocator_bytes, estimate, tagging_hooks, tracking
+from benchmark.memory.estimate import estimate
+from benchmark.memory.tracker import allocator_bytes, tagging_hooks, tracking
 from methods.registry import METHODS
 
 MB = 2**20  # the toy's tensors are whole multiples of the allocator's 512-byte blocks
@@ -192,7 +193,7 @@ def test_fast_fake_quantizers_make_the_real_quantizers_tensors(bits, symmetric):
     the shapes, dtypes and strides of what the real quantizers return, for every scheme."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from benchmark.memory_estimate import _fake_quantizers
+    from benchmark.memory.tracker import _fake_quantizers
     from methods.quant import quantize_per_channel
     from methods.quant_groupwise import quantize_affine_groups
 
@@ -247,7 +248,7 @@ def test_hub_models_are_refused_with_the_arch_alternative(tiny_cfg):
 def test_cli_prints_one_json_object_per_configuration(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
-    from benchmark.memory import paper_memory_gb, report
+    from benchmark.memory.cli import paper_memory_gb, report
 
     csv = tmp_path / "predicted.csv"
     overrides = ["method=ti", "model=tiny", "format=json", f"csv={csv}", "measure=true", "device=cpu"]
@@ -274,7 +275,7 @@ def test_cli_prints_one_json_object_per_configuration(tmp_path, capsys):
 def test_a_measure_only_run_meets_the_earlier_prediction_in_the_csv(tmp_path):
     """nox -s memory writes predictions; nox -s memory_gpu (predict=false) later adds the
     measured peaks to the same rows, and the error column compares the two."""
-    from benchmark.memory import csv_row, upsert_csv
+    from benchmark.memory.cli import csv_row, upsert_csv
 
     csv = tmp_path / "sd15.csv"
     keys = {"method": "zoodip", "variant": "", "model": "sd15_arch", "resolution": 512, "batch_size": 1}
@@ -318,7 +319,7 @@ def toy_replay_peaks(make_module, replay: bool):
     """Peaks (bytes and breakdown per phase) of 5 no-grad calls of a module on (256, 64)
     inputs, each call's output kept (the later calls see more live bytes), and how many calls
     were replayed."""
-    from benchmark.pass_replay import PassReplay
+    from benchmark.memory.pass_replay import PassReplay
 
     with tracking(fake=True) as tracker:
         module = make_module()

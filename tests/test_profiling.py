@@ -1,4 +1,4 @@
-"""Measured memory and speed (benchmark/profiling.py): the profiler's breakdown on the tiny
+"""Measured memory and speed (benchmark/memory/profiling.py): the profiler's breakdown on the tiny
 model, the speed bookkeeping, and the figures every run record carries."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from benchmark import data, models
 from benchmark.config import method_config, training_dtype
-from benchmark.profiling import BREAKDOWN_FIELDS, CATEGORIES, CUDA_FIELDS, NvmlSampler, TrainingMonitor
+from benchmark.memory.profiling import BREAKDOWN_FIELDS, CATEGORIES, CUDA_FIELDS, NvmlSampler, TrainingMonitor
 from benchmark.train import train
 from methods.registry import method_class
 
@@ -65,7 +65,7 @@ def test_zoodip_has_no_gradient_bytes(tiny_cfg, tmp_path):
 def test_it_per_s_leaves_out_warmup_and_profiled_steps(monkeypatch):
     clock = itertools.count(0.0, 1.0)  # every perf_counter() call advances one second
     monitor = TrainingMonitor("cpu", warmup_steps=1, profile_steps=0)
-    monkeypatch.setattr("benchmark.profiling.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("benchmark.memory.profiling.time.perf_counter", lambda: next(clock))
     monitor.loaded()
     for _ in range(4):
         next(clock)  # the step itself takes one more second: two seconds per step

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from benchmark import data, models
 from benchmark.models import set_posterior_logvar
-from benchmark.recovery import (
+from benchmark.recovery.fit import JointTeacher, fit_key, teacher_weights
+from benchmark.recovery.run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
+from benchmark.recovery.teacher import (
     RecoveryConfig,
     curve_steps,
     gap_closed,
@@ -25,8 +27,6 @@ from benchmark.recovery import (
     token_scores,
     token_teacher,
 )
-from benchmark.recovery_fit import JointTeacher, fit_key, teacher_weights
-from benchmark.recovery_run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
 from benchmark.run import run
 from benchmark.schema import validate
 from methods.base import ConfigError
@@ -205,8 +205,8 @@ def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, 
 
 
 def test_report_draws_the_table_and_the_curves(arm_run, capsys):
-    from benchmark.report import main as report_main
-    from benchmark.report import report_dir
+    from benchmark.report.cli import main as report_main
+    from benchmark.report.tables import report_dir
 
     cfg, record = arm_run("ti", [])
     assert record["status"] == "ok"
@@ -326,7 +326,7 @@ def test_curves_draw_token_distance_on_a_log_scale_when_it_spans_10x(tmp_path, m
     import matplotlib.figure
     import pandas as pd
 
-    from benchmark.recovery_report import curves
+    from benchmark.recovery.report import curves
 
     saved = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))

@@ -9,8 +9,7 @@ import torch
 
 from benchmark import data, models
 from benchmark.config import method_config
-from benchmark.recovery import RecoveryConfig
-from benchmark.recovery_run import (
+from benchmark.recovery.run import (
     amplify_cross_attention,
     joint_token_states,
     other_class_image_paths,
@@ -18,6 +17,7 @@ from benchmark.recovery_run import (
     prompt_states,
     recovery_config,
 )
+from benchmark.recovery.teacher import RecoveryConfig
 from methods.base import ConfigError
 from tests.conftest import compose
 

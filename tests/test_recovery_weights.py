@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmark.recovery import gap_closed
+from benchmark.recovery.teacher import gap_closed
 from benchmark.run import run
 from tests.conftest import compose
 
@@ -117,7 +117,7 @@ def test_report_pairs_arms_over_shared_seeds():
     """The paired rows: a − b per seed over the seeds where both ran ok, with n."""
     import pandas as pd
 
-    from benchmark.recovery_report import paired
+    from benchmark.recovery.report import paired
 
     rows = [
         ("selective", 0, 0.5, 0.7), ("selective_bp_only", 0, 0.25, 0.8),

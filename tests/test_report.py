@@ -1,4 +1,4 @@
-"""benchmark.report: paper tables and figures from the records of an experiment's sweep.
+"""benchmark.report.tables: paper tables and figures from the records of an experiment's sweep.
 
 Two real sweeps on the tiny model, run in this process (table1 with two methods x two subjects;
 fig7's T_L x T_U grid); the rest on records written by hand into the directories the sweep plans."""
@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from benchmark.records import RECORD_NAME, new_record, read_record, write_record
-from benchmark.report import (
+from benchmark.report.cli import write_report
+from benchmark.report.tables import (
     METRICS,
     PAPER_DIR,
     bootstrap_ci,
@@ -21,9 +22,8 @@ from benchmark.report import (
     canonical,
     display_table,
     report_spec,
-    write_report,
 )
-from benchmark.sweep import plan_sweep, primary_config
+from benchmark.sweep.plan import plan_sweep, primary_config
 from tests.conftest import run_sweep_in_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def test_fig7_heatmap_cells_are_the_records(tmp_path, dataset_root):
 
 
 def test_memory_figures_and_the_fraction_plot(tmp_path):
-    from benchmark.plots import breakdown_gb
+    from benchmark.report.plots import breakdown_gb
 
     args = [
         "experiment=fig1",

@@ -18,14 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark import display, latex, paper
 from benchmark.atomic import write_json_atomic
-from benchmark.gallery import write_gallery
-from benchmark.heatmaps import MIN_SPAN_DIGITS, cell_states, color_range
 from benchmark.records import new_record, write_record
-from benchmark.report import build_report, report_dir, write_report
+from benchmark.report import display, latex, paper
+from benchmark.report.cli import write_report
+from benchmark.report.gallery import write_gallery
+from benchmark.report.heatmaps import MIN_SPAN_DIGITS, cell_states, color_range
+from benchmark.report.tables import build_report, report_dir
 from benchmark.run import IMAGE_SCORES_NAME, real_run_dir
-from benchmark.sweep import plan_sweep, primary_config
+from benchmark.sweep.plan import plan_sweep, primary_config
 from methods.registry import METHODS as REGISTERED
 from methods.subspace import SubspaceGradient
 

@@ -173,8 +173,8 @@ def test_bad_selective_config_is_refused(tiny_cfg, override, message):
 
 def _zo_high_descent(tiny_cfg, dataset_root, *overrides, adapt=10, steps=10):
     """Held-out loss before and after `steps` always-ZO-high steps from a BP-low-adapted start
-    (benchmark.calibrate_selective's measurement, on fixed (image, noise, t) draws)."""
-    from benchmark.calibrate_selective import heldout_loss, heldout_set, run_steps
+    (benchmark.devtools.calibrate_selective's measurement, on fixed (image, noise, t) draws)."""
+    from benchmark.devtools.calibrate_selective import heldout_loss, heldout_set, run_steps
 
     method, _, images = make_method(tiny_cfg, dataset_root, *overrides)
     run_steps(method, images, "always_bp_low", 0, adapt, seed=0)
@@ -195,7 +195,7 @@ def test_zo_high_steps_lower_the_heldout_loss_from_a_bp_low_start(tiny_cfg, data
 def test_zo_normalize_divides_the_zo_high_step_by_the_official_factor(tiny_cfg, dataset_root):
     """method.zo_normalize reaches the estimate: one ZO-SGD step from the same start and draws is
     sqrt((d + n - 1) / n) times smaller with it (d = LoRA parameters, n = 2 directions)."""
-    from benchmark.calibrate_selective import run_steps
+    from benchmark.devtools.calibrate_selective import run_steps
 
     steps = {}
     for normalize in (True, False):

@@ -351,7 +351,7 @@ def fake_slurm_commands(folder: Path, queue: Path) -> None:
 
 def test_without_accounting_the_watcher_says_so_once_and_follows_squeue(tmp_path, monkeypatch, caplog):
     """No cluster needed: fake sacct/squeue commands, as a one-node cluster answers them."""
-    from benchmark.slurm import NOT_LISTED, QueueWatcher
+    from benchmark.sweep.slurm import NOT_LISTED, QueueWatcher
 
     queue = tmp_path / "queue"
     fake_slurm_commands(tmp_path / "bin", queue)
@@ -360,7 +360,7 @@ def test_without_accounting_the_watcher_says_so_once_and_follows_squeue(tmp_path
     for job_id in ("7_0", "7_1", "8"):
         watcher.register_job(job_id)
     queue.write_text("7_0|RUNNING|vm\n7_1|CANCELLED|vm\n")
-    with caplog.at_level("INFO", logger="benchmark.slurm"):
+    with caplog.at_level("INFO", logger="benchmark.sweep.slurm"):
         for _ in range(5):  # five polls
             watcher.update()
     assert [r.getMessage() for r in caplog.records] == [
@@ -372,7 +372,7 @@ def test_without_accounting_the_watcher_says_so_once_and_follows_squeue(tmp_path
 
     caplog.clear()
     queue.unlink()  # the controller stops answering: one warning, not one per poll
-    with caplog.at_level("INFO", logger="benchmark.slurm"):
+    with caplog.at_level("INFO", logger="benchmark.sweep.slurm"):
         for _ in range(3):
             watcher.update()
     (warning,) = caplog.records
@@ -402,7 +402,7 @@ def test_job_returns_lists_each_failed_or_lost_job_once_then_one_summary(caplog)
     from hydra.core.utils import JobReturn, JobStatus
     from submitit.core.utils import UncompletedJobError
 
-    from benchmark.slurm import JobFailed, job_returns
+    from benchmark.sweep.slurm import JobFailed, job_returns
     from methods.base import ConfigError
 
     ok = JobReturn(overrides=["seed=0"], status=JobStatus.COMPLETED, _return_value={"status": "ok"})
@@ -414,7 +414,7 @@ def test_job_returns_lists_each_failed_or_lost_job_once_then_one_summary(caplog)
         FakeJob("5_2", UncompletedJobError("no result\nlong log"), state="CANCELLED"),
     ]
     overrides = [["seed=0"], ["seed=1"], ["seed=2"]]
-    with caplog.at_level("INFO", logger="benchmark.slurm"):
+    with caplog.at_level("INFO", logger="benchmark.sweep.slurm"):
         returns = job_returns(jobs, overrides)
     assert [r.getMessage() for r in caplog.records] == [
         "SLURM job 5_1 (seed=1) failed: ConfigError: seed: bad",

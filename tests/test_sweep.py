@@ -1,5 +1,5 @@
 """Sweeps: `python -m benchmark -m ...` skips finished runs, re-runs only what is missing, writes a
-failure record and goes on; benchmark.sweep plans the same run directories Hydra's jobs use; the
+failure record and goes on; benchmark.sweep.plan plans the same run directories Hydra's jobs use; the
 SLURM launcher config composes without a cluster."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from benchmark.records import RECORD_NAME, read_record
-from benchmark.sweep import count_states, job_overrides, plan_sweep, primary_config
+from benchmark.sweep.plan import job_overrides, plan_sweep, primary_config
+from benchmark.sweep.status import count_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_a_failing_run_leaves_a_failure_record_and_the_sweep_completes(tmp_path,
     assert by_lr[0.001]["error"] == "RuntimeError: injected failure"
     assert "sweep finished: 1/2 done, 0 running, 1 failed, 0 pending" in done.stdout + done.stderr
 
-    from benchmark.report import build_report  # the report shows the failure, it does not drop it
+    from benchmark.report.tables import build_report  # the report shows the failure, it does not drop it
 
     report = build_report(["experiment=table1", *args])
     (row,) = report.table.to_dict("records")
@@ -179,8 +180,8 @@ def test_a_planned_job_is_the_config_hydra_composes_for_it(job, on_resolved_copy
     from hydra import compose
     from omegaconf import OmegaConf
 
-    from benchmark.jobs import JobComposer, hydra_context, is_group_override
-    from benchmark.sweep import parse_overrides
+    from benchmark.sweep.jobs import JobComposer, hydra_context, is_group_override
+    from benchmark.sweep.plan import parse_overrides
 
     with hydra_context():
         expected = OmegaConf.to_container(compose("config", overrides=job), resolve=True)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import data, report, sweep
+from benchmark import data
 from benchmark.records import RECORD_NAME
-from benchmark.sweep import InvalidSweep, plan_sweep
+from benchmark.report import cli as report
+from benchmark.sweep import status as sweep
+from benchmark.sweep.plan import InvalidSweep, plan_sweep
 from tests.conftest import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
@@ -29,9 +31,9 @@ def cli(*args: str, module: str = "benchmark") -> subprocess.CompletedProcess:
 
 def refused(capsys, *args: str) -> str:
     """`python -m benchmark <args>` refusing bad input, in-process: benchmark/__main__.py checks
-    the input (benchmark.preflight) before Hydra starts, and exits 2 with stderr's lines. The
+    the input (benchmark.sweep.preflight) before Hydra starts, and exits 2 with stderr's lines. The
     entry point itself runs as a process in test_what_hydra_refuses_is_one_line_and_exit_2."""
-    from benchmark.preflight import exit_on_bad_input
+    from benchmark.sweep.preflight import exit_on_bad_input
 
     with pytest.raises(SystemExit) as exited:
         exit_on_bad_input(list(args))
@@ -228,7 +230,7 @@ def test_help_imports_no_heavy_library_and_lists_the_subjects():
 
 def test_validating_every_method_imports_torch_at_most():
     code = (
-        "from benchmark.preflight import problems; from methods.registry import METHODS; "
+        "from benchmark.sweep.preflight import problems; from methods.registry import METHODS; "
         "assert len(problems(['-m', 'method=' + ','.join(METHODS), 'method.lr=inf', 'model=tiny'])) == 1"
     )
     assert set(imported_after(code)) <= {"torch"}
@@ -262,8 +264,8 @@ def test_readme_lists_the_subjects_and_the_versions_ci_installs():
 def test_the_placeholder_token_check_reads_the_shared_tokenizer_and_leaves_it_unchanged(
     tmp_path, dataset_root
 ):
+    from benchmark.models.tokenizer import clip_tokenizer, shared_clip_tokenizer
     from benchmark.schema import problems
-    from benchmark.tokenizer import clip_tokenizer, shared_clip_tokenizer
     from tests.conftest import compose
 
     shared = shared_clip_tokenizer()

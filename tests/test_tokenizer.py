@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.tokenizer import clip_tokenizer, default_bpe_path
+from benchmark.models.tokenizer import clip_tokenizer, default_bpe_path
 
 PROMPTS = [
     "a photo of a sks dog",

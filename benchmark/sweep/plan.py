@@ -1,31 +1,22 @@
-"""Sweeps: which runs an experiment makes, and how many are done / running / failed.
+"""Sweeps: which runs an experiment makes, each validated before anything runs.
 
 `python -m benchmark -m experiment=table1` runs a sweep with Hydra's basic sweeper (the jobs:
 the product of `hydra.sweeper.params` and the command line's comma lists) on the configured
-launcher (local, or SLURM with `hydra/launcher=slurm`). `SweepProgress`, a Hydra callback
-configured in conf/config.yaml, logs the counts before the sweep and after every job.
-
-    python -m benchmark.sweep experiment=table1 [overrides]
-
-prints the same counts from the run directories alone, so it works while the jobs run
-elsewhere (a cluster). A run is *done* (record says ok), *failed* (record says failed,
-diverged or oom: a new sweep retries it), *running* (started, no record yet: running now, or
-interrupted: the status command tells the two apart and the next sweep resumes it from its
-checkpoint) or *pending* (not started).
+launcher (local, or SLURM with `hydra/launcher=slurm`). ``plan_sweep`` expands the same
+arguments into the same run directories without running anything: the status command
+(benchmark.sweep.status), the report and the memory table read them.
 
 The expansion reuses Hydra 1.3's own pieces (BasicSweeper.split_arguments and the config
 loader's override step), so the planned directories are the ones the jobs write to
-(tests/test_sweep.py checks this). Planning validates every job (benchmark.schema.problems)
+(tests/sweep/test_sweep.py checks this). Planning validates every job (benchmark.schema.problems)
 before anything runs: a typo on the last value of an axis fails the sweep at once, every bad
-value on its own line (:class:`InvalidSweep`), not after days of training. A corrupt record is
-listed as *corrupt*, with its path, and counted: it never stops a status query or a report.
+value on its own line (:class:`InvalidSweep`), not after days of training.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,23 +28,19 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.atomic import exclusive_lock
-from benchmark.config import LOCK_NAME, flat, run_dir_for
-from benchmark.jobs import (
+from benchmark.config import flat, run_dir_for
+from benchmark.sweep.jobs import (
     COMPOSE_ERRORS,
     ComposeFailed,
     JobComposer,
     hydra_context,
     hydra_message,
 )
-from benchmark.records import RECORD_NAME, CorruptRecord, read_record
 
 log = logging.getLogger(__name__)
 NAMED = ("method", "model", "eval")  # config groups whose record field is the chosen name
-STATES = ("done", "running", "failed", "corrupt", "pending")
 
 
 @dataclass(frozen=True)
@@ -154,7 +141,7 @@ def run_checks(check_device: bool = True, inputs: bool = True) -> Check:
 def plan_jobs(
     jobs: Sequence[Sequence[str]], config_name: str = "config", check: Check | None = None
 ) -> list[PlannedRun]:
-    """Each job's run directory; every job composed (benchmark.jobs: its config files once per
+    """Each job's run directory; every job composed (benchmark.sweep.jobs: its config files once per
     distinct choice, so a 700-run sweep costs seconds) and, with ``check``, validated first
     (``InvalidSweep`` lists each bad value)."""
     composer = JobComposer(config_name)
@@ -220,100 +207,3 @@ def plan_sweep(
         check = run_checks(check_device=local)
     jobs = job_overrides(OmegaConf.to_container(params) if params else None, arguments)
     return plan_jobs(jobs, config_name, check)
-
-
-def run_state(directory: Path, probe_lock: bool = False) -> str:
-    """done | failed | running | pending; with ``probe_lock``, a started run whose lock no process
-    holds is *interrupted* (the probe takes the lock for an instant: for a status query only)."""
-    record_path = directory / RECORD_NAME
-    if record_path.exists():
-        try:
-            return "done" if read_record(record_path)["status"] == "ok" else "failed"
-        except CorruptRecord:
-            return "corrupt"
-    if not (directory / "config.yaml").exists():
-        return "pending"
-    if probe_lock and (directory / LOCK_NAME).exists():
-        with exclusive_lock(directory / LOCK_NAME) as free:
-            return "interrupted" if free else "running"
-    return "running"
-
-
-def count_states(runs: Sequence[PlannedRun], probe_lock: bool = False) -> Counter:
-    return Counter(run_state(r.run_dir, probe_lock) for r in runs)
-
-
-def progress_line(counts: Counter) -> str:
-    total = sum(counts.values())
-    done, running, failed, pending = (counts[s] for s in ("done", "running", "failed", "pending"))
-    line = f"{done}/{total} done, {running} running, {failed} failed, {pending} pending"
-    line += f", {counts['corrupt']} corrupt records (delete or move them)" if counts["corrupt"] else ""
-    return line + (f", {counts['interrupted']} interrupted (resumable)" if counts["interrupted"] else "")
-
-
-class SweepProgress(Callback):
-    """Hydra callback: the sweep's counts before it starts and after each job (local launcher:
-    this process; SLURM: each job's log, and the final count when all have returned)."""
-
-    def __init__(self) -> None:
-        self.runs: list[PlannedRun] | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            params = config.hydra.sweeper.get("params")
-            jobs = job_overrides(
-                OmegaConf.to_container(params) if params else None, config.hydra.overrides.task
-            )
-            self.runs = plan_jobs(jobs, config.hydra.job.config_name)  # validated before Hydra started
-            counts = count_states(self.runs)  # no lock probing: another sweep's job may be starting
-        except Exception as e:  # progress is a courtesy: it never stops a sweep
-            log.warning("sweep progress unavailable: %s", e)
-            self.runs = None
-            return
-        log.info("sweep of %d runs: %s", len(self.runs), progress_line(counts))
-        if counts["done"]:
-            log.info("%d runs already done: skipped (skip_done=true)", counts["done"])
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        self._log_progress("sweep progress")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._log_progress("sweep finished")
-
-    def _log_progress(self, what: str) -> None:
-        if self.runs is None:
-            return
-        try:
-            log.info("%s: %s", what, progress_line(count_states(self.runs)))
-        except OSError as e:
-            log.warning("sweep progress unavailable: %s", e)
-
-
-def main(argv: Sequence[str]) -> int:
-    """`python -m benchmark.sweep experiment=table1 [overrides]`: counts, then each unfinished run.
-    Exit 2 on bad input (every bad value listed), 0 otherwise."""
-    try:
-        runs = plan_sweep(argv)
-    except InvalidSweep as e:
-        print("\n".join(e.lines()), file=sys.stderr)
-        return 2
-    states = [(r, run_state(r.run_dir, probe_lock=True)) for r in runs]
-    print(f"{len(runs)} runs: {progress_line(Counter(s for _, s in states))}")
-    for r, state in states:
-        if state != "done":
-            print(f"  {state:11s} {r.run_dir}  ({' '.join(r.overrides)})")
-        if state == "corrupt":
-            print(f"              {corrupt_reason(r.run_dir)}")
-    return 0
-
-
-def corrupt_reason(directory: Path) -> str:
-    try:
-        read_record(directory / RECORD_NAME)
-    except CorruptRecord as e:
-        return str(e)
-    return ""
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

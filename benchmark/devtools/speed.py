@@ -1,4 +1,4 @@
-"""`python -m benchmark.speed [--device cpu] [--resolution 256] [--steps 3]`: training it/s of
+"""`python -m benchmark.devtools.speed [--device cpu] [--resolution 256] [--steps 3]`: training it/s of
 ZOODiP with sequential and with batched forward passes, and of TI, in one process on one
 device, with model=sd15_arch (random weights: speed needs none). ZOODiP's model is loaded once
 and its sequential and batched steps alternate (the same machine load for both); TI follows.
@@ -23,7 +23,7 @@ from benchmark.config import method_config, training_dtype
 from benchmark.train import step_generator
 from methods.registry import method_class
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def prepared(overrides: list[str], device: torch.device, steps: int, num_images: int = 5):

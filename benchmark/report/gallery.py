@@ -22,7 +22,7 @@ from PIL import Image
 
 from benchmark import data
 from benchmark.atomic import atomic_path, write_text_atomic
-from benchmark.report import Report, number, row_name
+from benchmark.report.tables import Report, number, row_name
 
 THUMB_PX = 160
 SCORES = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))

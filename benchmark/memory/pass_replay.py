@@ -1,4 +1,4 @@
-"""Repeated module calls traced once by the memory predictor (benchmark/memory_estimate.py).
+"""Repeated module calls traced once by the memory predictor (benchmark/memory/estimate.py).
 
 GF-TI scores 2 candidates x 5 batches a generation, each batch a text-encoder and a U-Net call
 of the same shapes under no_grad (ZOODiP's n + 1 passes and selective's ZO steps likewise).
@@ -31,7 +31,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from benchmark.memory_estimate import Peak
+from benchmark.memory.tracker import Peak
 
 TRACES_BEFORE_REPLAY = 2  # calls of a signature traced (and compared) before the next are replayed
 

@@ -10,7 +10,7 @@ what the prediction leaves out (the CUDA context, 0.3-0.6 GiB with lazy module l
 free blocks and fragmentation; cuBLAS/cuDNN workspaces). It is a rule of thumb, not a
 measurement: `nox -s memory_gpu` measures the real peaks.
 
-    python -m benchmark.memory_map [results/memory/predicted.csv] [figure.png]
+    python -m benchmark.memory.map [results/memory/predicted.csv] [figure.png]
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def memory_grid(csv: Path) -> pd.DataFrame:
 
 
 def row_label(row: str) -> str:
-    """The method's display name (benchmark/display.py), its variant after it."""
-    from benchmark.display import method_name
+    """The method's display name (benchmark/report/display.py), its variant after it."""
+    from benchmark.report.display import method_name
 
     method, _, variant = row.partition(" ")
     return f"{method_name(method)} {variant}".strip()

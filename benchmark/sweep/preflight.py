@@ -13,18 +13,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from benchmark.sweep import (
+from benchmark.sweep.plan import (
     Check,
     InvalidSweep,
     JobProblem,
     PlannedRun,
-    corrupt_reason,
     parse_overrides,
     plan_jobs,
     plan_sweep,
     run_checks,
-    run_state,
 )
+from benchmark.sweep.status import corrupt_reason, run_state
 
 
 def hydra_arguments(argv: Sequence[str]):

@@ -1,4 +1,4 @@
-"""`python -m benchmark.report experiment=<name> [overrides]`: one paper table or figure from the records.
+"""A report built from the records: one paper table or figure (the command: benchmark.report.cli).
 
 The experiment (conf/experiment/<name>.yaml) names its sweep and, under `report:`, its layout:
 
@@ -7,10 +7,10 @@ The experiment (conf/experiment/<name>.yaml) names its sweep and, under `report:
     metrics: [clip_t, clip_i]      # names in METRICS below
     paper: table1                  # results/paper/table1.csv, matched on the rows' values; or null
     grid: {index: .., columns: ..} # optional: also draw each metric as a grid (and a heatmap)
-    figures: [heatmap]             # optional: benchmark.plots.FIGURES
+    figures: [heatmap]             # optional: benchmark.report.plots.FIGURES
 
 The report plans the sweep exactly as `python -m benchmark -m experiment=<name> [overrides]`
-runs it (benchmark.sweep), so it reads only that sweep's records, and a run that failed or has
+runs it (benchmark.sweep.plan), so it reads only that sweep's records, and a run that failed or has
 no record yet is counted and listed, never dropped. Each row gives our mean over its runs that
 succeeded, a 95 % bootstrap confidence interval over subjects (and seeds within a subject), the
 paper's value and our difference to it. Written to <paths.results>/<name>/: table.md,
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +32,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.atomic import write_text_atomic
 from benchmark.config import NOT_IN_RUN_KEY
 from benchmark.records import CorruptRecord, load_records
-from benchmark.sweep import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
+from benchmark.sweep.plan import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 # Below this many subjects (or seeds, for a one-subject experiment) a percentile bootstrap
@@ -46,7 +44,7 @@ BOOTSTRAP_RESAMPLES = 2000
 MIN_UNITS_FOR_CI = 5
 # The Mem. column: the first of these a record has. NVML's process peak is the papers'
 # nvidia-smi figure; CUDA's peak reserved memory including the model load comes closest where
-# NVML cannot see the process. A predicted peak (benchmark.memory_estimate) or, on a CPU, the
+# NVML cannot see the process. A predicted peak (benchmark.memory.estimate) or, on a CPU, the
 # profiler's peak of live tensors (the breakdown's total) only where nothing was measured on a GPU.
 # Config values a row shows even before its runs have records (Table 1's Quant. column)
 PLANNED_FIELDS = ("method.quantize", "method.bits")
@@ -96,7 +94,7 @@ METRICS: dict[str, Metric] = {
     "dino_inter": Metric("DINO-inter", record_field("dino_inter"), 3),
     "it_per_s": Metric("Speed (it/s)", record_field("it_per_s"), 2),
     "train_minutes": Metric("Time (min)", record_field("train_seconds", 1 / 60), 1),
-    # experiment=recovery (its own report: benchmark/recovery_report.py)
+    # experiment=recovery (its own report: benchmark/recovery/report.py)
     "recovery_gap": Metric("gap L_init - L_teacher", record_field("recovery_gap"), 5),
     "recovery_gap_closed": Metric("gap closed", record_field("recovery_gap_closed"), 3),
 }
@@ -165,7 +163,7 @@ def experiment_name(arguments: Sequence[str]) -> str:
     names = [a.split("=", 1)[1] for a in arguments if a.startswith("experiment=")]
     if len(names) != 1:
         options = sorted(
-            p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
+            p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "experiment").glob("*.yaml")
         )
         raise bad_input(f"name one experiment: experiment=<{' | '.join(options)}>")
     return names[0]
@@ -338,7 +336,7 @@ FEWER_SUBJECTS_MARK = "†"
 
 def row_name(report: Report, entry: dict[str, Any]) -> str:
     """The row's values as a reader sees them (display names), marked when it has fewer subjects."""
-    from benchmark.display import value_label
+    from benchmark.report.display import value_label
 
     text = ", ".join(value_label(r, entry[r]) for r in report.spec["rows"])
     return text + (f" {FEWER_SUBJECTS_MARK}" if entry.get("fewer_subjects") else "")
@@ -346,7 +344,7 @@ def row_name(report: Report, entry: dict[str, Any]) -> str:
 
 def display_table(report: Report) -> pd.DataFrame:
     """The table as strings: our mean [95 % CI] (or n), the paper's value, our difference, run counts."""
-    from benchmark.display import axis_label
+    from benchmark.report.display import axis_label
 
     has_paper = any(c.endswith("_paper") for c in report.table.columns)
     entries = report.table.to_dict("records")
@@ -370,7 +368,7 @@ def display_grid(report: Report, metric: str) -> pd.DataFrame:
     if f"{metric}_paper" in report.table:
         paper = pivot(report.table, report.spec["grid"], f"{metric}_paper")
         cells = cells + paper.map(lambda v: f" ({number(v, digits)})")
-    from benchmark.display import axis_label
+    from benchmark.report.display import axis_label
 
     grid_spec = report.spec["grid"]
     return cells.rename_axis(
@@ -442,7 +440,7 @@ def provenance(report: Report) -> list[str]:
 def flat_axes(report: Report) -> list[str]:
     """A swept axis whose cells all read the same for a metric (at the table's precision): say
     so, with the spread and the likely reason."""
-    from benchmark.display import axis_label
+    from benchmark.report.display import axis_label
 
     table, out = report.table, []
     for metric in report.spec["metrics"]:
@@ -494,65 +492,3 @@ def failures(report: Report) -> pd.DataFrame:
     columns = [*report.spec["rows"], "subject", "seed", "state", "error", "path"]
     bad = bad.reindex(columns=columns).astype(object)
     return bad.where(bad.notna(), "")
-
-
-def write_report(report: Report) -> list[Path]:
-    from benchmark import gallery, plots  # here: they import this module
-    from benchmark import latex as tex_tables
-
-    out_dir = report.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    title = report.spec.get("title", report.name)
-    shown = display_table(report)
-    if report.reference is not None:
-        reference = display_table(report.reference)
-        if len(reference.columns) == len(shown.columns):
-            shown = pd.concat([shown, reference.set_axis(shown.columns, axis=1)], ignore_index=True)
-    md = [f"# {title}", "", *provenance(report), ""]
-    tex = [
-        f"% {title}: python -m benchmark.report experiment={report.name}",
-        f"% preamble: {tex_tables.PREAMBLE}",
-        tex_tables.table_tex(report, report.reference),
-    ]
-    for metric in report.grids:
-        cells = display_grid(report, metric)
-        label = METRICS[metric].label
-        shown_as = "ours (paper)" if f"{metric}_paper" in report.table else "ours"
-        md += [f"## {label}: {cells.index.name} (rows) x {cells.columns.name} (columns), {shown_as}", "",
-               markdown(grid_frame(cells)), ""]  # fmt: skip
-        tex.append(tex_tables.grid_tex(report, metric, cells))
-    md += ["## All rows", "", markdown(shown), ""]
-    bad = failures(report)
-    md += ["## Runs without a result", ""]
-    md += [markdown(bad), ""] if len(bad) else ["None: every run succeeded.", ""]
-    paths = [out_dir / "table.md", out_dir / "table.tex", out_dir / "table.csv"]
-    write_text_atomic(paths[0], "\n".join(md))
-    write_text_atomic(paths[1], "\n".join(tex))
-    tables = [report.table] + ([report.reference.table] if report.reference is not None else [])
-    write_text_atomic(paths[2], pd.concat(tables, ignore_index=True).to_csv(index=False))
-    paths += plots.draw(report, out_dir)
-    if gallery.has_images(report):
-        paths.append(gallery.write_gallery(report))
-    report.files = paths
-    return paths
-
-
-def main(argv: Sequence[str]) -> int:
-    """Exit 2 on bad input (every bad value listed, one line each), 0 otherwise."""
-    try:
-        if OmegaConf.select(primary_config(argv), "report.kind") == "recovery":  # its own layout
-            from benchmark import recovery_report
-
-            return recovery_report.main(argv)
-        report = build_report(argv)
-    except InvalidSweep as e:
-        print("\n".join(e.lines()), file=sys.stderr)
-        return 2
-    for path in write_report(report):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra raises on a bad override
 REFERENCE = re.compile(r"\$\{(\.*)([\w-]+(?:\.[\w-]+)*)\}")  # ${model.resolution}, ${.high_resolution}
 RESOLVER_CALL = re.compile(r"\$\{([\w.]+):")  # ${oc.env:HOME}

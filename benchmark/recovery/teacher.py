@@ -5,7 +5,7 @@
    (LoRA-shaped) change of every attention projection for the other weight methods.
 2. The base: with ``recovery.fit_steps > 0`` (the tiny model's default) its U-Net is first fitted
    so that with the teacher in place it models the subject's real images, without it the class's
-   (benchmark/recovery_fit.py); training images = the subject's, held out = fresh draws on them.
+   (benchmark/recovery/fit.py); training images = the subject's, held out = fresh draws on them.
    With ``fit_steps=0`` (real weights) the model with the teacher in place generates the training
    and the held-out images.
 3. The method personalizes from its usual initialization on the training images, through the
@@ -56,13 +56,13 @@ class RecoveryConfig:
     guidance_scale: float = 1.0
     prompt: str = "a photo of {}"  # {} = the method's subject phrase ("<sks>" or "sks dog")
     curve_points: int = 5  # snapshots at evenly spaced steps, step 0 included
-    # the fitted base (benchmark/recovery_fit.py); 0 = the model as it is, images made by the teacher
+    # the fitted base (benchmark/recovery/fit.py); 0 = the model as it is, images made by the teacher
     fit_steps: int = 0
     fit_lr: float = 1e-3
     fit_batch: int = 8  # per step: this many subject draws (with the teacher) and class draws
     class_images: int = 16  # C: up to this many images of other subjects of the class
     # weight teachers: fit the teacher's parameters jointly with W (the draw is its start), so that
-    # it is near the optimum on S of its parameterization (benchmark/recovery_fit.py)
+    # it is near the optimum on S of its parameterization (benchmark/recovery/fit.py)
     fit_teacher: bool = True
     teacher_steps: int = 0  # then this many steps fitting the teacher alone on S (W frozen)
     # The token teacher's fit (token methods only; None: the shared value above). The weight

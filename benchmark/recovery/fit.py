@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 from torch.func import functional_call
 
-from benchmark.recovery import save_tensors
+from benchmark.recovery.teacher import save_tensors
 from methods.diffusion import latent_distribution, noisy_latents, randn
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.display import AXES, GRADIENT_FREE, axis_label, quantization
-from benchmark.report import (
+from benchmark.report.display import AXES, GRADIENT_FREE, axis_label, quantization
+from benchmark.report.tables import (
     CI_LEVEL,
     FEWER_SUBJECTS_MARK,
     METRICS,

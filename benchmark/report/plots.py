@@ -1,7 +1,7 @@
 """The report's figures, each as PDF (vector, for the paper) and PNG, drawn from a built
-``benchmark.report.Report``. Methods keep one display name and colour (benchmark.display).
+``benchmark.report.tables.Report``. Methods keep one display name and colour (benchmark.report.display).
 
-- ``heatmap``: every metric over the experiment's grid in one figure (benchmark.heatmaps).
+- ``heatmap``: every metric over the experiment's grid in one figure (benchmark.report.heatmaps).
 - ``memory_breakdown``: ZOODiP Fig. 1a: stacked bars of training memory per method (weights by
   dtype, gradients, optimizer state, activations, other: the record's ``breakdown_*_bytes``),
   for the methods ``report.breakdown_rows`` names (the paper's five) or every row.
@@ -28,11 +28,11 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark.display import axis_label, method_color, method_name, value_label  # noqa: E402
-from benchmark.profiling import CATEGORIES  # noqa: E402
-from benchmark.report import METRICS, row_keys  # noqa: E402
-
-PNG_DPI = 200
+from benchmark.memory.profiling import CATEGORIES  # noqa: E402
+from benchmark.report import heatmaps  # noqa: E402
+from benchmark.report.display import axis_label, method_color, method_name, value_label  # noqa: E402
+from benchmark.report.figures import save  # noqa: E402
+from benchmark.report.tables import METRICS, row_keys  # noqa: E402
 
 
 def row_labels(report) -> list[str]:
@@ -41,23 +41,6 @@ def row_labels(report) -> list[str]:
         ", ".join(value_label(r, v) for r, v in zip(rows, values))
         for values in report.table[rows].itertuples(index=False)
     ]
-
-
-def save(fig, stem: Path, layout: bool = True) -> list[Path]:
-    """``stem``.pdf (vector) and ``stem``.png."""
-    if layout:
-        fig.tight_layout()
-    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
-    fig.savefig(paths[0])
-    fig.savefig(paths[1], dpi=PNG_DPI)
-    plt.close(fig)
-    return paths
-
-
-def heatmap(report, out_dir: Path) -> list[Path]:
-    from benchmark.heatmaps import heatmap as draw_heatmap
-
-    return draw_heatmap(report, out_dir)
 
 
 def breakdown_gb(report) -> pd.DataFrame:
@@ -231,7 +214,7 @@ def gallery(report, out_dir: Path) -> list[Path]:
 
 FIGURES = {
     "gallery": gallery,
-    "heatmap": heatmap,
+    "heatmap": heatmaps.heatmap,
     "memory_breakdown": memory_breakdown,
     "memory_vs_score": memory_vs_score,
     "versus_rows": versus_rows,

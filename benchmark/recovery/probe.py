@@ -1,6 +1,6 @@
 """Is there a gap to close? The held-out loss of the start and of the teacher, no training.
 
-    python -m benchmark.recovery_probe [methods=ti,lora,peqa] [seeds=8] [overrides of experiment=recovery]
+    python -m benchmark.recovery.probe [methods=ti,lora,peqa] [seeds=8] [overrides of experiment=recovery]
 
 For each method (one per teacher kind by default) and seed: the teacher, its base (fitted when
 ``recovery.fit_steps > 0``, as in a run) and the held-out images, then the held-out denoising
@@ -20,10 +20,10 @@ from hydra import compose, initialize_config_dir
 
 from benchmark import data
 from benchmark.config import method_config
-from benchmark.jobs import CONF_DIR
-from benchmark.recovery import heldout_loss, install
-from benchmark.recovery_run import base_pipeline, prepare, recovery_config
-from benchmark.report import bootstrap_ci
+from benchmark.recovery.run import base_pipeline, prepare, recovery_config
+from benchmark.recovery.teacher import heldout_loss, install
+from benchmark.report.tables import bootstrap_ci
+from benchmark.sweep.jobs import CONF_DIR
 from methods.registry import method_class
 
 

@@ -1,5 +1,5 @@
 """One recovery run (`mode=recovery`, set by `experiment=recovery`): teacher, teacher-made
-images, training with snapshots, known-answer scores. See benchmark/recovery.py for the idea.
+images, training with snapshots, known-answer scores. See benchmark/recovery/teacher.py for the idea.
 
 Resumable like a personalization run: the teacher and its images are stored in the run
 directory (`teacher.safetensors`, `recovery_images.safetensors`), the curve's snapshots as
@@ -23,7 +23,16 @@ from safetensors.torch import load_file
 from benchmark import data, models
 from benchmark.atomic import write_json_atomic
 from benchmark.config import config_error, training_dtype
-from benchmark.recovery import (
+from benchmark.recovery.fit import (
+    TEACHER_TOKEN_KEY,
+    JointTeacher,
+    TeacherTokenStates,
+    bases_dir,
+    fit_base,
+    fit_key,
+    fitted_base,
+)
+from benchmark.recovery.teacher import (
     RecoveryConfig,
     curve_fields,
     curve_steps,
@@ -40,15 +49,6 @@ from benchmark.recovery import (
     teacher_artifact,
     teacher_kind,
     token_scores,
-)
-from benchmark.recovery_fit import (
-    TEACHER_TOKEN_KEY,
-    JointTeacher,
-    TeacherTokenStates,
-    bases_dir,
-    fit_base,
-    fit_key,
-    fitted_base,
 )
 from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, release_memory, train
 from methods.diffusion import token_ids
@@ -172,7 +172,7 @@ def prompt_states(cfg, method_cfg, kind, token, prompt, device) -> torch.Tensor:
 
 def fitted(cfg, rc, cls, method_cfg, subject, image_paths, kind, change, initial_token, prompt, device):
     """(cache key, fit losses or None when cached, fitted U-Net state, the teacher's change: fitted
-    with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery_fit.py."""
+    with W for a weight teacher with ``rc.fit_teacher``, else ``change``): benchmark/recovery/fit.py."""
     resolution = method_cfg.resolution
     subject_images = data.load_images(image_paths, resolution)
     contrast = rc.token_class_images if kind == "token" else "same_class"

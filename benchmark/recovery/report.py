@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from benchmark.atomic import write_text_atomic
-from benchmark.display import method_name
-from benchmark.report import bootstrap_ci, report_dir, runs_frame
-from benchmark.sweep import plan_sweep, primary_config
+from benchmark.report.display import method_name
+from benchmark.report.tables import bootstrap_ci, report_dir, runs_frame
+from benchmark.sweep.plan import plan_sweep, primary_config
 
 ROW = "recovery.arm"
 # how a reader sees each arm (conf/experiment/recovery/<arm>.yaml)

@@ -2,7 +2,7 @@
 architecture.
 
 Three kinds (``conf/model/*.yaml``, field ``kind``) of three families (field ``family``: sd1,
-sd2, sdxl; ``benchmark.families``):
+sd2, sdxl; ``benchmark.models.families``; the offline CLIP tokenizer is ``benchmark.models.tokenizer``):
 
 - ``hub``:  the real weights, from ``model.path`` (a local diffusers folder) or the Hub.
 - ``tiny``: a few-MB model of the family with deterministic random weights (tests, smoke runs).
@@ -31,7 +31,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from benchmark import families
+from benchmark.models import families
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -451,7 +451,7 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
     else:
         from diffusers import DDPMScheduler
 
-        from benchmark.tokenizer import clip_tokenizer
+        from benchmark.models.tokenizer import clip_tokenizer
 
         networks = build_from_config(model_cfg, dtype)
         tokenizers = [clip_tokenizer() for _ in range(1 + (networks.text_encoder_2 is not None))]

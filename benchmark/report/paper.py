@@ -1,4 +1,4 @@
-"""`python -m benchmark.paper [results=results]`: every report's tables and figures in one PDF.
+"""`python -m benchmark.report.paper [results=results]`: every report's tables and figures in one PDF.
 
 Collects <results>/<report>/table.tex and each figure's PDF into <results>/pdf/paper.tex (a
 two-column article, the layout the tables are made to fit) and compiles it with pdflatex
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from benchmark.atomic import write_text_atomic
-from benchmark.latex import PREAMBLE
+from benchmark.report.latex import PREAMBLE
 
 OUT_NAME = "pdf"  # <results>/pdf/paper.tex (results/paper/ holds the papers' numbers)
 

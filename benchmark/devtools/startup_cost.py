@@ -1,5 +1,5 @@
 """CPU seconds of the processes the suite, SLURM jobs and users' sweeps start:
-`python -m benchmark.startup_cost [--repeat N]` (`nox -s startup`).
+`python -m benchmark.devtools.startup_cost [--repeat N]` (`nox -s startup`).
 
 Each kind runs N times in a fresh interpreter on the tiny model (the overrides the tests use);
 it prints, per kind, the median user+sys CPU seconds of the whole process, the same for a
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny", "train.max_steps=1", "train.progress=false", "train.profile_steps=0"]
 KINDS = {
     "run (ti, tiny, 1 step, smoke eval)": ["benchmark", "method=ti", "subject=dog6", "eval=smoke", *TINY],

@@ -1,7 +1,8 @@
-"""`python -m benchmark.memory method=zoodip [model=sd15_arch] [format=json]` (Hydra).
+"""`python -m benchmark.memory method=zoodip [model=sd15_arch] [format=json]` (Hydra; the entry point is
+benchmark/memory/__main__.py, this module its work).
 
 Prints a method's predicted peak training memory with its breakdown by category and by phase
-(benchmark/memory_estimate.py: fake tensors, no GPU, no weights). ``-m method=a,b,c`` gives a
+(benchmark/memory/estimate.py: fake tensors, no GPU, no weights). ``-m method=a,b,c`` gives a
 column. ``format=json`` prints one JSON object per configuration on its own line (all logging
 goes to stderr). ``csv=<file>`` adds the configuration's row to a CSV, next to the paper's
 Table 1 value; ``method.*`` overrides make a row of their own (column ``variant``).
@@ -14,25 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from benchmark.atomic import write_text_atomic
-from benchmark.memory_estimate import PHASES, Estimate, estimate
-from benchmark.profiling import CATEGORIES
+from benchmark.memory.estimate import Estimate, estimate
+from benchmark.memory.profiling import CATEGORIES
+from benchmark.memory.tracker import PHASES
 
 log = logging.getLogger(__name__)
 GB = 10**9  # as the papers and results/paper/ (nvidia-smi's MiB are not converted)
-PAPER_TABLE = Path(__file__).resolve().parents[1] / "results" / "paper" / "table1.csv"
+PAPER_TABLE = Path(__file__).resolve().parents[2] / "results" / "paper" / "table1.csv"
 ROW_KEYS = ("method", "variant", "model", "resolution", "batch_size")
 FORMATS = ("table", "json")
 SHOWN = (
@@ -134,7 +133,7 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
     and return the allocator and NVML peaks, keyed as in the run records (None on a CPU)."""
     from benchmark import data, models
     from benchmark.config import method_config, resolve_device, training_dtype
-    from benchmark.profiling import TrainingMonitor
+    from benchmark.memory.profiling import TrainingMonitor
     from benchmark.train import Diverged, train
     from methods.registry import method_class
 
@@ -225,7 +224,7 @@ MEMORY_KEYS = ("format", "steps", "num_images", "csv", "measure", "predict")  # 
 
 def bad_values(cfg: DictConfig | dict) -> list[str]:
     """Every bad value of one configuration, one line each: checked for all of them before the
-    first is estimated (benchmark.preflight), so bad input exits 2 and writes nothing."""
+    first is estimated (benchmark.sweep.preflight), so bad input exits 2 and writes nothing."""
     from benchmark.schema import problems, resolved
 
     values = resolved(cfg)
@@ -238,18 +237,3 @@ def bad_values(cfg: DictConfig | dict) -> list[str]:
         if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
             found.append(f"csv={values['csv']!r} cannot be written ({folder}); use a writable folder")
     return found
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="memory")
-def main(cfg: DictConfig) -> None:
-    ok = report(cfg)
-    if not ok and HydraConfig.get().mode == RunMode.RUN:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    from benchmark.preflight import exit_on_bad_input
-    from benchmark.sweep import Check
-
-    exit_on_bad_input(sys.argv[1:], "memory", Check(values=bad_values))
-    main()

@@ -18,8 +18,9 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.patches import Patch, Rectangle
 
-from benchmark.display import axis_label
-from benchmark.report import METRICS, number, pivot
+from benchmark.report.display import axis_label
+from benchmark.report.figures import save
+from benchmark.report.tables import METRICS, number, pivot
 
 MIN_SPAN_DIGITS = 20  # a colour scale spans at least 20 units of the last printed digit
 EMPTY = {
@@ -93,8 +94,6 @@ def draw_panel(ax, grid: pd.DataFrame, states: pd.DataFrame, cmap, norm, digits,
 
 
 def heatmap(report, out_dir) -> list:
-    from benchmark.plots import save
-
     spec, grid_spec = report.spec, report.spec["grid"]
     metrics = list(report.grids)
     with_paper = [f"{m}_paper" in report.table and report.table[f"{m}_paper"].notna().any() for m in metrics]

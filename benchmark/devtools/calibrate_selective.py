@@ -9,8 +9,8 @@ mean loss descent per step (start minus end, over steps) with its spread over th
 the ratio to BP-low's. A ZO-high candidate supports a default when its descent is positive
 beyond the spread.
 
-    python -m benchmark.calibrate_selective data.root=<dir>   # tiny model, CPU (nox -s calibrate_selective)
-    python -m benchmark.calibrate_selective model=sd15 data.root=<dir> --adapt 100 --steps 20
+    python -m benchmark.devtools.calibrate_selective data.root=<dir>  # tiny model, CPU (nox)
+    python -m benchmark.devtools.calibrate_selective model=sd15 data.root=<dir> --adapt 100 --steps 20
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = [("sgd", 1e-5, False)] + [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
     has_model = any(o.startswith("model=") for o in args.overrides)
     overrides = ["method=selective", *([] if has_model else ["model=tiny"]), *args.overrides]
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     rows = calibrate(cfg, args.adapt, args.steps, args.repeats, args.heldout, candidates)
