@@ -100,7 +100,7 @@ def estimate(
     ``candidates``: the CMA-ES population traced (GF-TI; None: the config's). Candidates are
     scored one after another and each keeps a scalar loss, so the peak depends on how many
     there are only through the candidate matrix (popsize x subspace dim in float64: 40 KB at
-    SD1.5, left out; tests/test_memory_estimate.py checks the bound), while the time does:
+    SD1.5, left out; tests/memory/test_memory_estimate.py checks the bound), while the time does:
     GF-TI's 20 candidates x 5 images x 5 repeats are 500 U-Net samples a step.
     ``fast_quantizers``: see ``tracking``. ``replay_calls``: under fake tensors, repeated no-grad
     calls of the U-Net and text encoders with the same input layouts are traced once and then

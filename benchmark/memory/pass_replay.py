@@ -9,7 +9,7 @@ allocator is kept (``PassRecord``): the bytes of the storages it made that were 
 peak, and the layout of its outputs. A later call with the same signature (module state, grad
 mode, inputs' layouts) is replayed: those storages are born and die at once, with a peak check
 in between, and outputs of the recorded layout are made. The peaks and their breakdowns come
-out as a full trace gives them (tests/test_memory_estimate.py), because a replayed call is only
+out as a full trace gives them (tests/memory/test_memory_estimate.py), because a replayed call is only
 one whose record is proven repeatable:
 
 - grad is off (no autograd graph keeps a call's tensors alive after it);

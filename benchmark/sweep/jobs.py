@@ -7,7 +7,7 @@ most of it in OmegaConf's interpolation grammar and deep copies. :class:`JobComp
 and resolves each choice of files once; a value override that no interpolation can read is set
 on a copy of the resolved dict. Any other override (one an interpolation reads, one that adds or
 deletes a key or sets a whole node, a value that is itself an interpolation) goes through Hydra's
-own override step, exactly as a run applies it (tests/test_sweep.py compares the two).
+own override step, exactly as a run applies it (tests/sweep/test_sweep.py compares the two).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def test_lora_run_writes_a_record(tiny_cfg):
 
 
 def test_fraction_sweep_writes_complete_records(tmp_path, dataset_root):
-    """The sweep's runs in this process (tests/test_sweep.py runs `python -m benchmark -m`)."""
+    """The sweep's runs in this process (tests/sweep/test_sweep.py runs `python -m benchmark -m`)."""
     records = run_sweep_in_process(
         ["method=hollowed", "method.fraction=0,0.25,0.5", "model=tiny", "method.steps=2",
          f"data.root={dataset_root}", f"paths.results={tmp_path / 'results'}", "train.progress=false",

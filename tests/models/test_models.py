@@ -22,7 +22,7 @@ from benchmark.models import (
     load_pipeline,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def model_cfg(name: str, **overrides):

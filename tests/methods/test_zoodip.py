@@ -232,7 +232,7 @@ def test_bad_settings_are_config_errors(tiny_cfg, override):
 
 
 def test_a_tau_nu_sweep_makes_four_complete_runs(tmp_path, dataset_root):
-    """The sweep's runs in this process (tests/test_sweep.py runs `python -m benchmark -m`)."""
+    """The sweep's runs in this process (tests/sweep/test_sweep.py runs `python -m benchmark -m`)."""
     records = run_sweep_in_process(
         ["method=zoodip", "subject=dog6", "model=tiny", "method.tau=32,64", "method.nu=1e-3,1e-2",
          f"data.root={dataset_root}", f"paths.results={tmp_path / 'results'}", "method.precision=fp32",

@@ -26,7 +26,7 @@ from benchmark.report.tables import (
 from benchmark.sweep.plan import plan_sweep, primary_config
 from tests.conftest import run_sweep_in_process
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 

@@ -30,7 +30,7 @@ from benchmark.sweep.plan import plan_sweep, primary_config
 from methods.registry import METHODS as REGISTERED
 from methods.subspace import SubspaceGradient
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def need_tool(name: str) -> str:

@@ -161,7 +161,7 @@ def arm_run(tmp_path_factory, dataset_root):
 @pytest.mark.parametrize(
     "arm, extra",
     [("ti", []), ("peqa", GENERATED)],  # token (fitted), scales (generated); LoRA-shaped fitted:
-)  # tests/test_recovery_weights.py
+)  # tests/recovery/test_recovery_weights.py
 def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, extra):
     cfg, record = arm_run(arm, extra)
     assert record["status"] == "ok", record["error"]

@@ -28,7 +28,7 @@ import yaml
 from benchmark.records import RECORD_NAME, read_record
 from benchmark.train import CHECKPOINT_NAME, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEPS = pytest.mark.xdist_group("slurm-sweeps")
 STOPS = pytest.mark.xdist_group("slurm-stops")
 

@@ -252,7 +252,7 @@ def test_cli_prints_one_json_object_per_configuration(tmp_path, capsys):
 
     csv = tmp_path / "predicted.csv"
     overrides = ["method=ti", "model=tiny", "format=json", f"csv={csv}", "measure=true", "device=cpu"]
-    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[2] / "conf"), version_base="1.3"):
         cfg = compose(config_name="memory", overrides=overrides)
     assert report(cfg)
     lines = capsys.readouterr().out.strip().splitlines()
