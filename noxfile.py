@@ -164,9 +164,10 @@ def memory_gpu(session: nox.Session) -> None:
 @nox.session
 def recovery(session: nox.Session) -> None:
     """Known-answer personalization (issue 19): every arm of conf/experiment/recovery.yaml over
-    its seeds on the tiny model (CPU; about an hour in one process, 2026-12-02), then the report (results/recovery/:
-    table.md, table.csv, curves.png). `nox -s recovery -- seed=0,1 train.max_steps=50` for less;
-    `nox -s recovery -- model=sd15 model.path=<dir> device=cuda` for real weights."""
+    its seeds on the tiny model (CPU; about an hour in one process, 2026-12-02), then the report
+    (results/recovery/: table.md, table.csv, curves.png). `nox -s recovery -- seed=0,1
+    train.max_steps=50` for less; `nox -s recovery -- model=sd15 model.path=<dir> device=cuda` for
+    real weights."""
     overrides = ["experiment=recovery", *session.posargs]
     session.run(sys.executable, "-m", "benchmark", "-m", *overrides, env={"HF_HUB_OFFLINE": "1"})
     session.run(sys.executable, "-m", "benchmark.report", *overrides)

@@ -77,7 +77,8 @@ def tiny_cfg(tmp_path, dataset_root):
             f"data.root={dataset_root}",
             f"paths.results={tmp_path / 'results'}",
             "train.progress=false",
-            "train.profile_steps=0",  # the profiler costs seconds a run; tests/memory/test_profiling.py turns it on
+            # the profiler costs seconds a run; tests/memory/test_profiling.py turns it on
+            "train.profile_steps=0",
         ]
         return compose(base + list(overrides))
 

@@ -86,6 +86,7 @@ def test_nvml_is_unavailable_without_a_gpu():
     assert sampler.process_peak is None and sampler.device_peak is None
 
 
+@pytest.mark.integration
 def test_records_carry_every_figure(tiny_cfg):
     from benchmark.run import run
 
@@ -214,6 +215,7 @@ def test_nvml_without_this_process_keeps_the_device_figure_only(monkeypatch):
     assert summary["peak_allocated_bytes"] == 13 * GiB
 
 
+@pytest.mark.integration
 def test_profile_steps_zero_turns_the_profiler_off(tiny_cfg):
     from benchmark.run import run
 

@@ -171,6 +171,7 @@ def test_bad_settings_are_config_errors(tiny_cfg, override):
         method_config(tiny_cfg("method=gfti", override))
 
 
+@pytest.mark.integration
 def test_run_writes_a_complete_record(tiny_cfg):
     record = run(
         tiny_cfg("method=gfti", "subject=dog6", "method.popsize=2", "method.repeats=1", "train.max_steps=2")

@@ -293,6 +293,7 @@ def test_bad_values_are_refused(override, match, tiny_cfg):
         method_config(tiny_cfg(*override.split()))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", METHODS)
 def test_cli_writes_a_complete_record(name, tiny_cfg, dataset_root):
     from benchmark.records import REQUIRED_FIELDS

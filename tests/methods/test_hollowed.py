@@ -297,12 +297,14 @@ def test_lora_rank_below_one_is_refused(tiny_cfg):
         method_config(tiny_cfg("method=lora", "method.rank=0"))
 
 
+@pytest.mark.integration
 def test_lora_run_writes_a_record(tiny_cfg):
     record = run(tiny_cfg("method=lora", "method.rank=2"))
     assert record["status"] == "ok", record["error"]
     assert record["train_steps"] == 4 and record["artifact_bytes"] > 0 and record["clip_t"] is not None
 
 
+@pytest.mark.integration
 def test_fraction_sweep_writes_complete_records(tmp_path, dataset_root):
     """The sweep's runs in this process (tests/sweep/test_sweep.py runs `python -m benchmark -m`)."""
     records = run_sweep_in_process(

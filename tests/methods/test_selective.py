@@ -142,6 +142,7 @@ def test_resume_restores_weights_and_step_counts(tiny_cfg, dataset_root, tmp_pat
         assert torch.equal(finals[1][2][k], v), k
 
 
+@pytest.mark.integration
 def test_record_counts_add_up_to_the_steps(tiny_cfg):
     record = run(tiny_cfg("method=selective", "method.schedule=fixed", "method.p_bp=0.5"))
     assert record["status"] == "ok", record["error"]

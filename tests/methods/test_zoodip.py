@@ -231,6 +231,7 @@ def test_bad_settings_are_config_errors(tiny_cfg, override):
         method_config(tiny_cfg("method=zoodip", override))
 
 
+@pytest.mark.integration
 def test_a_tau_nu_sweep_makes_four_complete_runs(tmp_path, dataset_root):
     """The sweep's runs in this process (tests/sweep/test_sweep.py runs `python -m benchmark -m`)."""
     records = run_sweep_in_process(

@@ -33,6 +33,8 @@ from methods.base import ConfigError
 from methods.textual_inversion import TextualInversion
 from tests.conftest import compose
 
+pytestmark = pytest.mark.integration
+
 # A run small enough for CI: 2 steps, a 2-step fit of the base, 8 held-out draws (the machinery,
 # not the measurement: that is `nox -s recovery`).
 SMALL = [

@@ -21,6 +21,8 @@ from benchmark.recovery.teacher import RecoveryConfig
 from methods.base import ConfigError
 from tests.conftest import compose
 
+pytestmark = pytest.mark.integration
+
 # One fit step on 2 + 2 draws: the machinery, not the measurement.
 SMALL_FIT = [
     "experiment=recovery",

@@ -13,7 +13,8 @@ import pytest
 from benchmark.run import run
 from tests.conftest import compose
 
-pytestmark = pytest.mark.xdist_group("recovery_tokens")  # one worker runs the fixture once
+# xdist_group: one worker runs the fixture once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_tokens")]
 
 # The CI configuration is the full version's (conf/experiment/recovery.yaml: a 100-step joint fit
 # of W and the teacher token, 60 teacher-only steps, 100 training steps at lr 1e-3, GF-TI 20

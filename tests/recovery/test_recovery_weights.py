@@ -18,7 +18,8 @@ from benchmark.recovery.teacher import gap_closed
 from benchmark.run import run
 from tests.conftest import compose
 
-pytestmark = pytest.mark.xdist_group("recovery_weights")  # one worker runs the fixture once
+# xdist_group: one worker runs the fixture once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_weights")]
 
 # The CI configuration is the full version's (the arms' yamls and recovery/_weights.yaml: a
 # 40-step joint fit, 60 teacher-only steps, 20 training steps at each arm's recovery lr, 32

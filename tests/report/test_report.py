@@ -193,6 +193,7 @@ def test_a_corrupt_record_is_listed_with_its_path_not_fatal(tmp_path):
 # -- reports from real sweeps (tiny model, smoke evaluation) ------------------------------
 
 
+@pytest.mark.integration
 def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
     args = ["experiment=table1", "method=ti,dreambooth", "subject=dog6,cat", *tiny(tmp_path, dataset_root)]
     sweep(*args)
@@ -221,6 +222,7 @@ def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
     assert "DreamBooth" in (narrowed / "table.tex").read_text()
 
 
+@pytest.mark.integration
 def test_fig7_heatmap_cells_are_the_records(tmp_path, dataset_root):
     grid = ["experiment=fig7", "method.T_L=100,200", "method.T_U=800,900"]
     cheap = ["method.precision=fp32", "method.quantize=none"]  # ZOODiP's fastest setting on a CPU

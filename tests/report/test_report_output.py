@@ -230,6 +230,7 @@ def test_gallery_links_every_image_relatively(tmp_path, dataset_root):
     assert "CLIP-I 0.800" in text  # the second prompt's image's own score
 
 
+@pytest.mark.integration
 def test_gallery_loads_in_headless_chromium_with_no_broken_image(tmp_path, dataset_root):
     chromium = need_tool("chromium")
     page = write_gallery(gallery_report(tmp_path, dataset_root))
@@ -248,6 +249,7 @@ def test_gallery_loads_in_headless_chromium_with_no_broken_image(tmp_path, datas
 # -- quiet start --------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_imports_and_the_profiler_print_no_third_party_chatter_but_our_warnings_show():
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"  # as Hydra's job logging: INFO shown

@@ -48,6 +48,8 @@ LONG_RUNS = (
     "method=ti", "subject=dog6", "seed=0,1", f"train.max_steps={LONG_STEPS}", f"method.steps={LONG_STEPS}",
     "train.checkpoint_every=1",
 )  # fmt: skip
+
+pytestmark = pytest.mark.integration
 CANCEL_AT_STEP = 25  # the seed-1 run is cancelled once it has done this many steps; the rerun does the rest
 NUMBERS = ("clip_t", "clip_i", "dino", "dino_inter", "final_loss", "train_steps", "n_images")
 # One thread per process: a job and the local reference run compute alike (the same numbers), and

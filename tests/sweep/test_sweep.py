@@ -16,6 +16,8 @@ from benchmark.records import RECORD_NAME, read_record
 from benchmark.sweep.plan import job_overrides, plan_sweep, primary_config
 from benchmark.sweep.status import count_states
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs `python -m benchmark` with TI's step raising for method.lr=0.001: an injected failure.

@@ -145,6 +145,7 @@ def test_status_and_report_refuse_a_bad_sweep_with_exit_2(tmp_path, capsys):
     ],
     ids=["unknown config name", "key without +", "lexer error", "a list without -m"],
 )
+@pytest.mark.integration
 def test_what_hydra_refuses_is_one_line_and_exit_2(args, expect, tmp_path):
     results = tmp_path / "results"
     done = cli(*args, "model=tiny", f"paths.results={results}")
@@ -161,6 +162,7 @@ def test_an_unwritable_results_folder_is_bad_input(tmp_path, dataset_root, capsy
     assert f"paths.results='{blocker / 'results'}'" in line and "not a folder" in line
 
 
+@pytest.mark.integration
 def test_memory_and_report_name_a_bad_experiment_in_one_line(capsys):
     done = cli("experiment=no_such_table", module="benchmark.memory")
     assert done.returncode == 2
@@ -221,6 +223,7 @@ def imported_after(code: str) -> list[str]:
     return [m for m in ("torch", *HEAVY) if m in modules]
 
 
+@pytest.mark.integration
 def test_help_imports_no_heavy_library_and_lists_the_subjects():
     code = "import runpy; sys.argv = ['x', '--help']; runpy.run_module('benchmark', run_name='__main__')"
     assert imported_after(code) == []
@@ -228,6 +231,7 @@ def test_help_imports_no_heavy_library_and_lists_the_subjects():
     assert all(name in shown for name in data.SUBJECTS)
 
 
+@pytest.mark.integration
 def test_validating_every_method_imports_torch_at_most():
     code = (
         "from benchmark.sweep.preflight import problems; from methods.registry import METHODS; "
