@@ -77,7 +77,7 @@ def paper(session: nox.Session) -> None:
     results = next((o.split("=", 1)[1] for o in overrides if o.startswith("paths.results=")), "results")
     for name in REPORTS:
         session.run(sys.executable, "-m", "benchmark.report", f"experiment={name}", *overrides)
-    session.run(sys.executable, "-m", "benchmark.paper", f"results={results}")
+    session.run(sys.executable, "-m", "benchmark.report.paper", f"results={results}")
 
 
 # Memory: the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
@@ -109,13 +109,13 @@ def memory_runs(session: nox.Session, *fixed: str) -> None:
             *fixed, *overrides, env={"HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
     csv = next((o.split("=", 1)[1] for o in session.posargs if o.startswith("csv=")), MEMORY_CSV)
-    session.run(sys.executable, "-c", f"from benchmark.memory import show; show({csv!r})")
+    session.run(sys.executable, "-c", f"from benchmark.memory.cli import show; show({csv!r})")
 
 
 @nox.session
 def memory(session: nox.Session) -> None:
     """Predicted peak training memory of every method at SD1.5 / 512 px / batch 1, on a CPU with
-    no weights (benchmark/memory_estimate.py): writes results/memory/sd15_predicted.csv next to
+    no weights (benchmark/memory/estimate.py): writes results/memory/sd15_predicted.csv next to
     the paper's Table 1 and prints it. `nox -s memory -- method=ti,zoodip` for a subset."""
     memory_runs(session)
 
@@ -123,16 +123,18 @@ def memory(session: nox.Session) -> None:
 @nox.session
 def startup(session: nox.Session) -> None:
     """CPU seconds of each process kind the suite and sweeps start (run, refused run, sweep
-    status, report, memory), whole process and its imports (benchmark/startup_cost.py).
+    status, report, memory), whole process and its imports (benchmark/devtools/startup_cost.py).
     `nox -s startup -- --repeat 1 run`."""
-    session.run(sys.executable, "-m", "benchmark.startup_cost", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    session.run(
+        sys.executable, "-m", "benchmark.devtools.startup_cost", *session.posargs, env={"HF_HUB_OFFLINE": "1"}
+    )
 
 
 @nox.session
 def speed(session: nox.Session) -> None:
     """Training it/s of ZOODiP sequential vs batched passes and of TI, with model=sd15_arch at
-    256 px, on the CPU and on CUDA when present (benchmark/speed.py); prints the ratios, the
-    last line `zoodip batched/sequential it/s ratio: R`. `nox -s speed -- --steps 5`."""
+    256 px, on the CPU and on CUDA when present (benchmark/devtools/speed.py); prints the ratios,
+    the last line `zoodip batched/sequential it/s ratio: R`. `nox -s speed -- --steps 5`."""
     import torch  # nox runs in the project's Python
 
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -140,9 +142,9 @@ def speed(session: nox.Session) -> None:
         # CPU: ZOODiP in fp32 (fp16 runs tens of times slower on CPUs without fp16 kernels);
         # `-- --precision fp16` overrides it
         precision = ["--precision", "fp32"] if device == "cpu" else []
-        session.run(sys.executable, "-m", "benchmark.speed", "--method", "zoodip", "--baseline", "ti",
-                    "--device", device, *precision, *session.posargs,
-                    env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+        speed = ["-m", "benchmark.devtools.speed", "--method", "zoodip", "--baseline", "ti"]
+        speed += ["--device", device]
+        session.run(sys.executable, *speed, *precision, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 @nox.session
@@ -174,12 +176,14 @@ def recovery(session: nox.Session) -> None:
 @nox.session
 def calibrate_selective(session: nox.Session) -> None:
     """Selective BP-low / ZO-high: mean held-out loss descent per step of each step kind (and
-    each ZO-high candidate) from one BP-low-adapted start (benchmark/calibrate_selective.py).
+    each ZO-high candidate) from one BP-low-adapted start (benchmark/devtools/calibrate_selective.py).
     Tiny model on CPU by default: `nox -s calibrate_selective -- [--adapt N] [--steps K] [overrides]`."""
     args = list(session.posargs)
     if not any(a.startswith("data.root=") for a in args):
         args.append(f"data.root={os.environ.get('DREAMBOOTH_DATASET', '../shared/dreambooth/dataset')}")
-    session.run(sys.executable, "-m", "benchmark.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"})
+    session.run(
+        sys.executable, "-m", "benchmark.devtools.calibrate_selective", *args, env={"HF_HUB_OFFLINE": "1"}
+    )
 
 
 # The memory map: every method x {SD1.5, SD2.1, SDXL} at the native resolution, batch 1.
@@ -199,7 +203,7 @@ def memory_models(session: nox.Session) -> None:
             sys.executable, "-m", "benchmark.memory", "-m", f"model={model}", f"csv={MEMORY_MAP_CSV}",
             "format=json", *methods, *rest, env={"HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
-    session.run(sys.executable, "-m", "benchmark.memory_map", MEMORY_MAP_CSV)
+    session.run(sys.executable, "-m", "benchmark.memory.map", MEMORY_MAP_CSV)
 
 
 # How far the official ZO-Adam (fp16 m and v, lr 1e-2) steps beyond ours

@@ -3,9 +3,9 @@
 Exit status: 0 done; 1 the run failed, diverged, ran out of memory or of disk space (its
 record.json says which, where the disk allows); 2 bad input (one line per bad value on stderr,
 nothing trained, nothing written; a sweep checks every job before the first starts:
-benchmark.preflight); 3 another process holds the run (or, in a sweep, at least one run), so it
-was left to that process, nothing written: rerun once it is done; 128+N stopped by signal N
-during training (a checkpoint was written: the same command resumes).
+benchmark.sweep.preflight); 3 another process holds the run (or, in a sweep, at least one run),
+so it was left to that process, nothing written: rerun once it is done; 128+N stopped by signal
+N during training (a checkpoint was written: the same command resumes).
 torch, diffusers and the other heavy libraries load only once a run starts.
 """
 
@@ -79,7 +79,7 @@ def run_job(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from benchmark.preflight import exit_on_bad_input
+    from benchmark.sweep.preflight import exit_on_bad_input
 
     exit_on_bad_input(sys.argv[1:])
     main()

@@ -6,7 +6,6 @@ stock pipeline loads it, generation leaves images on disk, the scorer turns them
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
@@ -32,11 +31,11 @@ from benchmark.config import (
     training_dtype,
 )
 from benchmark.generate import eval_prompts, generate_images
+from benchmark.memory.profiling import TrainingMonitor
 from benchmark.metrics import MetricModelsUnavailable, Scorer
-from benchmark.profiling import TrainingMonitor
 from benchmark.records import RECORD_NAME, CorruptRecord, new_record, read_record, write_record
 from benchmark.schema import ValidRun, validate
-from benchmark.train import CHECKPOINT_NAME, Diverged, train
+from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, Diverged, release_memory, train
 from methods.common.atomic import (
     DiskFull,
     exclusive_lock,
@@ -54,7 +53,6 @@ USER_ERRORS = (
 )  # fmt: skip
 BUSY = "busy"  # run()'s answer when another process holds the run: nothing is written
 IMAGE_SCORES_NAME = "scores.json"  # images/: each scored image's CLIP-T, CLIP-I, DINO (the gallery)
-TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
 
 
 def is_oom(error: BaseException) -> bool:
@@ -163,7 +161,7 @@ def image_set_fields(cfg: DictConfig) -> dict[str, Any]:
 
 def record_refusal(cfg: DictConfig, error: Exception) -> Path | None:
     """A sweep's job whose input is refused (say model.path missing where the job runs) leaves a
-    failed record, so that `benchmark.sweep` and the report count it and the next sweep retries
+    failed record, so that `benchmark.sweep.plan` and the report count it and the next sweep retries
     it. An ok record is kept; a corrupt one is left for the user to look at. Returns its path."""
     if isinstance(error, CorruptRecord) or OmegaConf.select(cfg, "mode") != "personalize":
         return None
@@ -190,7 +188,7 @@ def clear_outputs(run_dir: Path) -> None:
 
 def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
     if cfg.mode == "recovery":  # known-answer experiment: teacher-made images, no CLIP/DINO
-        from benchmark import recovery_run
+        from benchmark.recovery import run as recovery_run
 
         return recovery_run.execute(cfg, method_cfg, subject, image_paths, device, run_dir, monitor)
     trained_path = run_dir / TRAINED_NAME
@@ -309,9 +307,3 @@ def run_real_images(cfg: DictConfig) -> dict[str, Any]:
     )  # fmt: skip
     write_record(run_dir, record)
     return record
-
-
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

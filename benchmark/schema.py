@@ -24,12 +24,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from benchmark import data, models
 from benchmark.config import config_error, resolve_device, typed_method, typed_object
-from benchmark.families import FAMILIES
 from benchmark.metrics import MetricModelsUnavailable
+from benchmark.models.families import FAMILIES
 from methods.common.base import ConfigError, MethodConfig, require
 from methods.common.errors import ConfigErrors, every_problem, problem_messages
 
-MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery.py)
+MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery/teacher.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
 DIFFUSERS_FOLDER = ("model_index.json", "tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CLIP_SOURCES = ("open_clip", "random")
@@ -85,7 +85,7 @@ class TrainSchema:
 class ModelSchema:
     name: str = MISSING
     kind: str = MISSING
-    family: str = "sd1"  # sd1 | sd2 | sdxl (benchmark/families.py)
+    family: str = "sd1"  # sd1 | sd2 | sdxl (benchmark/models/families.py)
     # per text encoder: the CLIP whose text tower it is (hub id, folder, or "random"; GF-TI's init)
     text_encoder_clip: list[str] | None = None
     resolution: int = 512
@@ -233,7 +233,7 @@ class RunSchema(RunScalars):
     eval: EvalSchema = MISSING
     method: Any = None  # checked against the method's own Config dataclass (benchmark.config.method_config)
     report: Any = None  # an experiment's table layout (conf/experiment/*.yaml): read by the report, not a run
-    recovery: Any = None  # mode=recovery: checked against benchmark.recovery.RecoveryConfig
+    recovery: Any = None  # mode=recovery: checked against benchmark.recovery.teacher.RecoveryConfig
 
 
 SECTIONS = {
@@ -363,7 +363,7 @@ class Checker:
         trains = values.get("mode") in ("personalize", "recovery")
         method_cfg = self.attempt(self.method_config, values) if trains else None
         if values.get("mode") == "recovery":
-            from benchmark.recovery_run import recovery_config
+            from benchmark.recovery.run import recovery_config
 
             self.attempt(recovery_config, OmegaConf.create({"recovery": values.get("recovery")}))
         if method_cfg is not None and sections is not None:
@@ -461,7 +461,7 @@ def model_tokenizer(model: ModelSchema):
     are on disk, otherwise CLIP's BPE tokenizer rebuilt offline (every SD 1.x/2.x model's)."""
     from transformers import CLIPTokenizer
 
-    from benchmark.tokenizer import shared_clip_tokenizer
+    from benchmark.models.tokenizer import shared_clip_tokenizer
 
     if model.kind == "hub":
         source = str(Path(model.path).expanduser()) if model.path else model.hub_id

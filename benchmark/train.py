@@ -14,6 +14,7 @@ raises :class:`TrainingInterrupted` (a second signal acts as usual). A NaN/inf l
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -31,6 +32,7 @@ from methods.common.sampling import step_generator, training_batch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
+TRAINED_NAME = "trained.json"  # training's record fields, written after the artifact: a rerun skips training
 
 
 class Diverged(RuntimeError):
@@ -159,3 +161,10 @@ def train(
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save_checkpoint(ckpt_path, step + 1, method, seconds, loss_value)
     return TrainResult(steps, seconds_before + time.perf_counter() - t0, loss_value, start)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what finished training (or a failed run) held, before the next stage or job."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -77,7 +77,8 @@ def tiny_cfg(tmp_path, dataset_root):
             f"data.root={dataset_root}",
             f"paths.results={tmp_path / 'results'}",
             "train.progress=false",
-            "train.profile_steps=0",  # the profiler costs seconds a run; tests/test_profiling.py turns it on
+            # the profiler costs seconds a run; tests/memory/test_profiling.py turns it on
+            "train.profile_steps=0",
         ]
         return compose(base + list(overrides))
 
@@ -87,11 +88,11 @@ def tiny_cfg(tmp_path, dataset_root):
 def run_sweep_in_process(arguments: list[str]) -> list[dict]:
     """The records of `python -m benchmark -m <arguments>`, its runs made one after the other in this
     process (no interpreter start-up, no import of torch and diffusers per sweep). For tests about
-    what a sweep's runs hold, not about the command: tests/test_sweep.py runs the command and checks
+    what a sweep's runs hold, not about the command: tests/sweep/test_sweep.py runs the command and checks
     that plan_sweep names the directories Hydra's jobs write."""
     from benchmark.records import RECORD_NAME, read_record
     from benchmark.run import run, run_dir_for
-    from benchmark.sweep import plan_sweep
+    from benchmark.sweep.plan import plan_sweep
 
     records = []
     for planned in plan_sweep(arguments, check="run"):

@@ -26,6 +26,8 @@ CLI = (
     "runpy.run_module('benchmark', run_name='__main__', alter_sys=True)\n"
 )
 
+pytestmark = pytest.mark.integration
+
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

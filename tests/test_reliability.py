@@ -201,6 +201,7 @@ def test_weights_path_that_is_not_a_diffusers_folder(tmp_path, dataset_root, no_
     assert "model_index.json" in message
 
 
+@pytest.mark.integration
 def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, dataset_root):
     proc = _cli(
         "method=ti", "model=tiny", "method.steps=0", f"data.root={dataset_root}", f"paths.results={tmp_path}"
@@ -439,6 +440,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_artifact(tmp_path, dataset_root):
     args = [
         "method=ti", "model=tiny", "method.lr=0.05", f"data.root={dataset_root}", "train.max_steps=6",
@@ -483,6 +485,7 @@ def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_artifact
     assert not (run_dir / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.integration
 def test_a_kill_during_evaluation_does_not_train_again(tiny_cfg, monkeypatch):
     import benchmark.run
 
@@ -501,6 +504,7 @@ def test_a_kill_during_evaluation_does_not_train_again(tiny_cfg, monkeypatch):
     assert record["generation_resumed_from_image"] is None  # the killed run had generated nothing
 
 
+@pytest.mark.integration
 def test_a_resumed_generation_says_so(tiny_cfg):
     cfg = tiny_cfg("method=ti")
     first = run(cfg)
@@ -569,6 +573,7 @@ def test_any_other_exception_is_a_failed_record(tiny_cfg, monkeypatch):
     assert record["status"] == "failed" and record["error"] == "RuntimeError: injected: boom"
 
 
+@pytest.mark.integration
 def test_same_seed_same_config_gives_the_same_record_numbers(tiny_cfg, tmp_path):
     first = run(tiny_cfg("method=ti", f"paths.results={tmp_path / 'a'}"))
     second = run(tiny_cfg("method=ti", f"paths.results={tmp_path / 'b'}"))
@@ -594,6 +599,7 @@ def test_a_held_run_is_left_to_its_holder(tiny_cfg):
         assert held  # released: the next attempt gets it
 
 
+@pytest.mark.integration
 def test_two_sweeps_into_one_results_dir(tmp_path, dataset_root):
     """Both sweeps finish; each run is trained once (the other sweep skips it while it is held, or
     finds it done) and every record is whole. A sweep that left a run to the other exits 3."""

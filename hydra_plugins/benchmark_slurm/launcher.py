@@ -1,6 +1,6 @@
-"""The launcher of `hydra/launcher=slurm`: hydra-submitit-launcher's, with benchmark.slurm's job
+"""The launcher of `hydra/launcher=slurm`: hydra-submitit-launcher's, with benchmark.sweep.slurm's job
 states (squeue where sacct is off) and one line per failed or lost job. Hydra takes launchers from
-the hydra_plugins package only, so the class lives here; what it uses is in benchmark/slurm.py."""
+the hydra_plugins package only, so the class lives here; what it uses is in benchmark/sweep/slurm.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from benchmark.slurm import QueueWatchedJob, job_returns
+        from benchmark.sweep.slurm import QueueWatchedJob, job_returns
 
         assert self.config is not None
         params = dict(self.params)

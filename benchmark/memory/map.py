@@ -1,0 +1,133 @@
+"""Which method fits which GPU: the memory map of every method x model (`nox -s memory_models`).
+
+Reads the predicted peaks (``python -m benchmark.memory ... csv=results/memory/predicted.csv``),
+draws one figure (methods x models, each cell the predicted peak, coloured by the smallest
+common GPU it fits) and prints the README's Markdown table.
+
+A card of N GB is taken to hold N GiB (8 GB = 8192 MiB, as nvidia-smi reports them). A method
+fits when its predicted allocator peak plus ``CONTEXT_MARGIN_GIB`` fits: the margin stands for
+what the prediction leaves out (the CUDA context, 0.3-0.6 GiB with lazy module loading; cached
+free blocks and fragmentation; cuBLAS/cuDNN workspaces). It is a rule of thumb, not a
+measurement: `nox -s memory_gpu` measures the real peaks.
+
+    python -m benchmark.memory.map [results/memory/predicted.csv] [figure.png]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+
+GPU_GB = (8, 12, 16, 24, 40, 80)  # common cards: RTX 4060/3060 12 GB/4080/4090/A100 40 GB/H100
+CONTEXT_MARGIN_GIB = 1.0
+GIB = 2**30
+MODEL_ORDER = ("sd15_arch", "sd21_arch", "sdxl_arch")
+MODEL_LABELS = {"sd15_arch": "SD1.5 (512 px)", "sd21_arch": "SD2.1 (768 px)", "sdxl_arch": "SDXL (1024 px)"}
+DEFAULT_CSV = Path("results/memory/predicted.csv")
+
+
+def smallest_gpu(peak_bytes: float) -> int | None:
+    """The smallest card in GPU_GB that holds ``peak_bytes`` plus the margin; None: none does."""
+    need = peak_bytes / GIB + CONTEXT_MARGIN_GIB
+    return next((gb for gb in GPU_GB if need <= gb), None)
+
+
+def memory_grid(csv: Path) -> pd.DataFrame:
+    """Predicted peak bytes, one row per method (with its variant), one column per model; the
+    methods in the order the CSV first names them (the sweep's order), variants after their method."""
+    table = pd.read_csv(csv, keep_default_na=False)
+    variants = [v.replace("method.", "").replace("schedule=", "") for v in table["variant"]]
+    table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], variants)]
+    table["predicted_peak_bytes"] = pd.to_numeric(table["predicted_peak_bytes"], errors="coerce")
+    grid = table.pivot_table(index="row", columns="model", values="predicted_peak_bytes", aggfunc="first")
+    rank = {m: i for i, m in enumerate(dict.fromkeys(table["method"]))}
+    rows = sorted(grid.index, key=lambda r: (rank.get(r.split(" ")[0], len(rank)), r))
+    columns = [m for m in MODEL_ORDER if m in grid.columns] + [
+        m for m in grid.columns if m not in MODEL_ORDER
+    ]
+    return grid.loc[rows, columns]
+
+
+def row_label(row: str) -> str:
+    """The method's display name (benchmark/report/display.py), its variant after it."""
+    from benchmark.report.display import method_name
+
+    method, _, variant = row.partition(" ")
+    return f"{method_name(method)} {variant}".strip()
+
+
+def cell(peak_bytes: float) -> str:
+    if pd.isna(peak_bytes):
+        return "–"
+    gpu = smallest_gpu(peak_bytes)
+    return f"{peak_bytes / 1e9:.2f} ({f'{gpu} GB' if gpu else '> 80 GB'})"
+
+
+def markdown(grid: pd.DataFrame) -> str:
+    header = "| method | " + " | ".join(MODEL_LABELS.get(m, m) for m in grid.columns) + " |"
+    lines = [header, "|---" * (len(grid.columns) + 1) + "|"]
+    for row, values in grid.iterrows():
+        lines.append(f"| {row_label(row)} | " + " | ".join(cell(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def draw(grid: pd.DataFrame, path: Path) -> Path:
+    tiers = [*GPU_GB, None]
+    colors = ["#1a9850", "#66bd63", "#a6d96a", "#fee08b", "#fdae61", "#f46d43", "#a50026"]
+    index = grid.apply(lambda col: col.map(lambda b: tiers.index(smallest_gpu(b)) if pd.notna(b) else None))
+    fig, ax = plt.subplots(figsize=(1.8 * len(grid.columns) + 4.5, 0.42 * len(grid) + 1.8))
+    cmap = ListedColormap(colors)
+    norm = BoundaryNorm(range(len(tiers) + 1), cmap.N)
+    ax.imshow(index.astype(float).to_numpy(), cmap=cmap, norm=norm, aspect="auto")
+    for (i, j), value in pd.DataFrame(grid.to_numpy()).stack(future_stack=True).items():
+        ax.text(
+            j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9
+        )
+    ax.set_xticks(range(len(grid.columns)), [MODEL_LABELS.get(m, m) for m in grid.columns])
+    ax.set_yticks(range(len(grid)), [row_label(row) for row in grid.index])
+    ax.xaxis.tick_top()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    labels = [f"fits {gb} GB" for gb in GPU_GB] + ["> 80 GB"]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.set_title(
+        "Predicted peak training memory, batch 1, native resolution (GB = 1e9 B)\n"
+        f"colour: smallest card (N GB = N GiB) holding peak + {CONTEXT_MARGIN_GIB:g} GiB",
+        fontsize=9, pad=26,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def seconds(csv: Path) -> str:
+    """Each prediction's wall and CPU seconds (the CSV's ``predicted_*seconds``), one line each."""
+    table = pd.read_csv(csv, keep_default_na=False)
+    if "predicted_cpu_seconds" not in table.columns:
+        return "seconds: not in this CSV"
+    lines = [f"{'method':<28}{'model':<12}{'wall s':>8}{'CPU s':>8}"]
+    for _, row in table.iterrows():
+        method = f"{row['method']} {row['variant']}".strip()
+        wall, cpu = row["predicted_seconds"], row["predicted_cpu_seconds"]
+        lines.append(f"{method:<28}{row['model']:<12}{str(wall):>8}{str(cpu):>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    csv = Path(argv[0]) if argv else DEFAULT_CSV
+    figure = Path(argv[1]) if len(argv) > 1 else csv.with_name("memory_map.png")
+    grid = memory_grid(csv)
+    print(markdown(grid))
+    print(seconds(csv))
+    print(f"figure: {draw(grid, figure)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
