@@ -11,7 +11,7 @@ Each step draws one timestep t (shared by the batch), then picks its kind with p
   no_grad, and an update by ``zo_optimizer``: ``adam`` (default) is ZOODiP's recipe, the
   estimate normalized by sqrt((d + n - 1) / n) and ZO-Adam (``methods.common.zo_adam``, moments of its
   own, separate from BP-low's AdamW); ``sgd`` is MeZO's p -= zo_lr * g. With MeZO's unnormalized
-  ZO-SGD at zo_lr 1e-5 (the default before issue 12) a ZO-high step moved the LoRA ~250x less
+  ZO-SGD at zo_lr 1e-5 (an earlier default) a ZO-high step moved the LoRA ~250x less
   than a BP-low step and lowered the loss ~5000x less: the method reduced to "BP-low on some
   steps". ZO-Adam's per-coordinate step is ~zo_lr whatever the estimate's scale, so a ZO-high
   step does measurable work (``nox -s calibrate_selective`` prints the descent per step kind).

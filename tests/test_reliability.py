@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input fails fast with one line naming the value; a kill, a NaN, an
+"""Reliability: bad input fails fast with one line naming the value; a kill, a NaN, an
 out-of-memory error or a second sweep never loses work, corrupts a file or passes silently."""
 
 from __future__ import annotations

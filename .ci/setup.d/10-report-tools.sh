@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The report's tools (issue 14): pdflatex with booktabs (the LaTeX tables, `nox -s paper`) and
+# The report's tools: pdflatex with booktabs (the LaTeX tables, `nox -s paper`) and
 # Chromium, headless (the gallery test loads gallery.html in a real browser). Debian packages;
 # skipped when already present.
 set -euo pipefail

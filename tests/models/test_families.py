@@ -1,4 +1,4 @@
-"""SD2.1 and SDXL (issue 15): the families' configs, their tiny models, every method training on
+"""SD2.1 and SDXL: the families' configs, their tiny models, every method training on
 them, its artifact applied to the family's stock pipeline, and the memory predictor on them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Known-answer personalization, the token arms (issue 19): TI, ZOODiP and GF-TI, run once on
+"""Known-answer personalization, the token arms: TI, ZOODiP and GF-TI, run once on
 the tiny model with the fitted base and the fitted teacher token, close a real part of the gap,
 and TI (backprop) is ahead of naive ZO-TI at equal steps.
 

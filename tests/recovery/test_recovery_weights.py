@@ -1,4 +1,4 @@
-"""Known-answer personalization, the weight arms (issue 19): every weight method, run once on the
+"""Known-answer personalization, the weight arms: every weight method, run once on the
 tiny model with a fitted base and a jointly fitted teacher, closes a real part of the gap.
 
 The margins come from the same configuration over 8 seeds (README, "Weight arms"; the command

@@ -1,4 +1,4 @@
-"""What a researcher pastes (issue 14): display names, LaTeX that compiles and fits, heatmaps
+"""What a researcher pastes: display names, LaTeX that compiles and fits, heatmaps
 that tell failed from missing, the "Real images" row, Fig. 8, the gallery in a real browser,
 narrowed report folders, flat axes and a quiet start.
 

@@ -1,4 +1,4 @@
-"""Issue 13: a sweep checks every job before the first trains; every bad input exits 2 with one
+"""A sweep checks every job before the first trains; every bad input exits 2 with one
 line per bad value and writes nothing; a corrupt record is listed, not fatal; the first minute
 (--help, validation) does not wait for the heavy libraries."""
 
