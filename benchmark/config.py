@@ -141,6 +141,11 @@ def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def not_in_run_key(key: str) -> bool:
+    """A flat key (``method.lr``) that says where things live or how they are shown."""
+    return any(key == d or key.startswith(d + ".") for d in NOT_IN_RUN_KEY)
+
+
 def run_key(cfg: DictConfig | dict[str, Any]) -> str:
     """Stable key from the resolved config minus paths, then the subject's image set: the same run
     always lands in the same dir. ``seed<seed>-<config digest>-<image fingerprint>``; the image
@@ -156,6 +161,17 @@ def run_key_prefix(cfg: DictConfig | dict[str, Any]) -> str:
     """The run key up to its image fingerprint: the runs of one configuration on any image set."""
     values = plain(cfg)
     return f"seed{values['seed']}-{config_digest(values)}-"
+
+
+def located(run_dir: Path) -> Path:
+    """``run_dir`` itself; or, where its image set is unknown (``NO_IMAGES``: a status query or a
+    report not given the sweep's data.root), the newest run of the same configuration on
+    whichever image set it used."""
+    if run_dir.exists() or not run_dir.name.endswith("-" + NO_IMAGES):
+        return run_dir
+    prefix = run_dir.name[: -len(NO_IMAGES)]
+    started = [d for d in run_dir.parent.glob(prefix + "*") if d.is_dir() and d.name != run_dir.name]
+    return max(started, key=lambda d: d.stat().st_mtime_ns, default=run_dir)
 
 
 def dataset_root(values: dict[str, Any]) -> Path:
@@ -187,9 +203,7 @@ def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
     values = flat(plain(cfg))
-    kept = {
-        k: v for k, v in values.items() if not any(k == d or k.startswith(d + ".") for d in NOT_IN_RUN_KEY)
-    }
+    kept = {k: v for k, v in values.items() if not not_in_run_key(k)}
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

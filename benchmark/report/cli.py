@@ -8,13 +8,16 @@ gallery page (benchmark.report.gallery). The recovery experiment has its own lay
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
+from benchmark.config import flat, not_in_run_key
 from benchmark.recovery import report as recovery_report
 from benchmark.report import gallery, plots
 from benchmark.report import latex as tex_tables
@@ -67,13 +70,90 @@ def write_report(report: Report) -> list[Path]:
     write_text_atomic(paths[2], pd.concat(tables, ignore_index=True).to_csv(index=False))
     paths += plots.draw(report, out_dir)
     if gallery.has_images(report):
-        paths.append(gallery.write_gallery(report))
+        paths += [gallery.write_gallery(report), out_dir / gallery.THUMBS]
+    remove_stale(out_dir, paths)
     report.files = paths
     return paths
 
 
+MANIFEST = ".report-files"  # what the folder's last report wrote, one relative path a line
+
+
+def remove_stale(out_dir: Path, produced: Sequence[Path]) -> None:
+    """Remove what an earlier report wrote into ``out_dir`` and this one no longer does (say a
+    gallery of runs that have since failed), so no file in the folder is out of date."""
+    manifest = out_dir / MANIFEST
+    now = {str(p.relative_to(out_dir)) for p in produced}
+    before = set(manifest.read_text().splitlines()) if manifest.exists() else set()
+    before |= {"gallery.html", gallery.THUMBS}  # written by reports older than the manifest
+    for name in sorted(before - now):
+        stale = out_dir / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    write_text_atomic(manifest, "".join(f"{name}\n" for name in sorted(now)))
+
+
+def summary(report: Report, most: int = 10) -> list[str]:
+    """The terminal's account of the runs: counts by state, then each run without a result with
+    its path (at most ``most``), and for a missing run whose method and subject have runs under
+    other settings, the settings that differ."""
+    runs = report.runs
+    counts = Counter(runs["state"])
+    lines = [f"runs: {len(runs)} planned: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    bad = runs[runs["state"] != "ok"]
+    for _, run in bad.head(most).iterrows():
+        error = run.get("error")
+        why = f": {error}" if isinstance(error, str) and error else ""
+        lines.append(f"  {run['state']}: {run['path']}{why}")
+        if run["state"] == "missing":
+            lines += [f"    {line}" for line in other_settings(Path(run["path"]), report)]
+    if len(bad) > most:
+        lines.append(f"  ... and {len(bad) - most} more (table.md lists every one)")
+    return lines
+
+
+def other_settings(run_dir: Path, report: Report) -> list[str]:
+    """For a missing run: the nearest run of the same method and subject (fewest differing
+    settings, from its config.yaml) and what differs."""
+    planned = next((r.config for r in report.planned if r.run_dir == run_dir), None)
+    if planned is None or not run_dir.parent.is_dir():
+        return []
+    nearest = None
+    for other in sorted(run_dir.parent.iterdir()):
+        if other == run_dir or not (other / "config.yaml").is_file():
+            continue
+        there = flat(OmegaConf.to_container(OmegaConf.load(other / "config.yaml"), resolve=True))
+        differ = sorted(
+            k for k in set(there) | set(planned) if not not_in_run_key(k) and there.get(k) != planned.get(k)
+        )
+        if nearest is None or len(differ) < len(nearest[2]):
+            nearest = (other, there, differ)
+    if nearest is None:
+        return []
+    other, there, differ = nearest
+    shown = ", ".join(f"{k}={planned.get(k)!r} (there {there.get(k)!r})" for k in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    return [f"the nearest run of this method and subject, {other.name}, differs in {shown}{more}"]
+
+
+USAGE = """\
+python -m benchmark.report experiment=<name> [key=value ...]
+  The tables (Markdown, LaTeX, CSV), figures and gallery of an experiment's sweep, from the
+  records its runs left under paths.results, into <paths.results>/<name>/ (a narrowed report,
+  say subject=dog6, or another data.root: a folder of its own). Missing and failed runs are
+  counted and listed, never run. Takes the sweep's arguments; data.root may be left out.
+  Exit status: 0 written, 2 bad input (one line per bad value).
+"""
+
+
 def main(argv: Sequence[str]) -> int:
     """Exit 2 on bad input (every bad value listed, one line each), 0 otherwise."""
+    if {"--help", "-h"} & set(argv):
+        print(USAGE, end="")
+        return 0
+    argv = [a for a in argv if a not in ("-m", "--multirun")]  # the sweep's own command line works too
     try:
         if OmegaConf.select(primary_config(argv), "report.kind") == "recovery":  # its own layout
             return recovery_report.main(argv)
@@ -83,4 +163,5 @@ def main(argv: Sequence[str]) -> int:
         return 2
     for path in write_report(report):
         print(path)
+    print("\n".join(summary(report)))
     return 0

@@ -144,9 +144,12 @@ def subject_section(report: Report, subject: str, page_dir: Path, thumbs: Path) 
     return "\n".join([*out, "</table>", "</div>"])
 
 
+THUMBS = "gallery_thumbs"  # the page's thumbnails, beside it
+
+
 def write_gallery(report: Report) -> Path:
     page_dir = report.out_dir
-    thumbs = page_dir / "gallery_thumbs"
+    thumbs = page_dir / THUMBS
     subjects = list(dict.fromkeys(report.runs["subject"].astype(str)))
     options = "".join(f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in subjects)
     title = html.escape(report.spec.get("title", report.name))

@@ -153,6 +153,7 @@ class Report:
     grids: dict[str, pd.DataFrame] = field(default_factory=dict)  # metric -> index x columns of means
     files: list[Path] = field(default_factory=list)
     reference: Report | None = None  # Table 1's "Real images" upper bound (report.reference: real)
+    planned: list[PlannedRun] = field(default_factory=list, repr=False)  # the runs, as the sweep plans them
 
 
 def bad_input(message: str) -> InvalidSweep:
@@ -283,10 +284,11 @@ def build_report(arguments: Sequence[str]) -> Report:
     cfg = primary_config(arguments)
     spec = report_spec(cfg, name)
     results = Path(cfg.paths.results)
-    runs = runs_frame(plan_sweep(arguments), spec["rows"], results)
+    planned = plan_sweep(arguments)
+    runs = runs_frame(planned, spec["rows"], results)
     table = summarize(runs, spec, load_paper(spec.get("paper"), spec["rows"]))
     out_dir = report_dir(results, name, arguments)
-    report = Report(name, spec, out_dir, runs, table, grids(table, spec))
+    report = Report(name, spec, out_dir, runs, table, grids(table, spec), planned=planned)
     report.reference = reference_report(arguments, spec, results, out_dir)
     return report
 
@@ -443,7 +445,26 @@ def provenance(report: Report) -> list[str]:
             f"{FEWER_SUBJECTS_MARK}: averaged over fewer subjects than the other rows (of {most}): "
             "runs failed or missing, see below; not comparable with the other rows."
         )
+    lines += image_sets(runs)
     lines += [f"Warning: {line}" for line in flat_axes(report)]
+    return lines
+
+
+def image_sets(runs: pd.DataFrame) -> list[str]:
+    """Which photos the runs used (the run key's image fingerprint and the folder each was read
+    from), and a warning where one subject's runs used more than one set."""
+    if "data_images" not in runs:
+        return []
+    used = runs.dropna(subset=["data_images"])
+    if used.empty:
+        return []
+    sets = used.groupby(["subject", "data_images"], sort=True)
+    named = [f"{subject} {images} ({group['data_root'].iloc[0]}, {len(group)} runs)"
+             for (subject, images), group in sets]  # fmt: skip
+    lines = [f"Images (subject, fingerprint, folder): {'; '.join(named)}."]
+    per_subject = used.groupby("subject")["data_images"].nunique()
+    lines += [f"Warning: {subject}'s runs used {n} different image sets; compare them with care."
+              for subject, n in per_subject.items() if n > 1]  # fmt: skip
     return lines
 
 
@@ -488,6 +509,11 @@ def report_dir(results: Path, name: str, arguments: Sequence[str]) -> Path:
     # override does change how the table is drawn: it gets its own folder)
     where = ("experiment=", "data.", "hydra.", *(k for k in NOT_IN_RUN_KEY if k != "report"))
     narrowing = [a for a in arguments if not a.lstrip("+~").startswith(where)]
+    # another dataset folder: a folder of its own (named by a digest of its resolved path)
+    roots = [a.split("=", 1)[1] for a in arguments if a.lstrip("+~").startswith("data.root=")]
+    if roots and roots[-1] not in ("null", "None", ""):
+        where_from = str(Path(roots[-1]).expanduser().resolve())
+        narrowing.append(f"data={hashlib.sha256(where_from.encode()).hexdigest()[:8]}")
     if not narrowing:
         return results / name
     suffix = "+".join(re.sub(r"[^A-Za-z0-9._=,-]", "_", a) for a in narrowing)

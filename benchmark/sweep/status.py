@@ -99,9 +99,23 @@ class SweepProgress(Callback):
             log.warning("sweep progress unavailable: %s", e)
 
 
+USAGE = """\
+python -m benchmark.sweep [experiment=<name>] [key=a,b ...]
+  The state of each run of `python -m benchmark -m <the same arguments>`, from the run
+  folders alone (it works while the jobs run elsewhere): done, running, interrupted, failed,
+  corrupt or pending; then each unfinished run with its folder and overrides.
+  Takes the same arguments as the sweep (no -m needed); data.root may be left out.
+  Exit status: 0 listed, 2 bad input (one line per bad value).
+"""
+
+
 def main(argv: Sequence[str]) -> int:
     """`python -m benchmark.sweep experiment=table1 [overrides]`: counts, then each unfinished run.
     Exit 2 on bad input (every bad value listed), 0 otherwise."""
+    if {"--help", "-h"} & set(argv):
+        print(USAGE, end="")
+        return 0
+    argv = [a for a in argv if a not in ("-m", "--multirun")]  # the sweep's own command line works too
     try:
         runs = plan_sweep(argv)
     except InvalidSweep as e:

@@ -287,3 +287,79 @@ def test_imports_and_the_profiler_print_no_third_party_chatter_but_our_warnings_
     ):
         assert noise not in output
     assert "our warning" in output
+
+
+# -- image sets, datasets, what the terminal and the folder say ---------------------------------
+
+
+def _two_method_args(results: Path, *more: str) -> list[str]:
+    return ["experiment=table1", "method=ti,zoodip", "subject=dog6", "model=tiny",
+            f"paths.results={results}", *more]  # fmt: skip
+
+
+def test_the_report_finds_the_runs_without_the_sweeps_data_root_and_names_their_images(
+    tmp_path, dataset_root
+):
+    with_root = _two_method_args(tmp_path, f"data.root={dataset_root}")
+    for run in plan_sweep(with_root):
+        assert not run.run_dir.name.endswith("noimages")
+        record(run, status="ok", clip_i=0.7, data_images=run.run_dir.name.rsplit("-", 1)[1],
+               data_root=str(dataset_root / "dog6"))  # fmt: skip
+    elsewhere = _two_method_args(tmp_path, f"data.cache_dir={tmp_path / 'no_dataset_here'}")
+    report = build_report(elsewhere)
+    assert list(report.runs["state"]) == ["ok", "ok"]
+    md = write_report(report)[0].read_text()
+    fingerprint = plan_sweep(with_root)[0].run_dir.name.rsplit("-", 1)[1]
+    assert f"dog6 {fingerprint} ({dataset_root / 'dog6'}, 2 runs)" in md
+    assert "different image sets" not in md
+
+
+def test_reports_of_different_dataset_folders_never_share_a_folder(tmp_path):
+    base = ["experiment=table1", f"paths.results={tmp_path}"]
+    one = report_dir(tmp_path, "table1", [*base, f"data.root={tmp_path / 'a'}"])
+    other = report_dir(tmp_path, "table1", [*base, f"data.root={tmp_path / 'b'}"])
+    spelled = report_dir(tmp_path, "table1", [*base, f"data.root={tmp_path / 'x' / '..' / 'a'}"])
+    assert one != other and one == spelled and one != report_dir(tmp_path, "table1", base)
+
+
+def test_the_report_says_what_failed_and_why_a_run_is_missing_and_drops_stale_files(tmp_path, capsys):
+    from benchmark.report.cli import main
+
+    args = _two_method_args(tmp_path, "seed=0,1")
+    planned = plan_sweep(args)
+    ok, failed, torn, missing = planned
+    record(ok, status="ok", clip_i=0.7)
+    record(failed, status="failed", error="RuntimeError: boom")
+    record(torn, status="ok", clip_i=0.7)
+    (torn.run_dir / "record.json").write_text('{"method": "zo')  # half-written
+    nearby = missing.run_dir.parent / "seed1-0000000000-abcdef12"  # the same run at another lr
+    nearby.mkdir(parents=True)
+    config = dict(missing.config)
+    config["method.lr"] = config["method.lr"] * 10
+    _write_flat_config(nearby / "config.yaml", config)
+    out_dir = report_dir(tmp_path, "table1", args)
+    out_dir.mkdir(parents=True)
+    (out_dir / "gallery.html").write_text("a gallery of runs that have since failed")
+    (out_dir / "gallery_thumbs").mkdir()
+    assert main(args) == 0
+    shown = capsys.readouterr().out.splitlines()
+    summary = shown.index("runs: 4 planned: 1 corrupt, 1 failed, 1 missing, 1 ok")
+    rest = "\n".join(shown[summary:])
+    assert f"failed: {failed.run_dir}: RuntimeError: boom" in rest
+    assert f"corrupt: {torn.run_dir}" in rest and f"missing: {missing.run_dir}" in rest
+    assert f"{nearby.name}, differs in method.lr=" in rest
+    assert not (out_dir / "gallery.html").exists() and not (out_dir / "gallery_thumbs").exists()
+    assert (out_dir / "table.md").exists()
+
+
+def _write_flat_config(path: Path, flat_values: dict) -> None:
+    from omegaconf import OmegaConf
+
+    nested: dict = {}
+    for key, value in flat_values.items():
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(nested)))

@@ -291,3 +291,26 @@ def test_the_placeholder_token_check_reads_the_shared_tokenizer_and_leaves_it_un
     copy = clip_tokenizer()  # what a method gets: a copy it may add its token to
     copy.add_tokens(["<sks-dog>"])
     assert shared_clip_tokenizer() is shared and len(shared) == size and "<sks-dog>" not in shared.get_vocab()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "module, first_line",
+    [
+        ("benchmark.sweep", "python -m benchmark.sweep [experiment=<name>]"),
+        ("benchmark.report", "python -m benchmark.report experiment=<name>"),
+        ("benchmark.memory", "python -m benchmark.memory [key=value ...]"),
+    ],
+)
+def test_every_command_has_help_of_its_own(module, first_line):
+    shown = cli("--help", module=module)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.lstrip().startswith(first_line) and "Exit status" in shown.stdout
+    assert "python -m benchmark [key=value ...]        one run" not in shown.stdout  # not the run's help
+
+
+def test_a_key_that_only_some_jobs_have_is_refused_naming_the_jobs_without_it():
+    from benchmark.sweep.preflight import problems
+
+    found = problems(["-m", "method=ti,zoodip", "method.tau=64", "model=tiny"])
+    assert len(found) == 1 and found[0].startswith("error: job (method=ti): ") and "method.tau" in found[0]
