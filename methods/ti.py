@@ -5,6 +5,12 @@ parameter (as in the example, so its gradient and optimizer state are what the p
 memory figure measures), and after every step all rows but the new token's are put back,
 so they stay bit-identical. SDXL: both encoders' matrices train, as diffusers'
 textual_inversion_sdxl example.
+
+A checkpoint holds the token's rows only: of each matrix and of AdamW's moments (SD1.5: a few KB,
+not the 3 x 49,409 x 768 floats = 455 MB of the full matrices and moments). That resumes the run
+bit for bit: AdamW is elementwise, so the token's row moves by its own moments alone, and every
+other row is put back after each step, so their moments (nonzero for the prompts' words) never
+reach the model; a restore rebuilds them as zeros.
 """
 
 from __future__ import annotations
@@ -64,6 +70,38 @@ class TextualInversion(TokenMethod):
                 table[keep] = original[keep]
         return {"loss": loss.detach()}
 
+    def checkpoint(self):
+        optimizer = self.optimizer.state_dict()
+        token_rows, moments = [], {}
+        for k, (table, row) in enumerate(zip(self.tables, self.rows.token_ids)):
+            token_rows.append(table[row].detach().clone())  # a clone: a view saves the whole matrix
+            state = optimizer["state"].get(k, {})  # exp_avg, exp_avg_sq: the token's row; step as is
+            moments[k] = {n: v[row].clone() if v.shape == table.shape else v for n, v in state.items()}
+        optimizer["state"] = moments
+        return {"token_rows": token_rows, "optimizer": optimizer}
+
+    def restore(self, state) -> None:
+        if "trainable" in state:  # a checkpoint of the full matrices, written by earlier versions
+            super().restore(state)
+            return
+        moments = state["optimizer"]["state"]
+        optimizer = {**state["optimizer"], "state": {}}
+        for k, (table, row) in enumerate(zip(self.tables, self.rows.token_ids)):
+            with torch.no_grad():
+                table[row] = state["token_rows"][k].to(table.device)
+            optimizer["state"][k] = {n: _full_size(v, table, row) for n, v in moments[k].items()}
+        self.optimizer.load_state_dict(optimizer)
+
     def state_dict(self):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}; SDXL: clip_l/clip_g
         return self.rows.artifact(self.cfg.placeholder_token)
+
+
+def _full_size(value: torch.Tensor, table: torch.Tensor, row: int) -> torch.Tensor:
+    """A checkpointed row of a full-size optimizer state, as the full state with zeros elsewhere;
+    other state (the step count) as it is."""
+    if value.shape != table.shape[1:]:
+        return value
+    full = torch.zeros_like(table)
+    full[row] = value.to(table.device)
+    return full

@@ -391,7 +391,8 @@ def test_resume_restores_the_optimizer_state(tmp_path, monkeypatch):
     assert not torch.equal(resumed.x, straight.x)
 
 
-# methods whose own tests check a bit-identical resume; TI is resumed by the subprocess test below
+# methods whose own tests check a bit-identical resume (TI: test_textual_inversion.py, and the
+# subprocess test below)
 RESUME_TESTED_ELSEWHERE = {"dreambooth", "qlora", "peqa", "tuneqdm", "zoodip", "ti"}
 
 
