@@ -142,6 +142,6 @@ def recovery_report_spec() -> dict:
     """The ``report`` section of conf/experiment/recovery.yaml (arm names, paired questions)."""
     from omegaconf import OmegaConf
 
-    from benchmark.sweep import primary_config
+    from benchmark.sweep.plan import primary_config
 
     return OmegaConf.to_container(primary_config(["experiment=recovery"]).report, resolve=True)
