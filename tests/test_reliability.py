@@ -667,13 +667,14 @@ def test_torch_and_safetensors_report_a_full_disk_in_their_own_words():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only): a checkpoint of the tiny TI does not fit, a record does."""
+    """A 128 KiB tmpfs (root only): a checkpoint of the tiny LoRA (~190 KB) does not fit, a
+    record does."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
     if (
         os.geteuid() != 0
         or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True
         ).returncode
     ):
         pytest.skip("mounting a small tmpfs needs root")
@@ -682,7 +683,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_a_record(small_disk, tiny_cfg, caplog):
-    cfg = tiny_cfg("method=ti", "train.checkpoint_every=1", f"paths.results={small_disk}")
+    cfg = tiny_cfg("method=lora", "train.checkpoint_every=1", f"paths.results={small_disk}")
     with caplog.at_level("ERROR"):
         record = run(cfg)
     checkpoint = run_dir_for(cfg) / CHECKPOINT_NAME
@@ -695,6 +696,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_a_record(small_disk, ti
     assert not list(small_disk.rglob("*.tmp"))
 
 
+@pytest.mark.integration
 def test_a_run_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, dataset_root):
     results = tmp_path / "results"
     (results / "runs").mkdir(parents=True)
@@ -709,6 +711,7 @@ def test_a_run_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, da
     )
 
 
+@pytest.mark.integration
 def test_a_run_held_by_another_process_exits_3_alone_and_in_a_sweep(tiny_cfg, dataset_root, tmp_path):
     fast = ["method=ti", "train.max_steps=1", "train.progress=false", "train.profile_steps=0"]
     held, other = run_dir_for(tiny_cfg(*fast)), run_dir_for(tiny_cfg(*fast, "seed=1"))
