@@ -174,6 +174,32 @@ def located(run_dir: Path) -> Path:
     return max(started, key=lambda d: d.stat().st_mtime_ns, default=run_dir)
 
 
+# The run key before it named the photos: data.root (resolved) stood for them, and the
+# evaluation settings were all in it. Runs made then are found under their new name.
+EARLIER_NOT_IN_RUN_KEY = (
+    "paths", "data.download", "data.cache_dir", "skip_done", "device",
+    "train.progress", "train.log_every", "train.checkpoint_every", "train.step_delay_s",
+    "train.profile_steps", "method.class_images_dir", "report", "method.cache_dir",
+)  # fmt: skip
+
+
+def earlier_run_dir(cfg: DictConfig | dict[str, Any]) -> Path | None:
+    """Where the run of ``cfg`` lived under the earlier key (None for mode=real)."""
+    values = plain(cfg)
+    if values.get("mode") == "real":
+        return None
+    kept = {
+        k: v
+        for k, v in flat(values).items()
+        if not any(k == d or k.startswith(d + ".") for d in EARLIER_NOT_IN_RUN_KEY)
+    }
+    if kept.get("data.root") is not None:
+        kept["data.root"] = str(Path(kept["data.root"]).expanduser().resolve())
+    digest = hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    folder = Path(values["paths"]["results"]) / "runs" / values["method"]["name"] / values["subject"]
+    return folder / f"seed{values['seed']}-{digest}"
+
+
 def dataset_root(values: dict[str, Any]) -> Path:
     """The folder of subject folders a run reads: data.root, or the fetched copy in data.cache_dir."""
     data = values.get("data") or {}

@@ -22,6 +22,7 @@ from benchmark import data, models
 from benchmark.config import (
     LOCK_NAME,
     dataset_root,
+    earlier_run_dir,
     flat,
     images_fingerprint,
     plain,
@@ -68,12 +69,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if checked.cfg.mode == "real":
         return run_real_images(cfg)
     run_dir = run_dir_for(cfg)
+    adopt_earlier_run(cfg, run_dir)
     require_writable(run_dir)
     with exclusive_lock(run_dir / LOCK_NAME) as held:
         if not held:  # e.g. a second sweep into the same results dir: it moves on to its next run
             log.warning("busy: another process is running %s; skipped here", run_dir)
             return {"status": BUSY, "run_dir": str(run_dir)}
         return run_locked(cfg, checked, run_dir)
+
+
+def adopt_earlier_run(cfg: DictConfig, run_dir: Path) -> None:
+    """A run made under the earlier run key (data.root instead of the photos' fingerprint) is
+    renamed to its current key, so a finished run is found (`already done`), not trained again."""
+    earlier = earlier_run_dir(cfg)
+    if run_dir.exists() or earlier is None or not earlier.is_dir():
+        return
+    with exclusive_lock(earlier / LOCK_NAME) as held:
+        if not held:  # its process still runs it: left alone
+            return
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        earlier.rename(run_dir)
+    log.info("run folder %s is now %s (the run key names the subject's photos)", earlier, run_dir)
 
 
 class ResultsUnwritable(ConfigError):

@@ -732,3 +732,16 @@ def test_the_progress_bar_is_left_where_training_ended(tmp_path, capsys, monkeyp
     train(method, torch.zeros(1, 3, 8, 8), 4, 1, 0, tmp_path, torch.device("cpu"), progress=True)
     shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
     assert "4/4" in shown[-1] and "loss=" in shown[-1], shown[-3:]
+
+
+def test_a_run_made_under_the_earlier_key_is_found_not_trained_again(tiny_cfg, monkeypatch):
+    from benchmark.config import earlier_run_dir
+
+    cfg = tiny_cfg("method=ti")
+    earlier, current = earlier_run_dir(cfg), run_dir_for(cfg)
+    assert earlier != current and earlier.parent == current.parent
+    done = {**_record(), "status": "ok", "run_key": earlier.name}
+    write_record(earlier, done)
+    monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("trained again"))
+    assert run(cfg)["run_key"] == earlier.name  # the record as it was
+    assert not earlier.exists() and read_record(current / "record.json") == done
