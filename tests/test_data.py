@@ -28,10 +28,7 @@ from benchmark.data import (
 DATASET = Path(
     os.environ.get("DREAMBOOTH_DATASET") or Path(__file__).resolve().parents[2] / "shared/dreambooth/dataset"
 )
-needs_dataset = pytest.mark.skipif(
-    not (DATASET / "prompts_and_classes.txt").is_file(),
-    reason=f"DreamBooth dataset not found at {DATASET} (set DREAMBOOTH_DATASET=<its dataset/ folder>)",
-)
+needs_dataset = pytest.mark.usefixtures("dataset_root")  # skips without it, fails under CI=true
 
 
 def _parse_prompts_and_classes() -> tuple[list[tuple[str, str]], list[str], list[str]]:

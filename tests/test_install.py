@@ -55,3 +55,19 @@ def test_ci_installs_the_locked_torch_pair_through_the_lock():
         line for line in install.splitlines() if "pip install" in line and "--upgrade pip" not in line
     ]
     assert installs and all("-c .ci/constraints.txt" in line for line in installs)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ci, outcome", [("true", "1 error"), ("", "1 skipped")])
+def test_a_missing_dataset_fails_in_ci_and_skips_elsewhere(ci, outcome, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CI": ci, "DREAMBOOTH_DATASET": str(tmp_path / "no_dataset")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "tests/test_data.py::test_load_images_real_subject"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert outcome in done.stdout and (done.returncode != 0) == (ci == "true"), done.stdout[-2000:]
