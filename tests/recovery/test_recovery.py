@@ -174,6 +174,9 @@ def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, 
     assert record["curve_loss"][0] == record["recovery_loss_initial"]
     assert record["curve_prediction_distance"][0] == 1.0  # the start, relative to itself
     assert record["recovery_loss"] == record["curve_loss"][-1]
+    # scored on the trained model, not the start: two steps move both the loss and the prediction
+    assert record["recovery_loss"] != record["recovery_loss_initial"]
+    assert record["curve_prediction_distance"][-1] != 1.0
     expected = gap_closed(
         record["recovery_loss"], record["recovery_loss_initial"], record["recovery_loss_teacher"]
     )
