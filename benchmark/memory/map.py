@@ -56,11 +56,16 @@ def memory_grid(csv: Path) -> pd.DataFrame:
 
 
 def row_label(row: str) -> str:
-    """The method's display name (benchmark/report/display.py), its variant after it."""
-    from benchmark.report.display import method_name
+    """The method's display name (declared on its class), its variant after it."""
+    from methods.common.errors import ConfigError
+    from methods.common.registry import method_class
 
     method, _, variant = row.partition(" ")
-    return f"{method_name(method)} {variant}".strip()
+    try:
+        name = method_class(method).display_name
+    except ConfigError:  # a row of a method since removed
+        name = method
+    return f"{name} {variant}".strip()
 
 
 def cell(peak_bytes: float) -> str:

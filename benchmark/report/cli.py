@@ -3,7 +3,7 @@
 ``write_report`` writes a built report (benchmark.report.tables) to its folder: table.md,
 table.tex (benchmark.report.latex), table.csv, the figures (benchmark.report.plots) and the
 gallery page (benchmark.report.gallery). The recovery experiment has its own layout
-(benchmark.recovery.report).
+(benchmark.report.recovery).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from benchmark.config import flat, not_in_run_key
-from benchmark.recovery import report as recovery_report
 from benchmark.report import gallery, plots
 from benchmark.report import latex as tex_tables
+from benchmark.report import recovery as recovery_report
 from benchmark.report.tables import (
     METRICS,
     Report,

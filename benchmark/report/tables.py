@@ -94,7 +94,7 @@ METRICS: dict[str, Metric] = {
     "dino_inter": Metric("DINO-inter", record_field("dino_inter"), 3),
     "it_per_s": Metric("Speed (it/s)", record_field("it_per_s"), 2),
     "train_minutes": Metric("Time (min)", record_field("train_seconds", 1 / 60), 1),
-    # experiment=recovery (its own report: benchmark/recovery/report.py)
+    # experiment=recovery (its own report: benchmark/report/recovery.py)
     "recovery_gap": Metric("gap L_init - L_teacher", record_field("recovery_gap"), 5),
     "recovery_gap_closed": Metric("gap closed", record_field("recovery_gap_closed"), 3),
 }

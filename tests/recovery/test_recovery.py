@@ -331,7 +331,7 @@ def test_curves_draw_token_distance_on_a_log_scale_when_it_spans_10x(tmp_path, m
     import matplotlib.figure
     import pandas as pd
 
-    from benchmark.recovery.report import curves
+    from benchmark.report.recovery import curves
 
     saved = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))

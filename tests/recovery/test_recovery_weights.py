@@ -118,7 +118,7 @@ def test_report_pairs_arms_over_shared_seeds():
     """The paired rows: a − b per seed over the seeds where both ran ok, with n."""
     import pandas as pd
 
-    from benchmark.recovery.report import paired
+    from benchmark.report.recovery import paired
 
     rows = [
         ("selective", 0, 0.5, 0.7), ("selective_bp_only", 0, 0.25, 0.8),
