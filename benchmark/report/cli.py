@@ -69,9 +69,11 @@ def write_report(report: Report) -> list[Path]:
     tables = [report.table] + ([report.reference.table] if report.reference is not None else [])
     write_text_atomic(paths[2], pd.concat(tables, ignore_index=True).to_csv(index=False))
     paths += plots.draw(report, out_dir)
+    written = []
     if gallery.has_images(report):
-        paths += [gallery.write_gallery(report), out_dir / gallery.THUMBS]
-    remove_stale(out_dir, paths)
+        paths.append(gallery.write_gallery(report))
+        written.append(out_dir / gallery.THUMBS)
+    remove_stale(out_dir, paths + written)
     report.files = paths
     return paths
 

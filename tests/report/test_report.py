@@ -200,8 +200,9 @@ def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
     report = build_report(args)
     files = write_report(report)
     assert {p.name for p in files} == {"table.md", "table.tex", "table.csv", "gallery.html"}
-    narrowed = tmp_path / "table1+method=ti,dreambooth+subject=dog6,cat+model=tiny+train.max_steps=2"
-    assert all(p.parent == narrowed and p.stat().st_size > 0 for p in files)
+    narrowed = "table1+method=ti,dreambooth+subject=dog6,cat+model=tiny+train.max_steps=2+data="
+    assert report.out_dir.parent == tmp_path and report.out_dir.name.startswith(narrowed)
+    assert all(p.parent == report.out_dir and p.stat().st_size > 0 for p in files)
 
     table = report.table.set_index("method")
     assert list(table.index) == ["ti", "dreambooth"]
@@ -217,9 +218,9 @@ def test_table1_from_a_two_method_two_subject_sweep(tmp_path, dataset_root):
             assert row[f"{metric}_diff"] == pytest.approx(group[metric].mean() - reported.loc[method, metric])
         assert row["storage_mb"] == pytest.approx(group["artifact_bytes"].mean() / 1e6)
         assert (row["runs"], row["ok"], row["not_ok"]) == (2, 2, "")
-    written = pd.read_csv(narrowed / "table.csv").set_index("method")
+    written = pd.read_csv(report.out_dir / "table.csv").set_index("method")
     assert written.loc["ti", "clip_i"] == pytest.approx(table.loc["ti", "clip_i"])
-    assert "DreamBooth" in (narrowed / "table.tex").read_text()
+    assert "DreamBooth" in (report.out_dir / "table.tex").read_text()
 
 
 @pytest.mark.integration
