@@ -109,7 +109,8 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
             clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    base = record_base(cfg, run_dir, subject.name, str(device))
+    base = record_base(cfg, run_dir, subject.name, str(device)) | device_fields(device)
+    log.info("device: %s", ", ".join(f"{k}={v}" for k, v in device_fields(device).items()))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
     # step 1 (the first with optimizer state) is profiled for the breakdown; train.profile_steps=0: off
@@ -147,6 +148,34 @@ def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> di
         "model": cfg.model.name, "eval": cfg.eval.name, "device": device, **image_set_fields(cfg),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
     }  # fmt: skip
+
+
+def device_fields(device: torch.device) -> dict[str, Any]:
+    """What the run ran on: the GPU's name and compute capability, the CUDA version torch was built
+    with, the NVIDIA driver (NVML). All null on a CPU; the driver null where NVML cannot answer."""
+    if device.type != "cuda":
+        return dict.fromkeys(("gpu_name", "gpu_compute_capability", "cuda_version", "gpu_driver"))
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "gpu_name": torch.cuda.get_device_name(device),
+        "gpu_compute_capability": f"{major}.{minor}",
+        "cuda_version": torch.version.cuda,
+        "gpu_driver": nvidia_driver_version(),
+    }
+
+
+def nvidia_driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver: the other fields still say what ran
+        return None
+    return version.decode() if isinstance(version, bytes) else version
 
 
 def image_set_fields(cfg: DictConfig) -> dict[str, Any]:
