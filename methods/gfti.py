@@ -41,7 +41,7 @@ from torch._guards import detect_fake_mode
 
 from methods.common.base import require
 from methods.common.conditioning import encode_prompts, prompt_ids
-from methods.common.diffusion import denoising_loss, noisy_latents, randn
+from methods.common.diffusion import denoising_loss, latent_distribution, noisy_latents, randn
 from methods.common.gfti_init import class_keys, cross_attention_token
 from methods.common.latent_cache import release_weights
 from methods.common.prompts import sample_prompts
@@ -155,13 +155,9 @@ class GradientFreeTI(TokenMethod):
             return super().precompute(images, seed, steps)  # cache_latents (methods/common/latent_cache.py)
         vae = self.c.vae
         self.num_images = len(images)
-        with torch.no_grad():
-            dists = [
-                vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
-                for pixels in torch.cat([images, images.flip(-1)])
-            ]
-        self.posterior_mean = torch.cat([d.mean for d in dists])
-        self.posterior_std = torch.cat([d.std for d in dists])
+        dists = [latent_distribution(vae, pixels[None]) for pixels in torch.cat([images, images.flip(-1)])]
+        self.posterior_mean = torch.cat([mean for mean, _ in dists])
+        self.posterior_std = torch.cat([std for _, std in dists])
         if self.cfg.cache_latents:
             release_weights(vae)  # the posteriors are all that training needs of it
 
