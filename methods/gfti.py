@@ -239,7 +239,7 @@ class GradientFreeTI(TokenMethod):
         self.es = pickle.loads(state["es"])
         self.randn = self.es.opts["randn"]
         if "best_x" in state:  # checkpoints written before protocol=official have none
-            self.best_x = state["best_x"].numpy()
+            self.best_x = state["best_x"].cpu().numpy()  # a checkpoint loaded onto a GPU too
         if "initial_token" in state:  # e0 as trained (cross_attention: not recomputed)
             self.initial_token = state["initial_token"].to(self.initial_token.device)
         with torch.no_grad():
