@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch._guards import detect_fake_mode
 
-from methods.common.base import require
+from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_prompts, prompt_ids
 from methods.common.diffusion import denoising_loss, latent_distribution, noisy_latents, randn
 from methods.common.gfti_init import class_keys, cross_attention_token
@@ -229,11 +229,13 @@ class GradientFreeTI(TokenMethod):
         return losses
 
     def checkpoint(self):
-        return {
-            "es": pickle.dumps(self.es),
-            "best_x": torch.as_tensor(self.best_x),
-            "initial_token": self.initial_token.cpu(),
-        }
+        return cpu_copy(
+            {
+                "es": pickle.dumps(self.es),
+                "best_x": torch.as_tensor(self.best_x),
+                "initial_token": self.initial_token,
+            }
+        )
 
     def restore(self, state) -> None:
         self.es = pickle.loads(state["es"])
