@@ -109,6 +109,7 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
             clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
+    set_tf32(cfg.train.allow_tf32)
     base = record_base(cfg, run_dir, subject.name, str(device)) | device_fields(device)
     log.info("device: %s", ", ".join(f"{k}={v}" for k, v in device_fields(device).items()))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
@@ -146,8 +147,16 @@ def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> di
     return {
         "method": cfg.method.name, "subject": subject, "seed": cfg.seed, "run_key": run_dir.name,
         "model": cfg.model.name, "eval": cfg.eval.name, "device": device, **image_set_fields(cfg),
+        "allow_tf32": bool(OmegaConf.select(cfg, "train.allow_tf32", default=False)),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
     }  # fmt: skip
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions as train.allow_tf32 says (cuDNN's own default
+    is on: set both, so that a run's fp32 means fp32 unless asked)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    torch.backends.cudnn.allow_tf32 = bool(allow)
 
 
 def device_fields(device: torch.device) -> dict[str, Any]:

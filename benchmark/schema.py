@@ -66,6 +66,7 @@ class TrainSchema:
     progress: bool = True
     step_delay_s: float = 0.0
     profile_steps: int = 1
+    allow_tf32: bool = False
 
     def __post_init__(self) -> None:
         require(
@@ -100,6 +101,8 @@ class ModelSchema:
     text_encoder: dict[str, Any] | None = None
     text_encoder_2: dict[str, Any] | None = None  # tiny sdxl
     vae_posterior_logvar: float | None = None  # tiny, arch: benchmark.models.set_posterior_logvar
+    # a paper's per-model hyper-parameters, {method: {key: value}}: conf/method/*.yaml interpolate them
+    method_defaults: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _require_choice("model.kind", self.kind, MODEL_KINDS)

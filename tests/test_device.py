@@ -82,3 +82,45 @@ def test_the_record_says_what_ran(monkeypatch):
         "gpu_name": "NVIDIA A100-SXM4-80GB", "gpu_compute_capability": "8.0",
         "cuda_version": "12.1", "gpu_driver": "535.104.05",
     }  # fmt: skip
+
+
+def test_allow_tf32_is_off_by_default_set_at_run_start_and_recorded(tiny_cfg, monkeypatch):
+    from benchmark.config import run_dir_for
+    from benchmark.run import record_base, set_tf32
+
+    cfg = tiny_cfg()
+    assert cfg.train.allow_tf32 is False
+    assert run_dir_for(tiny_cfg("train.allow_tf32=true")) != run_dir_for(cfg)  # it changes the numbers
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    set_tf32(cfg.train.allow_tf32)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert record_base(cfg, run_dir_for(cfg), "dog6", "cpu")["allow_tf32"] is False
+
+
+def test_qlora_auto_compute_dtype_is_fp16_on_a_gpu_without_bf16(monkeypatch):
+    from methods.qlora import resolve_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_compute_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_compute_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("model", "mu"),
+    [
+        ("sd15", 1e-3),
+        ("sd15_arch", 1e-3),
+        ("tiny", 1e-3),
+        ("sd21", 1e-2),
+        ("sdxl", 1e-2),
+        ("sdxl_arch", 1e-2),
+    ],
+)
+def test_zoodip_mu_is_the_papers_for_each_model(model, mu):
+    from benchmark.config import method_config
+
+    assert method_config(compose(["method=zoodip", f"model={model}"])).mu == mu
+    assert method_config(compose(["method=zoodip", f"model={model}", "method.mu=5e-3"])).mu == 5e-3
