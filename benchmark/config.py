@@ -33,6 +33,9 @@ NOT_IN_RUN_KEY = (
     "method.class_images_dir",  # DreamBooth's class-image cache: a location
     "report",  # how an experiment's table is drawn (conf/experiment/*.yaml), not what a run computes
     "method.cache_dir",  # Hollowed Net's activation cache: a location
+    # how many images generation and scoring batch: memory, not results (each image has its own
+    # seeded generator), so a run may be evaluated again with a smaller batch without training again
+    "eval.batch_size",
 )  # fmt: skip
 
 

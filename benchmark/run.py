@@ -125,7 +125,9 @@ def run_locked(cfg: DictConfig, checked: ValidRun, run_dir: Path) -> dict[str, A
             clear_outputs(run_dir)  # skip_done=false: train, generate and time it all again
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    base = record_base(cfg, run_dir, subject.name, str(device))
+    set_tf32(cfg.train.allow_tf32)
+    base = record_base(cfg, run_dir, subject.name, str(device)) | device_fields(device)
+    log.info("device: %s", ", ".join(f"{k}={v}" for k, v in device_fields(device).items()))
     if device.type == "cuda":  # peaks are per run, also for the second job of a sweep
         torch.cuda.reset_peak_memory_stats(device)
     # step 1 (the first with optimizer state) is profiled for the breakdown; train.profile_steps=0: off
@@ -161,8 +163,44 @@ def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> di
     return {
         "method": cfg.method.name, "subject": subject, "seed": cfg.seed, "run_key": run_dir.name,
         "model": cfg.model.name, "eval": cfg.eval.name, "device": device, **image_set_fields(cfg),
+        "allow_tf32": bool(OmegaConf.select(cfg, "train.allow_tf32", default=False)),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
     }  # fmt: skip
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions as train.allow_tf32 says (cuDNN's own default
+    is on: set both, so that a run's fp32 means fp32 unless asked)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    torch.backends.cudnn.allow_tf32 = bool(allow)
+
+
+def device_fields(device: torch.device) -> dict[str, Any]:
+    """What the run ran on: the GPU's name and compute capability, the CUDA version torch was built
+    with, the NVIDIA driver (NVML). All null on a CPU; the driver null where NVML cannot answer."""
+    if device.type != "cuda":
+        return dict.fromkeys(("gpu_name", "gpu_compute_capability", "cuda_version", "gpu_driver"))
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "gpu_name": torch.cuda.get_device_name(device),
+        "gpu_compute_capability": f"{major}.{minor}",
+        "cuda_version": torch.version.cuda,
+        "gpu_driver": nvidia_driver_version(),
+    }
+
+
+def nvidia_driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver: the other fields still say what ran
+        return None
+    return version.decode() if isinstance(version, bytes) else version
 
 
 def image_set_fields(cfg: DictConfig) -> dict[str, Any]:

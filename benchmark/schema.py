@@ -66,6 +66,7 @@ class TrainSchema:
     progress: bool = True
     step_delay_s: float = 0.0
     profile_steps: int = 1
+    allow_tf32: bool = False
 
     def __post_init__(self) -> None:
         require(
@@ -100,6 +101,8 @@ class ModelSchema:
     text_encoder: dict[str, Any] | None = None
     text_encoder_2: dict[str, Any] | None = None  # tiny sdxl
     vae_posterior_logvar: float | None = None  # tiny, arch: benchmark.models.set_posterior_logvar
+    # a paper's per-model hyper-parameters, {method: {key: value}}: conf/method/*.yaml interpolate them
+    method_defaults: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _require_choice("model.kind", self.kind, MODEL_KINDS)
@@ -282,6 +285,24 @@ def typed_scalars(scalars: dict[str, Any]) -> RunScalars:
     return typed_object(RunScalars, scalars)
 
 
+REAL_SIZE_KINDS = ("hub", "arch")  # real weights, or the real architecture with random weights
+
+
+def run_device(run_cfg: RunSchema):
+    """The torch.device the run uses. device=auto on a machine without CUDA is refused for a
+    real-size model that trains (hub weights or an *_arch model): it would train on the CPU for
+    days. device=cpu says that is meant."""
+    device = resolve_device(run_cfg.device)
+    trains = run_cfg.mode in ("personalize", "recovery")
+    if run_cfg.device == "auto" and device.type == "cpu" and trains and run_cfg.model.kind in REAL_SIZE_KINDS:
+        raise ConfigError(
+            f"device=auto found no CUDA device, and model={run_cfg.model.name} (kind {run_cfg.model.kind}: "
+            "real size) would train on the CPU for days; run where a GPU is visible, or pass device=cpu "
+            "to train on the CPU anyway"
+        )
+    return device
+
+
 def check_results_writable(results: str) -> None:
     """``paths.results`` is, or can be made, a folder this process writes into (nothing is created)."""
     path = Path(results).expanduser().absolute()
@@ -372,7 +393,7 @@ class Checker:
             return None
         top = {f.name: getattr(scalars, f.name) for f in fields(RunScalars)}
         run_cfg = dataclasses.replace(sections, **top)
-        device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
+        device = self.attempt(run_device, run_cfg) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
         subject = data.get_subject(run_cfg.subject)
         if not self.inputs:

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch._guards import detect_fake_mode
 
-from methods.common.base import require
+from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_prompts, prompt_ids
-from methods.common.diffusion import denoising_loss, noisy_latents, randn
+from methods.common.diffusion import denoising_loss, latent_distribution, noisy_latents, randn
 from methods.common.gfti_init import class_keys, cross_attention_token
 from methods.common.latent_cache import release_weights
 from methods.common.prompts import sample_prompts
@@ -155,13 +155,9 @@ class GradientFreeTI(TokenMethod):
             return super().precompute(images, seed, steps)  # cache_latents (methods/common/latent_cache.py)
         vae = self.c.vae
         self.num_images = len(images)
-        with torch.no_grad():
-            dists = [
-                vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
-                for pixels in torch.cat([images, images.flip(-1)])
-            ]
-        self.posterior_mean = torch.cat([d.mean for d in dists])
-        self.posterior_std = torch.cat([d.std for d in dists])
+        dists = [latent_distribution(vae, pixels[None]) for pixels in torch.cat([images, images.flip(-1)])]
+        self.posterior_mean = torch.cat([mean for mean, _ in dists])
+        self.posterior_std = torch.cat([std for _, std in dists])
         if self.cfg.cache_latents:
             release_weights(vae)  # the posteriors are all that training needs of it
 
@@ -233,17 +229,19 @@ class GradientFreeTI(TokenMethod):
         return losses
 
     def checkpoint(self):
-        return {
-            "es": pickle.dumps(self.es),
-            "best_x": torch.as_tensor(self.best_x),
-            "initial_token": self.initial_token.cpu(),
-        }
+        return cpu_copy(
+            {
+                "es": pickle.dumps(self.es),
+                "best_x": torch.as_tensor(self.best_x),
+                "initial_token": self.initial_token,
+            }
+        )
 
     def restore(self, state) -> None:
         self.es = pickle.loads(state["es"])
         self.randn = self.es.opts["randn"]
         if "best_x" in state:  # checkpoints written before protocol=official have none
-            self.best_x = state["best_x"].numpy()
+            self.best_x = state["best_x"].cpu().numpy()  # a checkpoint loaded onto a GPU too
         if "initial_token" in state:  # e0 as trained (cross_attention: not recomputed)
             self.initial_token = state["initial_token"].to(self.initial_token.device)
         with torch.no_grad():

@@ -10,7 +10,8 @@ diffusers LoRA file: a stock fp16/fp32 pipeline takes it with ``load_lora_weight
 full-precision pipeline, as the diffusers LoRA recipe's final inference does; ``nf4`` first
 quantizes the pipeline's U-Net exactly as in training (from its fp32 weights), so the scored
 model is the trained one. ``compute_dtype``: the dtype of the 4-bit matmuls; ``auto`` is the
-QLoRA paper's bf16 on CUDA and fp32 elsewhere (CPU bf16 matmuls are slow and gain nothing).
+QLoRA paper's bf16 on CUDA (fp16 on a GPU without bf16) and fp32 elsewhere (CPU bf16 matmuls
+are slow and gain nothing).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ EVAL_BASES = ("full", "nf4")
 
 
 def resolve_compute_dtype(name: str, device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (QLoRA paper), fp32 elsewhere."""
+    """``auto``: bf16 on CUDA (QLoRA paper), fp16 on a GPU without bf16 (before Ampere: V100, T4),
+    fp32 elsewhere. The record's ``qlora_compute_dtype`` says which."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return COMPUTE_DTYPES[name]
 
 

@@ -34,7 +34,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from methods.common.base import require
+from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_text, unet_prediction
 from methods.common.diffusion import encode_latents, noisy_latents
 from methods.common.zo import check_estimator, estimate_gradient, forward_passes
@@ -176,7 +176,7 @@ class Selective(LoRA):
     def checkpoint(self):
         state = {**super().checkpoint(), "step_counts": dict(self.counts)}
         if self.zo_adam is not None:
-            state["zo_adam"] = self.zo_adam.state_dict()
+            state["zo_adam"] = cpu_copy(self.zo_adam.state_dict())
         return state
 
     def restore(self, state) -> None:

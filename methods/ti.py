@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from methods.common.base import require
+from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_prompts
 from methods.common.diffusion import denoising_loss
 from methods.common.token_method import TokenConfig, TokenMethod
@@ -74,11 +74,11 @@ class TextualInversion(TokenMethod):
         optimizer = self.optimizer.state_dict()
         token_rows, moments = [], {}
         for k, (table, row) in enumerate(zip(self.tables, self.rows.token_ids)):
-            token_rows.append(table[row].detach().clone())  # a clone: a view saves the whole matrix
+            token_rows.append(table[row])  # copied by cpu_copy: a view would save the whole matrix
             state = optimizer["state"].get(k, {})  # exp_avg, exp_avg_sq: the token's row; step as is
-            moments[k] = {n: v[row].clone() if v.shape == table.shape else v for n, v in state.items()}
+            moments[k] = {n: v[row] if v.shape == table.shape else v for n, v in state.items()}
         optimizer["state"] = moments
-        return {"token_rows": token_rows, "optimizer": optimizer}
+        return cpu_copy({"token_rows": token_rows, "optimizer": optimizer})
 
     def restore(self, state) -> None:
         if "trainable" in state:  # a checkpoint of the full matrices, written by earlier versions

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from methods.common.base import require
+from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_prompts
 from methods.common.diffusion import denoising_loss, denoising_losses
 from methods.common.quantized_model import check_quantize, quantize_networks, quantized_fraction
@@ -153,10 +153,10 @@ class ZOODiP(TokenMethod):
         return {"loss": loss}
 
     def checkpoint(self):
-        state = {"token": self.token.clone(), "adam": self.adam.state_dict()}
+        state = {"token": self.token, "adam": self.adam.state_dict()}
         if self.subspace is not None:
             state["subspace"] = self.subspace.state_dict()
-        return state
+        return cpu_copy(state)
 
     def restore(self, state) -> None:
         self.token.copy_(state["token"])

@@ -102,7 +102,9 @@ def test_real_model_without_weights_fails_at_once_saying_how_to_get_them(tmp_pat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached
     monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("tried to load a model"))
-    cfg = compose(["method=ti", f"data.root={dataset_root}", f"paths.results={tmp_path}"])  # model=sd15
+    cfg = compose(
+        ["method=ti", f"data.root={dataset_root}", f"paths.results={tmp_path}", "device=cpu"]
+    )  # sd15
     with pytest.raises(models.WeightsUnavailable, match="model.path=") as error:
         run(cfg)
     assert "\n" not in str(error.value)

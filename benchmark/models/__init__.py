@@ -466,6 +466,8 @@ def load_components(model_cfg, device="cpu", dtype: torch.dtype = torch.float32)
                 "num_train_timesteps": int(_get(model_cfg, "num_train_timesteps", 1000)),
             }
         )
+    if family(model_cfg) != "sdxl":  # their stock pipelines never upcast the VAE: nor does training
+        networks.vae.register_to_config(force_upcast=False)  # (methods.common.diffusion.vae_in_fp32)
     components = Components(
         tokenizer=tokenizers[0], text_encoder=networks.text_encoder, vae=networks.vae, unet=networks.unet,
         noise_scheduler=noise_scheduler, device=torch.device(device), dtype=dtype,

@@ -194,12 +194,11 @@ class Method(abc.ABC):
         return None
 
     def checkpoint(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "trainable": {k: v.detach().clone() for k, v in self.trainable_parameters().items()}
-        }
+        """What resuming needs, every tensor copied to the CPU (:func:`cpu_copy`)."""
+        state: dict[str, Any] = {"trainable": self.trainable_parameters()}
         if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
+            state["optimizer"] = self.optimizer.state_dict()  # references to the live state
+        return cpu_copy(state)
 
     def restore(self, state: dict[str, Any]) -> None:
         params = self.trainable_parameters()
@@ -219,3 +218,17 @@ class Method(abc.ABC):
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
         return path
+
+
+def cpu_copy(state: Any) -> Any:
+    """``state`` (nested dicts, lists, tuples) with every tensor copied to the CPU, detached. A
+    checkpoint then costs no GPU memory when it is taken (SD1.5 DreamBooth's U-Net and Adam state:
+    gigabytes), and holds copies, not the references ``optimizer.state_dict()`` returns. Every
+    method's ``checkpoint`` returns its state through it; ``restore`` moves tensors back."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state

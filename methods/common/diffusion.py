@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +16,43 @@ def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> tor
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def vae_needs_fp32(vae) -> bool:
+    """An fp16 VAE whose config says it overflows in fp16 (``force_upcast``: SDXL's stock VAE, whose
+    activations reach inf and decode to NaN); diffusers' SDXL pipeline decodes it in fp32, and so
+    does every encode here. The model loader clears the flag for SD1.x/2.x, whose pipelines never
+    upcast (benchmark.models.load_components)."""
+    return bool(getattr(vae.config, "force_upcast", False)) and any(
+        p.dtype == torch.float16 for p in vae.parameters()
+    )
+
+
+@contextmanager
+def vae_in_fp32(vae) -> Iterator[torch.dtype]:
+    """Where :func:`vae_needs_fp32`, the VAE's fp16 parameters and buffers are fp32 inside the block
+    and the very same tensors again after it (integer codes and fp32 quantization scales are not
+    touched). Yields the dtype to feed the VAE."""
+    if not vae_needs_fp32(vae):
+        yield vae.dtype
+        return
+    kept = [(t, t.data) for t in (*vae.parameters(), *vae.buffers()) if t.dtype == torch.float16]
+    try:
+        for tensor, data in kept:
+            tensor.data = data.float()
+        yield torch.float32
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
+
+
 @torch.no_grad()
 def latent_distribution(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE's posterior for ``pixel_values``. No gradient ever flows into the
-    VAE encoder (the ZOODiP paper blocks it for every method)."""
-    dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
+    """(mean, std) of the VAE's posterior for ``pixel_values``, in the VAE's dtype (computed in fp32
+    where the VAE overflows in fp16: :func:`vae_in_fp32`). No gradient ever flows into the VAE
+    encoder (the ZOODiP paper blocks it for every method)."""
+    dtype = vae.dtype
+    with vae_in_fp32(vae) as compute_dtype:
+        dist = vae.encode(pixel_values.to(vae.device, compute_dtype)).latent_dist
+        return dist.mean.to(dtype), dist.std.to(dtype)
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float):

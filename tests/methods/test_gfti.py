@@ -286,3 +286,26 @@ def test_a_missing_init_clip_is_refused_before_training_with_one_line(tiny_cfg, 
         validate(tiny_cfg("method=gfti", f"model.text_encoder_clip=[{tmp_path / 'clip'}]"))
     with pytest.raises(ConfigError, match="give one per encoder"):  # SD1: one text encoder
         validate(tiny_cfg("method=gfti", "model.text_encoder_clip=[random,random]"))
+
+
+class OnGpu(torch.Tensor):
+    """A tensor as a checkpoint loaded onto a GPU holds it: numpy() refuses, cpu() copies it out."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_restore_from_a_checkpoint_whose_tensors_are_on_the_gpu(make_method, images):
+    first, _, _ = make_method("method.popsize=3", "method.repeats=1", protocol="official")
+    generation(first, images, 0)
+    state = {
+        k: v.as_subclass(OnGpu) if isinstance(v, torch.Tensor) else v for k, v in first.checkpoint().items()
+    }
+    with pytest.raises(TypeError, match="cuda"):
+        state["best_x"].numpy()
+    resumed, _, _ = make_method("method.popsize=3", "method.repeats=1", protocol="official")
+    resumed.restore(state)
+    assert torch.equal(resumed.state_dict()["<sks>"], first.state_dict()["<sks>"])

@@ -183,7 +183,8 @@ def test_a_4bit_layer_evaluates_as_it_trained_on_a_bf16_capable_cpu(in_features,
     torch.testing.assert_close(evaluated, trained, rtol=0, atol=0)
 
 
-def test_qlora_compute_dtype_auto_is_the_paper_s_bf16_on_cuda_only():
+def test_qlora_compute_dtype_auto_is_the_paper_s_bf16_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a GPU with bf16
     assert resolve_compute_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_compute_dtype("auto", "cpu") == torch.float32
     assert resolve_compute_dtype("fp16", "cpu") == torch.float16

@@ -181,7 +181,7 @@ def test_a_job_that_fails_leaves_a_failed_record_and_the_others_finish(slurm, tm
     (broken / "model_index.json").write_text("{}")
     args = [
         "method=ti", "subject=dog6", "model=tiny,sd15", f"++model.path={broken}", "eval=smoke",
-        "train.max_steps=2", *tiny(results, dataset_root),
+        "train.max_steps=2", "device=cpu", *tiny(results, dataset_root),
     ]  # fmt: skip
     args.remove("model=tiny")  # the sweep chooses the model
     output = finish(start_sweep(*args), expect_rc=1)

@@ -247,7 +247,7 @@ def test_the_main_job_reports_missing_weights_before_fetching_the_dataset(tmp_pa
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("downloaded the dataset first"))
-    cfg = compose(["method=ti", "subject=dog6", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(["method=ti", "subject=dog6", f"data.cache_dir={tmp_path / 'cache'}", "device=cpu"])
     found = problems(cfg)
     assert found and "Stable Diffusion weights" in found[0] and "model.path=" in found[0]
     # every missing set of weights, one line each, before anything loads
