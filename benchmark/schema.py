@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from benchmark import data, models
+from benchmark import data, datasets, models
 from benchmark.config import config_error, resolve_device, typed_method, typed_object
 from benchmark.metrics import MetricModelsUnavailable
 from benchmark.models.families import FAMILIES
@@ -51,6 +51,12 @@ class DataSchema:
     root: str | None = None
     download: bool = True
     cache_dir: str = MISSING
+    dataset: str = "dreambooth"  # the reader of data.root (benchmark.datasets.DATASETS)
+    class_noun: str | None = None  # your own subject under dataset=dreambooth: its class noun
+    subject_type: str | None = None  # ... and live | object (which evaluation prompt list)
+
+    def __post_init__(self) -> None:
+        _require_choice("data.dataset", self.dataset, datasets.DATASETS)
 
 
 @dataclass
@@ -216,11 +222,6 @@ class RunScalars:
 
     def __post_init__(self) -> None:
         _require_choice("mode", self.mode, MODES)
-        require(
-            self.subject in data.SUBJECTS,
-            f"subject={self.subject!r} is not a DreamBooth subject; "
-            f"choose one of: {', '.join(data.SUBJECTS)}",
-        )
         require(self.seed >= 0, f"seed={self.seed} must be >= 0")
 
 
@@ -312,6 +313,21 @@ class DiskChecks:
         return result
 
 
+def checked_subject(run_cfg: RunSchema) -> data.Subject:
+    """The run's subject as its dataset describes it; ConfigError, one line, where it cannot be."""
+    try:
+        subject = datasets.subject_for(run_cfg.data, run_cfg.subject)
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    n_prompts = run_cfg.eval.num_prompts
+    require(
+        len(subject.prompt_templates) >= n_prompts,
+        f"subject={subject.name!r} has {len(subject.prompt_templates)} prompts, fewer than "
+        f"eval.num_prompts={n_prompts}; pass eval.num_prompts={len(subject.prompt_templates)} or add prompts",
+    )
+    return subject
+
+
 def subject_images(data_cfg: DataSchema, subject: data.Subject) -> list[Path]:
     """The subject's image files, every one decoded; ConfigError naming the folder or the file."""
     root = data.resolve_dataset_root(data_cfg.root, data_cfg.download, data_cfg.cache_dir)
@@ -374,7 +390,11 @@ class Checker:
         run_cfg = dataclasses.replace(sections, **top)
         device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
-        subject = data.get_subject(run_cfg.subject)
+        subject = self.attempt(
+            self.disk.once, ("subject", str(run_cfg.data), run_cfg.subject), checked_subject, run_cfg
+        )
+        if subject is None:
+            return None
         if not self.inputs:
             return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
         model, eval_ = values["model"], values["eval"]

@@ -421,6 +421,8 @@ def provenance(report: Report) -> list[str]:
     evals = sorted(runs["eval"].dropna().unique()) if "eval" in runs else []
     if models:
         lines.append(f"Model: {', '.join(models)}; evaluation protocol: {', '.join(evals)}.")
+    named = sorted(runs["dataset"].dropna().unique()) if "dataset" in runs else []
+    lines.append(f"Dataset: {', '.join(named) or 'dreambooth'}.")
     papers = papers_setting()
     if spec.get("paper") and (set(models) - {papers["model"]} or set(evals) - {papers["eval"]}):
         lines.append(
