@@ -188,9 +188,9 @@ def _dreambooth_or_own(data_cfg: Any, name: str) -> Subject:
         return SUBJECTS[name]
     if noun is None or not str(noun).strip():
         raise ValueError(
-            f"subject={name!r} is not a DreamBooth subject; for your own photos in data.root/{name}/ "
-            "give data.class_noun=<noun> and data.subject_type=live|object "
-            f"(DreamBooth's: {', '.join(SUBJECTS)})"
+            f"subject={name!r} is not a DreamBooth subject; choose one of: {', '.join(SUBJECTS)}; "
+            f"or, for your own photos in data.root/{name}/, give data.class_noun=<noun> and "
+            "data.subject_type=live|object"
         )
     return Subject(name, str(noun).strip(), _checked_type(kind, f"subject={name!r}: data.subject_type"))
 

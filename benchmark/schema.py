@@ -54,9 +54,7 @@ class DataSchema:
     dataset: str = "dreambooth"  # the reader of data.root (benchmark.datasets.DATASETS)
     class_noun: str | None = None  # your own subject under dataset=dreambooth: its class noun
     subject_type: str | None = None  # ... and live | object (which evaluation prompt list)
-
-    def __post_init__(self) -> None:
-        _require_choice("data.dataset", self.dataset, datasets.DATASETS)
+    # checked with the subject (checked_subject): one line for a bad dataset, subject or class
 
 
 @dataclass
@@ -313,15 +311,16 @@ class DiskChecks:
         return result
 
 
-def checked_subject(run_cfg: RunSchema) -> data.Subject:
-    """The run's subject as its dataset describes it; ConfigError, one line, where it cannot be."""
+def checked_subject(values: dict[str, Any]) -> data.Subject:
+    """The run's subject as its dataset describes it (``values``: the resolved config, its
+    sections not yet typed); ConfigError, one line, where it cannot be."""
     try:
-        subject = datasets.subject_for(run_cfg.data, run_cfg.subject)
+        subject = datasets.subject_for(values.get("data") or {}, str(values.get("subject")))
     except (ValueError, OSError) as e:
         raise ConfigError(str(e)) from None
-    n_prompts = run_cfg.eval.num_prompts
+    n_prompts = (values.get("eval") or {}).get("num_prompts")
     require(
-        len(subject.prompt_templates) >= n_prompts,
+        not isinstance(n_prompts, int) or len(subject.prompt_templates) >= n_prompts,
         f"subject={subject.name!r} has {len(subject.prompt_templates)} prompts, fewer than "
         f"eval.num_prompts={n_prompts}; pass eval.num_prompts={len(subject.prompt_templates)} or add prompts",
     )
@@ -376,6 +375,8 @@ class Checker:
             return None
         sections = self.attempt(self.sections, values)
         scalars = self.attempt(typed_scalars, {k: v for k, v in values.items() if k not in NOT_SCALARS})
+        which = json.dumps([values.get("subject"), values.get("data"), values.get("eval")], default=str)
+        subject = self.attempt(self.disk.once, ("subject", which), checked_subject, values)
         trains = values.get("mode") in ("personalize", "recovery")
         method_cfg = self.attempt(self.method_config, values) if trains else None
         if values.get("mode") == "recovery":
@@ -390,9 +391,6 @@ class Checker:
         run_cfg = dataclasses.replace(sections, **top)
         device = self.attempt(resolve_device, run_cfg.device) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
-        subject = self.attempt(
-            self.disk.once, ("subject", str(run_cfg.data), run_cfg.subject), checked_subject, run_cfg
-        )
         if subject is None:
             return None
         if not self.inputs:
