@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,3 +314,22 @@ def subject_entry(values: dict[str, Any]) -> dict[str, Any] | None:
         "folder": s.relative_folder,
         "files": s.files,
     }
+
+
+def main(argv: list[str]) -> int:
+    """``python -m benchmark.datasets <dataset> <root>``: its subjects, comma-separated, for a sweep
+    over all of them:
+    ``-m dataset=custom data.root=<root> subject=$(python -m benchmark.datasets custom <root>)``."""
+    if len(argv) != 2 or argv[0] not in DATASETS:
+        print(f"usage: python -m benchmark.datasets {{{','.join(DATASETS)}}} <root>", file=sys.stderr)
+        return 2
+    try:
+        print(",".join(read_dataset(argv[0], Path(argv[1]).expanduser())))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

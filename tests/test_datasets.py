@@ -250,3 +250,9 @@ def test_dreambenchpp_end_to_end(tmp_path, dreambenchpp_root):
         )
     )
     assert run_dir.name.endswith(record["data_images"])
+
+
+def test_all_subjects_of_a_dataset_for_a_sweep(custom_root, capsys):
+    assert datasets.main(["custom", str(custom_root)]) == 0
+    assert capsys.readouterr().out.strip() == "rex,mug"
+    assert datasets.main(["custom", str(custom_root / "nowhere")]) == 2
