@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from benchmark.datasets import DREAMBOOTH
 from methods.common.errors import ConfigError, ConfigErrors, every_problem
 from methods.common.registry import method_class
 
@@ -214,7 +215,7 @@ def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 # data.* keys in the run key only where they differ from these defaults: the runs on DreamBooth's
 # subjects keep the keys they had before there were other datasets and subjects of your own
-DATA_KEY_DEFAULTS = {"data.dataset": "dreambooth", "data.class_noun": None, "data.subject_type": None}
+DATA_KEY_DEFAULTS = {"data.dataset": DREAMBOOTH, "data.class_noun": None, "data.subject_type": None}
 
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:

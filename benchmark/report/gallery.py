@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmark import data
+from benchmark.datasets import DREAMBOOTH
 from benchmark.report.tables import Report, number, row_name
 from methods.common.atomic import atomic_path, write_text_atomic
 
@@ -159,7 +160,7 @@ def subject_section(report: Report, subject: str, page_dir: Path, thumbs: Path) 
 def dataset_names(report: Report) -> str:
     """The datasets of the report's runs, as their records name them (DreamBooth before there were others)."""
     named = report.runs["dataset"].dropna() if "dataset" in report.runs else []
-    return ", ".join(sorted(set(named))) or "dreambooth"
+    return ", ".join(sorted(set(named))) or DREAMBOOTH
 
 
 THUMBS = "gallery_thumbs"  # the page's thumbnails, beside it
