@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from benchmark.datasets import DREAMBOOTH
 from methods.common.errors import ConfigError, ConfigErrors, every_problem
 from methods.common.registry import method_class
 
@@ -183,6 +184,8 @@ EARLIER_NOT_IN_RUN_KEY = (
     "paths", "data.download", "data.cache_dir", "skip_done", "device",
     "train.progress", "train.log_every", "train.checkpoint_every", "train.step_delay_s",
     "train.profile_steps", "method.class_images_dir", "report", "method.cache_dir",
+    # keys that came with the current key; their defaults are what those runs did
+    "data.dataset", "data.class_noun", "data.subject_type", "model.method_defaults", "train.allow_tf32",
 )  # fmt: skip
 
 
@@ -211,10 +214,21 @@ def dataset_root(values: dict[str, Any]) -> Path:
     return Path(str(data.get("cache_dir", "."))).expanduser() / "dataset"
 
 
+def subject_folder(values: dict[str, Any]) -> tuple[Path, tuple[str, ...] | None]:
+    """The folder of the subject's photos, and which files in it (None: all), as its dataset says."""
+    from benchmark.datasets import subject_entry
+
+    entry = subject_entry(values)
+    if entry is None:
+        return dataset_root(values) / str(values["subject"]), None
+    files = tuple(entry["files"]) if entry["files"] is not None else None
+    return dataset_root(values) / entry["folder"], files
+
+
 def images_fingerprint(values: dict[str, Any]) -> str | None:
     from benchmark.image_set import fingerprint
 
-    return fingerprint(dataset_root(values) / str(values["subject"]))
+    return fingerprint(*subject_folder(values))
 
 
 def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -230,9 +244,22 @@ def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# data.* keys in the run key only where they differ from these defaults: the runs on DreamBooth's
+# subjects keep the keys they had before there were other datasets and subjects of your own
+DATA_KEY_DEFAULTS = {"data.dataset": DREAMBOOTH, "data.class_noun": None, "data.subject_type": None}
+
+
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
-    values = flat(plain(cfg))
-    kept = {k: v for k, v in values.items() if not not_in_run_key(k)}
+    from benchmark.datasets import subject_entry
+
+    values = plain(cfg)
+    entry = subject_entry(values) if "data" in values else None
+    values = flat(values) | ({"subject_entry": entry} if entry is not None else {})
+    kept = {
+        k: v
+        for k, v in values.items()
+        if not not_in_run_key(k) and not (k in DATA_KEY_DEFAULTS and v == DATA_KEY_DEFAULTS[k])
+    }
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -1,7 +1,5 @@
-"""The 30 DreamBooth subjects, their evaluation prompts, image loading and dataset fetching.
-
-Subjects, classes and prompt lists follow ``dataset/prompts_and_classes.txt`` of google/dreambooth.
-"""
+"""Subjects (benchmark.datasets: DreamBooth's 30, your own, other datasets'), image loading and
+checking, and fetching the DreamBooth dataset."""
 
 from __future__ import annotations
 
@@ -12,13 +10,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from benchmark.datasets import LIVE_PROMPTS, OBJECT_PROMPTS, SUBJECTS, Subject, subject_for  # noqa: F401 (re-exported)
 from benchmark.image_set import image_files, is_image_name
 
 _log = logging.getLogger(__name__)
@@ -33,110 +32,15 @@ _BY_HAND = (
     "clone or download https://github.com/google/dreambooth and set data.root=<path to its dataset/ folder>"
 )
 
-_COMMON = (
-    "a {} in the jungle",
-    "a {} in the snow",
-    "a {} on the beach",
-    "a {} on a cobblestone street",
-    "a {} on top of pink fabric",
-    "a {} on top of a wooden floor",
-    "a {} with a city in the background",
-    "a {} with a mountain in the background",
-    "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest",
-)
-_ATTRIBUTES = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
 
-OBJECT_PROMPTS: tuple[str, ...] = (
-    *_COMMON,
-    "a {} with a wheat field in the background",
-    "a {} with a tree and autumn leaves in the background",
-    "a {} with the Eiffel Tower in the background",
-    "a {} floating on top of water",
-    "a {} floating in an ocean of milk",
-    "a {} on top of green grass with sunflowers around it",
-    "a {} on top of a mirror",
-    "a {} on top of the sidewalk in a crowded street",
-    "a {} on top of a dirt road",
-    "a {} on top of a white rug",
-    *_ATTRIBUTES,
-)
-
-LIVE_PROMPTS: tuple[str, ...] = (
-    *_COMMON,
-    "a {} wearing a red hat",
-    "a {} wearing a santa hat",
-    "a {} wearing a rainbow scarf",
-    "a {} wearing a black top hat and a monocle",
-    "a {} in a chef outfit",
-    "a {} in a firefighter outfit",
-    "a {} in a police outfit",
-    "a {} wearing pink glasses",
-    "a {} wearing a yellow shirt",
-    "a {} in a purple wizard outfit",
-    *_ATTRIBUTES,
-)
-
-
-@dataclass(frozen=True)
-class Subject:
-    name: str
-    class_noun: str
-    kind: str  # "live" or "object"
-
-    @property
-    def prompt_templates(self) -> tuple[str, ...]:
-        return LIVE_PROMPTS if self.kind == "live" else OBJECT_PROMPTS
-
-    def prompts(self, phrase: str) -> list[str]:
-        """The 25 evaluation prompts with ``phrase`` (e.g. "sks dog" or "<dog6>") filled in."""
-        return [t.format(phrase) for t in self.prompt_templates]
-
-
-_LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
-# "subject_name,class" rows of prompts_and_classes.txt, in file order
-_CLASSES = """
-backpack,backpack
-backpack_dog,backpack
-bear_plushie,stuffed animal
-berry_bowl,bowl
-can,can
-candle,candle
-cat,cat
-cat2,cat
-clock,clock
-colorful_sneaker,sneaker
-dog,dog
-dog2,dog
-dog3,dog
-dog5,dog
-dog6,dog
-dog7,dog
-dog8,dog
-duck_toy,toy
-fancy_boot,boot
-grey_sloth_plushie,stuffed animal
-monster_toy,toy
-pink_sunglasses,glasses
-poop_emoji,toy
-rc_car,toy
-red_cartoon,cartoon
-robot_toy,toy
-shiny_sneaker,sneaker
-teapot,teapot
-vase,vase
-wolf_plushie,stuffed animal
-"""
-SUBJECTS: dict[str, Subject] = {
-    name: Subject(name, noun, "live" if name in _LIVE else "object")
-    for name, noun in (row.split(",") for row in _CLASSES.strip().splitlines())
-}
-
-
-def get_subject(name: str) -> Subject:
-    if name not in SUBJECTS:
-        raise ValueError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}")
-    return SUBJECTS[name]
+def get_subject(name: str, data_cfg: Any = None) -> Subject:
+    """The subject ``name`` of the dataset ``data_cfg`` (the config's ``data`` section) describes;
+    without it, one of the 30 DreamBooth subjects."""
+    if data_cfg is None:
+        if name not in SUBJECTS:
+            raise ValueError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}")
+        return SUBJECTS[name]
+    return subject_for(data_cfg, name)
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -175,13 +79,13 @@ def _unreadable(path: Path, e: Exception) -> ValueError:
 def subject_image_paths(root: str | Path, subject: Subject | str) -> list[Path]:
     """Sorted image files of ``subject`` under ``root``; each is decoded once, so a truncated,
     corrupt or blank file is named here, before a run starts (``verify()`` would not decode the data)."""
-    name = subject.name if isinstance(subject, Subject) else subject
-    folder = Path(root) / name
-    paths = image_files(folder)
+    subject = subject if isinstance(subject, Subject) else Subject(subject, "", "object")
+    folder = Path(root) / subject.relative_folder
+    paths = image_files(folder, subject.files)
     if not paths:
         raise ValueError(
-            f"dataset root {root} has no images for subject {name!r} (expected {folder}/*.jpg); "
-            "set data.root=<dir holding the 30 subject folders>"
+            f"dataset root {root} has no images for subject {subject.name!r} (expected {folder}/*.jpg); "
+            "set data.root=<dir holding the subject folders>"
         )
     for p in paths:
         spread = float(np.asarray(_open_rgb(p), dtype=np.float32).std())

@@ -17,16 +17,18 @@ def is_image_name(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The folder's image files, sorted by name; [] if it is missing."""
+def image_files(folder: str | Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """The folder's image files (those of ``names`` only, if given), sorted by name; [] if it is missing."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if is_image_name(p)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if is_image_name(p) and (names is None or p.name in names))
 
 
-def fingerprint(folder: str | Path) -> str | None:
-    """Hex digest of the folder's image names and bytes (None: no images there). Files are
-    read once per (name, size, modification time)."""
-    files = image_files(folder)
+def fingerprint(folder: str | Path, names: tuple[str, ...] | None = None) -> str | None:
+    """Hex digest of the folder's image names and bytes (those of ``names`` only, if given; None:
+    no images there). Files are read once per (name, size, modification time)."""
+    files = image_files(folder, names)
     if not files:
         return None
     stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)

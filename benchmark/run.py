@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from benchmark import data, models
 from benchmark.config import (
     LOCK_NAME,
-    dataset_root,
     earlier_run_dir,
     flat,
     images_fingerprint,
@@ -29,8 +28,10 @@ from benchmark.config import (
     real_run_dir,
     resolve_device,
     run_dir_for,
+    subject_folder,
     training_dtype,
 )
+from benchmark.datasets import DREAMBOOTH
 from benchmark.generate import eval_prompts, generate_images
 from benchmark.memory.profiling import TrainingMonitor
 from benchmark.metrics import MetricModelsUnavailable, Scorer
@@ -206,10 +207,11 @@ def nvidia_driver_version() -> str | None:
 def image_set_fields(cfg: DictConfig) -> dict[str, Any]:
     """Which photos the run used: their fingerprint (the run key's last part) and their folder."""
     values = plain(cfg)
-    root = dataset_root(values)
+    folder, _ = subject_folder(values)
     return {
         "data_images": images_fingerprint(values),
-        "data_root": str(root.resolve() / str(values["subject"])),
+        "data_root": str(folder.resolve()),
+        "dataset": (values.get("data") or {}).get("dataset", DREAMBOOTH),
     }
 
 
@@ -348,7 +350,7 @@ def personalized_pipeline(model_cfg, method, artifact, device, dtype: torch.dtyp
 def run_real_images(cfg: DictConfig) -> dict[str, Any]:
     """The upper-bound row of the DreamBooth paper: the subject's real images scored against
     each other (CLIP-I, DINO over pairs i != j). `python -m benchmark mode=real subject=dog6`."""
-    subject = data.get_subject(cfg.subject)
+    subject = data.get_subject(cfg.subject, cfg.data)
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     real = data.load_pil_images(data.subject_image_paths(root, subject))
     run_dir = real_run_dir(cfg)

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from benchmark import data, models
+from benchmark import data, datasets, models
 from benchmark.config import config_error, resolve_device, typed_method, typed_object
 from benchmark.metrics import MetricModelsUnavailable
 from benchmark.models.families import FAMILIES
@@ -51,6 +51,10 @@ class DataSchema:
     root: str | None = None
     download: bool = True
     cache_dir: str = MISSING
+    dataset: str = datasets.DREAMBOOTH  # the reader of data.root (benchmark.datasets.DATASETS)
+    class_noun: str | None = None  # your own subject under dataset=dreambooth: its class noun
+    subject_type: str | None = None  # ... and live | object (which evaluation prompt list)
+    # checked with the subject (checked_subject): one line for a bad dataset, subject or class
 
 
 @dataclass
@@ -219,11 +223,6 @@ class RunScalars:
 
     def __post_init__(self) -> None:
         _require_choice("mode", self.mode, MODES)
-        require(
-            self.subject in data.SUBJECTS,
-            f"subject={self.subject!r} is not a DreamBooth subject; "
-            f"choose one of: {', '.join(data.SUBJECTS)}",
-        )
         require(self.seed >= 0, f"seed={self.seed} must be >= 0")
 
 
@@ -333,6 +332,22 @@ class DiskChecks:
         return result
 
 
+def checked_subject(values: dict[str, Any]) -> data.Subject:
+    """The run's subject as its dataset describes it (``values``: the resolved config, its
+    sections not yet typed); ConfigError, one line, where it cannot be."""
+    try:
+        subject = datasets.subject_for(values.get("data") or {}, str(values.get("subject")))
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    n_prompts = (values.get("eval") or {}).get("num_prompts")
+    require(
+        not isinstance(n_prompts, int) or len(subject.prompt_templates) >= n_prompts,
+        f"subject={subject.name!r} has {len(subject.prompt_templates)} prompts, fewer than "
+        f"eval.num_prompts={n_prompts}; pass eval.num_prompts={len(subject.prompt_templates)} or add prompts",
+    )
+    return subject
+
+
 def subject_images(data_cfg: DataSchema, subject: data.Subject) -> list[Path]:
     """The subject's image files, every one decoded; ConfigError naming the folder or the file."""
     root = data.resolve_dataset_root(data_cfg.root, data_cfg.download, data_cfg.cache_dir)
@@ -381,6 +396,8 @@ class Checker:
             return None
         sections = self.attempt(self.sections, values)
         scalars = self.attempt(typed_scalars, {k: v for k, v in values.items() if k not in NOT_SCALARS})
+        which = json.dumps([values.get("subject"), values.get("data"), values.get("eval")], default=str)
+        subject = self.attempt(self.disk.once, ("subject", which), checked_subject, values)
         trains = values.get("mode") in ("personalize", "recovery")
         method_cfg = self.attempt(self.method_config, values) if trains else None
         if values.get("mode") == "recovery":
@@ -395,7 +412,8 @@ class Checker:
         run_cfg = dataclasses.replace(sections, **top)
         device = self.attempt(run_device, run_cfg) if self.check_device else None
         self.attempt(check_results_writable, run_cfg.paths.results)
-        subject = data.get_subject(run_cfg.subject)
+        if subject is None:
+            return None
         if not self.inputs:
             return None if self.found else ValidRun(run_cfg, method_cfg, subject, device)
         model, eval_ = values["model"], values["eval"]

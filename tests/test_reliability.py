@@ -734,6 +734,20 @@ def test_the_progress_bar_is_left_where_training_ended(tmp_path, capsys, monkeyp
     assert "4/4" in shown[-1] and "loss=" in shown[-1], shown[-3:]
 
 
+@pytest.mark.parametrize(
+    "overrides, earlier",  # the folders the earlier key gave these commands (data.root=/data/dreambooth)
+    [
+        (["method=ti", "model=tiny"], "ti/dog6/seed0-4514692cc1"),
+        (["method=lora", "model=sd15", "seed=3", "eval=dreambooth"], "lora/dog6/seed3-9d2de2e3ca"),
+    ],
+)
+def test_the_earlier_key_is_the_one_runs_were_made_under(overrides, earlier):
+    from benchmark.config import earlier_run_dir
+
+    cfg = compose([*overrides, "data.root=/data/dreambooth", "paths.results=/r"])
+    assert earlier_run_dir(cfg) == Path("/r/runs") / earlier
+
+
 def test_a_run_made_under_the_earlier_key_is_found_not_trained_again(tiny_cfg, monkeypatch):
     from benchmark.config import earlier_run_dir
 

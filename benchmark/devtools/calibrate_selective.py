@@ -107,7 +107,7 @@ def use_zo_update(method: Selective, optimizer: str, lr: float, normalize: bool)
 def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candidates) -> list[dict]:
     """Rows (kind, zo_optimizer, zo_lr, zo_normalize, descent per step: mean, sd, ratio to BP-low)."""
     base_cfg = method_config(cfg)
-    subject = data.get_subject(cfg.subject)
+    subject = data.get_subject(cfg.subject, cfg.data)
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     images = data.load_images(data.subject_image_paths(root, subject), base_cfg.resolution)
     seed = int(cfg.seed)

@@ -145,7 +145,7 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
     monitor = TrainingMonitor(device, profile_steps=0)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
     method = method_class(method_cfg.name)(method_cfg)
-    method.setup(components, data.get_subject(cfg.subject))
+    method.setup(components, data.get_subject(cfg.subject, cfg.data))
     size = method_cfg.resolution
     images = torch.rand(num_images, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     method.precompute(images, int(cfg.seed), steps)

@@ -122,7 +122,7 @@ def estimate(
             "e.g. model=sd15_arch"
         )
     dtype = training_dtype(method_cfg)
-    subject = data.get_subject(cfg.subject)
+    subject = data.get_subject(cfg.subject, cfg.data)
     t0, cpu0 = time.perf_counter(), time.process_time()
     with tracking(fake, fast_quantizers, watch_deaths) as tracker:
         tracker.checking_peaks = False  # loading: only what is live after it counts (reset_peaks)

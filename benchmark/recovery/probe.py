@@ -31,7 +31,7 @@ def probe(method_name: str, seed: int, overrides: list[str]) -> tuple[float, flo
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", ["experiment=recovery", f"method={method_name}", f"seed={seed}", *overrides])
     rc, method_cfg = recovery_config(cfg), method_config(cfg)
-    subject = data.get_subject(cfg.subject)
+    subject = data.get_subject(cfg.subject, cfg.data)
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     image_paths = data.subject_image_paths(root, subject)
     setting = prepare(cfg, rc, method_cfg, subject, image_paths, torch.device("cpu"))

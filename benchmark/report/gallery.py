@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmark import data
+from benchmark.datasets import DREAMBOOTH
 from benchmark.report.tables import Report, number, row_name
 from methods.common.atomic import atomic_path, write_text_atomic
 
@@ -82,13 +83,24 @@ def has_images(report: Report) -> bool:
     return any((Path(path) / "images").is_dir() for path in ok["path"])
 
 
+def run_subject(run_dir: Path, subject: str) -> data.Subject:
+    """The subject as the dataset the run used describes it (its config.yaml); DreamBooth's if unknown."""
+    if (run_dir / "config.yaml").exists():
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        try:
+            return data.get_subject(subject, cfg.data)
+        except (ValueError, OSError):
+            pass
+    return data.SUBJECTS.get(subject) or data.Subject(subject, subject, "object")
+
+
 def real_images(run_dir: Path, subject: str) -> list[Path]:
     """The subject's images from the dataset the run used (its config.yaml); none if unknown."""
     if not (run_dir / "config.yaml").exists():
         return []
     cfg = OmegaConf.load(run_dir / "config.yaml")
     root = data.resolve_dataset_root(cfg.data.root, False, cfg.data.cache_dir)
-    return data.subject_image_paths(root, subject)
+    return data.subject_image_paths(root, run_subject(run_dir, subject))
 
 
 def scores_line(scores: dict | None, run: dict) -> str:
@@ -125,9 +137,10 @@ def subject_section(report: Report, subject: str, page_dir: Path, thumbs: Path) 
             by_prompt.setdefault(png.name.split("_")[0], png)  # the prompt's first image
         rows.append((row_name(report, entry), run, by_prompt, scored.get("images", {})))
     columns = sorted({p for _, _, by_prompt, _ in rows for p in by_prompt})
-    templates = data.get_subject(subject).prompt_templates  # runs without scores.json: the CLIP-T text
+    described = run_subject(Path(runs["path"].iloc[0]), subject)
+    templates = described.prompt_templates  # runs without scores.json: the CLIP-T text
     for p in columns:
-        prompts.setdefault(p, templates[int(p[1:])].format(data.get_subject(subject).class_noun))
+        prompts.setdefault(p, templates[int(p[1:])].format(described.class_noun))
     head = "".join(f"<th>{html.escape(prompts.get(p, p))}</th>" for p in columns)
     out += [
         "<h2>generated (first image of each prompt, first seed)</h2>",
@@ -144,6 +157,12 @@ def subject_section(report: Report, subject: str, page_dir: Path, thumbs: Path) 
     return "\n".join([*out, "</table>", "</div>"])
 
 
+def dataset_names(report: Report) -> str:
+    """The datasets of the report's runs, as their records name them (DreamBooth before there were others)."""
+    named = report.runs["dataset"].dropna() if "dataset" in report.runs else []
+    return ", ".join(sorted(set(named))) or DREAMBOOTH
+
+
 THUMBS = "gallery_thumbs"  # the page's thumbnails, beside it
 
 
@@ -152,7 +171,7 @@ def write_gallery(report: Report) -> Path:
     thumbs = page_dir / THUMBS
     subjects = list(dict.fromkeys(report.runs["subject"].astype(str)))
     options = "".join(f'<option value="{html.escape(s)}">{html.escape(s)}</option>' for s in subjects)
-    title = html.escape(report.spec.get("title", report.name))
+    title = html.escape(f"{report.spec.get('title', report.name)} ({dataset_names(report)})")
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{title}: gallery</title>",
         f"<style>{STYLE}</style></head><body>", f"<h1>{title}: qualitative gallery</h1>",

@@ -33,6 +33,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark.config import NOT_IN_RUN_KEY
+from benchmark.datasets import DREAMBOOTH
 from benchmark.records import CorruptRecord, load_records
 from benchmark.sweep.plan import InvalidSweep, JobProblem, PlannedRun, plan_sweep, primary_config
 
@@ -421,6 +422,8 @@ def provenance(report: Report) -> list[str]:
     evals = sorted(runs["eval"].dropna().unique()) if "eval" in runs else []
     if models:
         lines.append(f"Model: {', '.join(models)}; evaluation protocol: {', '.join(evals)}.")
+    named = sorted(runs["dataset"].dropna().unique()) if "dataset" in runs else []
+    lines.append(f"Dataset: {', '.join(named) or DREAMBOOTH}.")
     papers = papers_setting()
     if spec.get("paper") and (set(models) - {papers["model"]} or set(evals) - {papers["eval"]}):
         lines.append(
