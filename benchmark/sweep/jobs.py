@@ -33,6 +33,7 @@ COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra raises o
 REFERENCE = re.compile(r"\$\{(\.*)([\w-]+(?:\.[\w-]+)*)\}")  # ${model.resolution}, ${.high_resolution}
 RESOLVER_CALL = re.compile(r"\$\{([\w.]+):")  # ${oc.env:HOME}
 NODE_FREE_RESOLVERS = ("oc.env", "now")  # resolvers that read no config node
+SELECT = re.compile(r"\$\{oc\.select:([\w-]+(?:\.[\w-]+)*)\s*[,}]")  # reads the one absolute path it names
 SCALARS = (str, int, float, bool, type(None))
 
 
@@ -86,7 +87,11 @@ class ComposedFiles:
         for text in strings(OmegaConf.to_container(cfg, resolve=False)):
             if "${" not in text:
                 continue
-            files.reads_any_node |= any(r not in NODE_FREE_RESOLVERS for r in RESOLVER_CALL.findall(text))
+            selected = SELECT.findall(text)
+            files.read_paths.update(selected)
+            calls = RESOLVER_CALL.findall(text)
+            any_node = [r for r in calls if r not in NODE_FREE_RESOLVERS]
+            files.reads_any_node |= len(any_node) > len(selected)  # oc.select of a named path is not "any"
             for dots, path in REFERENCE.findall(text):
                 if dots:  # relative to the node that holds the string: ${.high_resolution}
                     files.read_names.add(path.split(".")[0])
