@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from benchmark import data, models
-from benchmark.config import method_config, training_dtype
+from benchmark import data
 from benchmark.train import step_generator
 from methods.common.base import Method, cpu_copy
-from methods.common.registry import method_class
+from tests.conftest import set_up_method
 
 
 def tensors(state) -> list[torch.Tensor]:
@@ -76,11 +75,7 @@ def one_step(method, images, step):
 )
 def test_every_methods_checkpoint_is_a_cpu_snapshot(tiny_cfg, images, overrides):
     cfg = tiny_cfg(*overrides)
-    method_cfg = method_config(cfg)
-    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
-    method = method_class(method_cfg.name)(method_cfg)
-    method.setup(components, data.get_subject("dog6"))
-    method.precompute(images, 0, 3)
+    method = set_up_method(cfg, images)
     one_step(method, images, 0)
     state = method.checkpoint()
     assert tensors(state) and all(t.device.type == "cpu" for t in tensors(state))

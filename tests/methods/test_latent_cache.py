@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from benchmark import data, models
-from benchmark.config import method_config, training_dtype
 from benchmark.train import step_generator, train
 from methods.common.diffusion import encode_latents
 from methods.common.latent_cache import LatentCache
-from methods.common.registry import method_class
+from tests.conftest import set_up_method
 
 
 @pytest.fixture
@@ -23,14 +22,10 @@ def images(dataset_root):
 
 def trained_token(tiny_cfg, images, tmp_path, *overrides):
     cfg = tiny_cfg(*overrides)
-    method_cfg = method_config(cfg)
-    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
-    method = method_class(method_cfg.name)(method_cfg)
-    method.setup(components, data.get_subject("dog6"))
-    method.precompute(images, 0, 3)
-    train(method, images, 3, method_cfg.batch_size, 0, tmp_path, torch.device("cpu"), progress=False)
+    method = set_up_method(cfg, images)
+    train(method, images, 3, method.cfg.batch_size, 0, tmp_path, torch.device("cpu"), progress=False)
     artifact = method.state_dict()  # SDXL: {"clip_l": row, "clip_g": row}
-    return artifact.get(method_cfg.placeholder_token, torch.cat(list(artifact.values()), dim=1)), components
+    return artifact.get(method.cfg.placeholder_token, torch.cat(list(artifact.values()), dim=1)), method.c
 
 
 @pytest.mark.parametrize(
