@@ -39,8 +39,8 @@ PHASES = ("forward", "backward", "optimizer")
 # returns its input; on a GPU the constant is copied to the device. Counted in both modes.
 LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
 NOT_INCLUDED = (
-    "prediction of torch.cuda.max_memory_allocated after setup; not included: the CUDA context, "
-    "allocator fragmentation and cached free blocks, cuBLAS/cuDNN workspaces"
+    "the peak predicts torch.cuda.max_memory_allocated after setup; it leaves out the CUDA context, "
+    "cached free blocks and fragmentation, cuBLAS/cuDNN workspaces (the device-level figure adds them)"
 )
 
 
@@ -57,8 +57,18 @@ def _has_storage(tensor: torch.Tensor) -> bool:
 def _stays_real(args, kwargs) -> bool:
     """Under fake tensors, an operator runs on real tensors when it has no fake input and either
     real tensor inputs or a generator: numbers drawn from the step's CPU generator stay real
-    (prompt picks, timesteps, CMA-ES samples handed to numpy)."""
+    (prompt picks, timesteps, CMA-ES samples handed to numpy). An operator that makes a tensor
+    on another device (a fake GPU) goes fake, checking its generator's device as CUDA would."""
     if any(isinstance(a, FakeTensor) for a in args):
+        return False
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != "cpu":
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device.type != torch.device(device).type:
+            raise RuntimeError(
+                f"Expected a '{torch.device(device).type}' device type for generator but found "
+                f"'{generator.device.type}'"
+            )
         return False
     leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, torch.Generator))]
     return bool(leaves) and not any(isinstance(a, FakeTensor) for a in leaves)
@@ -137,6 +147,9 @@ class LiveStorageTracker(TorchDispatchMode):
         self._watched: dict[int, tuple[weakref.ref, int]] = {}  # id(weakref) -> (it, storage key)
         self.sweep_all_next = False  # a tensor's storage was replaced (.data =, set_, swap_tensors)
         self.silent_deaths = 0  # storages found dead while a tensor object seen holding them lived
+        # The allocation sequence for the caching-allocator model (benchmark/memory/device.py):
+        # ("alloc", serial, bytes) and ("free", serial, 0), recorded once ``events`` is a list.
+        self.events: list[tuple[str, int, int]] | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property
@@ -179,6 +192,8 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def _bury(self, pool: dict[int, _Storage], key: int) -> None:
         dead = pool.pop(key)
+        if self.events is not None:
+            self.events.append(("free", dead.serial, 0))
         self.upper_bytes -= dead.nbytes
         self.died_at_sweep[dead.serial] = self.sweeps
         self.suspects.discard(key)
@@ -227,6 +242,8 @@ class LiveStorageTracker(TorchDispatchMode):
                 self.sweeps += 1
                 self.died_at_sweep[entry.serial] = self.sweeps
                 self.serial += 1
+                if self.events is not None:
+                    self.events += [("alloc", self.serial, nbytes), ("free", entry.serial, 0)]
                 if entry.serial in self.tags:
                     self.tags[self.serial] = self.tags[entry.serial]
                 self.upper_bytes += nbytes - entry.nbytes
@@ -234,7 +251,11 @@ class LiveStorageTracker(TorchDispatchMode):
                 if peak:
                     self._maybe_peak()
             return entry.serial
+        if self.events is not None:  # frees in order: what died before this storage was made
+            self.sweep()
         self.serial += 1
+        if self.events is not None:
+            self.events.append(("alloc", self.serial, nbytes))
         self.storages[storage._cdata] = _Storage(storage, nbytes, self.serial)
         self.bytes_of[self.serial] = nbytes
         self.upper_bytes += nbytes
