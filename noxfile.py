@@ -163,6 +163,16 @@ def memory_gpu(session: nox.Session) -> None:
 
 
 @nox.session
+def gpu_check(session: nox.Session) -> None:
+    """The checks that need a CUDA GPU, in one call (benchmark/devtools/gpu_check.py): every method
+    on `tiny` with backward and fp16 generation, a GF-TI kill-and-resume, ZOODiP's fp16 finite
+    difference on `sd15_arch` against the fp32 derivative, an SDXL-size VAE encode in fp16 vs fp32,
+    and the measured memory of DreamBooth, TI, LoRA and ZOODiP. One CSV (results/gpu_check/) and
+    a summary line. `nox -s gpu_check -- --dry-run` runs the plumbing on the CPU at toy size."""
+    session.run(sys.executable, "-m", "benchmark.devtools.gpu_check", *session.posargs)
+
+
+@nox.session
 def recovery(session: nox.Session) -> None:
     """Known-answer personalization: every arm of conf/experiment/recovery.yaml over its seeds
     on the tiny model (CPU; about an hour in one process), then the report (results/recovery/:
