@@ -31,12 +31,14 @@ from methods.common.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 GB = 10**9  # as the papers and results/paper/ (nvidia-smi's MiB are not converted)
+GIB = 2**30
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "results" / "paper" / "table1.csv"
 ROW_KEYS = ("method", "variant", "model", "resolution", "batch_size")
 FORMATS = ("table", "json")
 SHOWN = (
-    "method", "variant", "predicted_peak_gb", "paper_memory_gb",
-    "measured_peak_allocated_gb", "measured_nvml_peak_gb", "predicted_error_percent", "error",
+    "method", "variant", "predicted_peak_gb", "predicted_device_gb", "paper_memory_gb",
+    "predicted_train_pflop", "measured_peak_allocated_gb", "measured_nvml_peak_gb",
+    "predicted_error_percent", "error",
 )  # fmt: skip
 MEASURED = (
     "peak_allocated_bytes", "peak_reserved_bytes", "nvml_process_peak_bytes", "nvml_device_peak_bytes",
@@ -71,6 +73,12 @@ def render(est: Estimate, measured: dict[str, Any] | None = None) -> str:
     totals = [est.peak_bytes] + [est.phase_peak_bytes[p] for p in PHASES]
     lines.append(f"  {'total':<16}  {gb(totals[0])}" + "".join(f"   {gb(v)}" for v in totals[1:]))
     lines.append(f"  after setup (model load): {est.after_setup_bytes / GB:.3f} GB")
+    if est.predicted_device_bytes is not None:
+        lines.append(
+            f"  device level (as nvidia-smi): {est.predicted_device_bytes / GB:.3f} GB = "
+            f"{est.predicted_device_bytes / GIB:.3f} GiB (allocator reserved "
+            f"{est.predicted_reserved_bytes / GB:.3f} GB + CUDA context {est.cuda_context_bytes / GB:.3f} GB)"
+        )
     paper = paper_memory_gb(est.method, model=est.model)
     if paper is not None:
         lines.append(f"  paper (ZOODiP Table 1, nvidia-smi): {paper} GB")
@@ -81,6 +89,10 @@ def render(est: Estimate, measured: dict[str, Any] | None = None) -> str:
             f"  {est.data_dependent_values} values read back to Python got placeholders; "
             f"{est.data_dependent_shapes} data-dependent sizes counted at their upper bound"
         )
+    lines.append(
+        f"  compute: {est.predicted_step_flops / 1e12:.3f} TFLOP a step x {est.train_steps} steps = "
+        f"{est.predicted_train_flops / 1e15:.2f} PFLOP"
+    )
     lines.append(f"  note: {est.not_included}; {est.seconds:.0f} s ({est.cpu_seconds:.0f} s CPU)")
     return "\n".join(lines)
 
@@ -93,6 +105,16 @@ def csv_row(keys: dict[str, Any], est: Estimate | None, measured: dict[str, Any]
         row["predicted_peak_bytes"] = est.peak_bytes
         row.update({f"predicted_{c}_bytes": v for c, v in est.breakdown.items()})
         row.update({f"predicted_{p}_peak_bytes": est.phase_peak_bytes[p] for p in PHASES})
+        if est.predicted_device_bytes is not None:
+            row["predicted_device_gb"] = round(est.predicted_device_bytes / GB, 3)
+            row["predicted_device_gib"] = round(est.predicted_device_bytes / GIB, 3)
+        row["predicted_step_tflop"] = round(est.predicted_step_flops / 1e12, 4)
+        row["predicted_train_pflop"] = round(est.predicted_train_flops / 1e15, 3)
+        row["predicted_train_flops"] = est.predicted_train_flops
+        row["train_steps"] = est.train_steps
+        row["predicted_device_bytes"] = est.predicted_device_bytes
+        row["predicted_reserved_bytes"] = est.predicted_reserved_bytes
+        row["cuda_context_bytes"] = est.cuda_context_bytes
         row["predicted_seconds"] = round(est.seconds, 1)
         row["predicted_cpu_seconds"] = round(est.cpu_seconds, 1)
     if measured:
@@ -190,7 +212,10 @@ def report(cfg: DictConfig) -> bool:
     est = measured = error = None
     try:
         if cfg.predict:
-            est = estimate(cfg, steps=int(cfg.steps), num_images=int(cfg.num_images))
+            est = estimate(
+                cfg, steps=int(cfg.steps), num_images=int(cfg.num_images),
+                context_bytes=int(cfg.cuda_context_bytes),
+            )  # fmt: skip
         if cfg.measure:
             measured = measure(cfg, int(cfg.steps) + 2, int(cfg.num_images))
     except ConfigError:
@@ -219,7 +244,8 @@ def show(csv: str | Path) -> None:
     print(table[columns].astype(str).apply(lambda col: col.str.slice(0, 60)).to_string(index=False))
 
 
-MEMORY_KEYS = ("format", "steps", "num_images", "csv", "measure", "predict")  # conf/memory.yaml's own
+# conf/memory.yaml's own keys
+MEMORY_KEYS = ("format", "steps", "num_images", "csv", "measure", "predict", "cuda_context_bytes")
 
 
 def bad_values(cfg: DictConfig | dict) -> list[str]:
@@ -230,6 +256,9 @@ def bad_values(cfg: DictConfig | dict) -> list[str]:
     values = resolved(cfg)
     run_part = {k: v for k, v in values.items() if k not in MEMORY_KEYS}
     found = problems(run_part, check_device=bool(values["measure"]), inputs=False)
+    context = values["cuda_context_bytes"]
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        found.append(f"cuda_context_bytes={context!r}; use a whole number of bytes >= 0, e.g. 524288000")
     if values["format"] not in FORMATS:
         found.append(f"format={values['format']!r}; choose one of: {', '.join(FORMATS)}")
     if values["csv"]:

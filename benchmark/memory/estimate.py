@@ -45,7 +45,10 @@ import time
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from benchmark.memory.device import CUDA_CONTEXT_BYTES
+from benchmark.memory.device import replay as replay_on_device
 from benchmark.memory.pass_replay import PassReplay
 from benchmark.memory.profiling import model_tensors, weight_category
 from benchmark.memory.tracker import (
@@ -78,6 +81,16 @@ class Estimate:
     seconds: float  # wall time of the prediction
     cpu_seconds: float  # its process CPU time (on a shared machine, closer to an idle one's wall time)
     replayed_calls: int = 0  # module calls replayed, not traced (benchmark/memory/pass_replay.py)
+    # nvidia-smi's figure: the caching-allocator model's reserved peak + the context term
+    # (benchmark/memory/device.py); None where the trace could not give the allocation order
+    predicted_device_bytes: int | None = None
+    predicted_reserved_bytes: int | None = None
+    cuda_context_bytes: int | None = None
+    # compute: FLOPs of one training step (the mean of the traced steps; PyTorch's FLOP counter,
+    # matmuls, convolutions and attention), and times the method's configured steps
+    predicted_step_flops: int | None = None
+    predicted_train_flops: int | None = None
+    train_steps: int | None = None
     not_included: str = NOT_INCLUDED
 
     def as_dict(self) -> dict[str, Any]:
@@ -93,6 +106,7 @@ def estimate(
     fast_quantizers: bool = True,
     replay_calls: bool = True,
     watch_deaths: bool = True,
+    context_bytes: int = CUDA_CONTEXT_BYTES,
 ) -> Estimate:
     """Predicted allocator peak of ``steps`` training steps of ``cfg.method`` on ``cfg.model``
     (a ``tiny`` or ``arch`` model: no weights are read). ``num_images``: the subject's training
@@ -105,7 +119,9 @@ def estimate(
     ``fast_quantizers``: see ``tracking``. ``replay_calls``: under fake tensors, repeated no-grad
     calls of the U-Net and text encoders with the same input layouts are traced once and then
     replayed (benchmark/memory/pass_replay.py: the same peaks and breakdowns). ``watch_deaths``: see
-    ``LiveStorageTracker.sweep`` (if a storage died unwatched, predicted again without)."""
+    ``LiveStorageTracker.sweep`` (if a storage died unwatched, predicted again without).
+    ``context_bytes``: the CUDA context and workspaces, added to the modelled reserved peak for
+    ``predicted_device_bytes`` (benchmark/memory/device.py)."""
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
     from benchmark.train import step_generator
@@ -114,6 +130,7 @@ def estimate(
     from methods.common.sampling import training_batch
 
     method_cfg = method_config(cfg)
+    all_candidates = getattr(method_cfg, "popsize", None)
     if candidates is not None and hasattr(method_cfg, "popsize"):
         method_cfg = dataclasses.replace(method_cfg, popsize=min(candidates, method_cfg.popsize))
     if models._kind(cfg.model) == "hub":
@@ -138,9 +155,13 @@ def estimate(
         for tensor in quant_state_tensors(weights):
             tracker.tag(tensor, "weights_4bit", overwrite=False)
         after_setup = tracker.reset_peaks()
+        live = sorted((e.serial, e.nbytes) for e in (*tracker.storages.values(), *tracker.pinned.values()))
+        if watch_deaths:  # the allocation order (every sweep reading all use counts: too slow)
+            tracker.events = []
         replay = PassReplay(tracker)
         replayed = [components.unet, *components.text_encoders] if fake and replay_calls else []
-        with tagging_hooks(tracker, params, method), replay.wrapping(replayed):
+        replay.flop_counter = flop_counter = FlopCounterMode(display=False)
+        with tagging_hooks(tracker, params, method), replay.wrapping(replayed), flop_counter:
             for step in range(steps):
                 tracker.start_step()
                 generator = step_generator(int(cfg.seed), step)
@@ -148,12 +169,18 @@ def estimate(
                 method.step(batch, step)
     if tracker.silent_deaths:
         log.warning("%d storages died unwatched: predicted again", tracker.silent_deaths)
-        again = estimate(cfg, steps, fake, num_images, candidates, fast_quantizers, replay_calls, False)
+        again = estimate(
+            cfg, steps, fake, num_images, candidates, fast_quantizers, replay_calls, False, context_bytes
+        )
         return dataclasses.replace(  # the time of both predictions
             again, seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0
         )
     peaks, seen = tracker.peaks, tracker.phases_seen  # a phase the method has not (no backward in ZO): None
     top = max(PHASES, key=lambda p: peaks[p].bytes)
+    device = replay_on_device(live, tracker.events, context_bytes) if tracker.events is not None else None
+    step_flops = (flop_counter.get_total_flops() + replay.replayed_flops) / steps
+    if all_candidates:  # GF-TI: each candidate scored alike; traced with fewer
+        step_flops *= all_candidates / method_cfg.popsize
     return Estimate(
         method=method_cfg.name,
         model=str(cfg.model.name),
@@ -172,4 +199,10 @@ def estimate(
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - cpu0,
         replayed_calls=replay.replayed,
+        predicted_device_bytes=device and device.device_bytes,
+        predicted_reserved_bytes=device and device.reserved_bytes,
+        cuda_context_bytes=context_bytes,
+        predicted_step_flops=round(step_flops),
+        predicted_train_flops=round(step_flops * method_cfg.steps),
+        train_steps=method_cfg.steps,
     )

@@ -46,6 +46,7 @@ class PassRecord:
     output_spec: Any
     data_dependent_values: int
     data_dependent_shapes: int
+    flops: int = 0  # counted by the FLOP counter while traced; added again when replayed
 
 
 @dataclasses.dataclass
@@ -62,6 +63,8 @@ class PassReplay:
         self.signatures: dict[Any, _Signature] = {}
         self.depth = 0  # only the outermost call of a wrapped module is traced or replayed
         self.traced = self.replayed = 0
+        self.flop_counter = None  # a torch.utils.flop_counter.FlopCounterMode, if FLOPs are counted
+        self.replayed_flops = 0  # the FLOPs of replayed calls (their kernels never ran)
 
     @contextlib.contextmanager
     def wrapping(self, modules: list[torch.nn.Module]) -> Iterator[None]:
@@ -113,6 +116,7 @@ class PassReplay:
         entry_peak = Peak(live, tracker.serial, tracker.sweeps, tracker.step_start_serial)
         tracker.peaks[phase] = entry_peak
         values, shapes = tracker.data_dependent_values, tracker.data_dependent_shapes
+        flops = self._counted_flops()
         try:
             out = forward(*args, **kwargs)
         finally:
@@ -141,8 +145,12 @@ class PassReplay:
             output_spec=layout.spec,
             data_dependent_values=tracker.data_dependent_values - values,
             data_dependent_shapes=tracker.data_dependent_shapes - shapes,
+            flops=self._counted_flops() - flops,
         )
         return out, record
+
+    def _counted_flops(self) -> int:
+        return 0 if self.flop_counter is None else int(self.flop_counter.get_total_flops())
 
     def _replay(self, record: PassRecord) -> Any:
         """The traced call's storages born and dead at once (a peak check between), then its outputs."""
@@ -162,7 +170,12 @@ class PassReplay:
         tracker.sweeps += 1
         for serial in range(first_serial, tracker.serial + 1):
             tracker.died_at_sweep[serial] = tracker.sweeps
+        if tracker.events is not None:  # the call's storages at its peak, made then freed
+            born = range(first_serial, tracker.serial + 1)
+            tracker.events += [("alloc", s, tracker.bytes_of[s]) for s in born]
+            tracker.events += [("free", s, 0) for s in born]
         tracker.upper_bytes -= sum(record.peak_storage_bytes)
+        self.replayed_flops += record.flops
         tracker.data_dependent_values += record.data_dependent_values
         tracker.data_dependent_shapes += record.data_dependent_shapes
         bases = [torch.empty(n // d.itemsize, dtype=d, device=dev) for n, d, dev in record.output_storages]
