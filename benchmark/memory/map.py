@@ -1,14 +1,15 @@
 """Which method fits which GPU: the memory map of every method x model (`nox -s memory_models`).
 
-Reads the predicted peaks (``python -m benchmark.memory ... csv=results/memory/predicted.csv``),
-draws one figure (methods x models, each cell the predicted peak, coloured by the smallest
-common GPU it fits) and prints the README's Markdown table.
+Reads the predictions (``python -m benchmark.memory ... csv=results/memory/predicted.csv``),
+draws one figure (methods x models, each cell the predicted allocator peak, the device-level
+figure and the training compute, coloured by the smallest common GPU it fits) and prints the
+README's Markdown table.
 
 A card of N GB is taken to hold N GiB (8 GB = 8192 MiB, as nvidia-smi reports them). A method
-fits when its predicted allocator peak plus ``CONTEXT_MARGIN_GIB`` fits: the margin stands for
-what the prediction leaves out (the CUDA context, 0.3-0.6 GiB with lazy module loading; cached
-free blocks and fragmentation; cuBLAS/cuDNN workspaces). It is a rule of thumb, not a
-measurement: `nox -s memory_gpu` measures the real peaks.
+fits when its device-level figure (``predicted_device_bytes``: the caching-allocator model's
+reserved peak plus the CUDA context term, benchmark/memory/device.py) fits; a row without it
+falls back to the allocator peak plus ``CONTEXT_MARGIN_GIB``. Predictions, not measurements:
+`nox -s memory_gpu` measures the real peaks.
 
     python -m benchmark.memory.map [results/memory/predicted.csv] [figure.png]
 """
@@ -33,20 +34,23 @@ MODEL_LABELS = {"sd15_arch": "SD1.5 (512 px)", "sd21_arch": "SD2.1 (768 px)", "s
 DEFAULT_CSV = Path("results/memory/predicted.csv")
 
 
-def smallest_gpu(peak_bytes: float) -> int | None:
-    """The smallest card in GPU_GB that holds ``peak_bytes`` plus the margin; None: none does."""
-    need = peak_bytes / GIB + CONTEXT_MARGIN_GIB
+def smallest_gpu(peak_bytes: float, device_bytes: float | None = None) -> int | None:
+    """The smallest card in GPU_GB that holds ``device_bytes``, or without it ``peak_bytes``
+    plus the margin; None: none does."""
+    has_device = device_bytes is not None and not pd.isna(device_bytes)
+    need = device_bytes / GIB if has_device else peak_bytes / GIB + CONTEXT_MARGIN_GIB
     return next((gb for gb in GPU_GB if need <= gb), None)
 
 
-def memory_grid(csv: Path) -> pd.DataFrame:
-    """Predicted peak bytes, one row per method (with its variant), one column per model; the
-    methods in the order the CSV first names them (the sweep's order), variants after their method."""
+def memory_grid(csv: Path, column: str = "predicted_peak_bytes") -> pd.DataFrame:
+    """``column`` (default: the predicted peak bytes), one row per method (with its variant), one
+    column per model; the methods in the order the CSV first names them (the sweep's order),
+    variants after their method. NaN where the CSV has no such value."""
     table = pd.read_csv(csv, keep_default_na=False)
     variants = [v.replace("method.", "").replace("schedule=", "") for v in table["variant"]]
     table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], variants)]
-    table["predicted_peak_bytes"] = pd.to_numeric(table["predicted_peak_bytes"], errors="coerce")
-    grid = table.pivot_table(index="row", columns="model", values="predicted_peak_bytes", aggfunc="first")
+    table["value"] = pd.to_numeric(table[column], errors="coerce") if column in table else float("nan")
+    grid = table.groupby(["row", "model"], sort=False)["value"].first().unstack("model")
     rank = {m: i for i, m in enumerate(dict.fromkeys(table["method"]))}
     rows = sorted(grid.index, key=lambda r: (rank.get(r.split(" ")[0], len(rank)), r))
     columns = [m for m in MODEL_ORDER if m in grid.columns] + [
@@ -68,42 +72,77 @@ def row_label(row: str) -> str:
     return f"{name} {variant}".strip()
 
 
-def cell(peak_bytes: float) -> str:
+def _at(grid: pd.DataFrame | None, row, model) -> float | None:
+    if grid is None or row not in grid.index or model not in grid.columns:
+        return None
+    value = grid.loc[row, model]
+    return None if pd.isna(value) else float(value)
+
+
+def pflop(flops: float | None) -> str:
+    return (
+        ""
+        if flops is None
+        else f"{flops / 1e15:,.1f} PFLOP"
+        if flops >= 1e14
+        else f"{flops / 1e15:.3f} PFLOP"
+    )
+
+
+def cell(peak_bytes: float, device_bytes: float | None = None, train_flops: float | None = None) -> str:
+    """``peak [· device] (card)[ · compute]``, GB = 1e9 bytes."""
     if pd.isna(peak_bytes):
         return "–"
-    gpu = smallest_gpu(peak_bytes)
-    return f"{peak_bytes / 1e9:.2f} ({f'{gpu} GB' if gpu else '> 80 GB'})"
+    gpu = smallest_gpu(peak_bytes, device_bytes)
+    device = "" if device_bytes is None else f" · {device_bytes / 1e9:.2f}"
+    compute = "" if train_flops is None else f" · {pflop(train_flops)}"
+    return f"{peak_bytes / 1e9:.2f}{device} ({f'{gpu} GB' if gpu else '> 80 GB'}){compute}"
 
 
-def markdown(grid: pd.DataFrame) -> str:
+def markdown(
+    grid: pd.DataFrame, device: pd.DataFrame | None = None, flops: pd.DataFrame | None = None
+) -> str:
     header = "| method | " + " | ".join(MODEL_LABELS.get(m, m) for m in grid.columns) + " |"
     lines = [header, "|---" * (len(grid.columns) + 1) + "|"]
     for row, values in grid.iterrows():
-        lines.append(f"| {row_label(row)} | " + " | ".join(cell(v) for v in values) + " |")
+        cells = [cell(v, _at(device, row, m), _at(flops, row, m)) for m, v in values.items()]
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def draw(grid: pd.DataFrame, path: Path) -> Path:
+def draw(
+    grid: pd.DataFrame, path: Path, device: pd.DataFrame | None = None, flops: pd.DataFrame | None = None
+) -> Path:
     tiers = [*GPU_GB, None]
     colors = ["#1a9850", "#66bd63", "#a6d96a", "#fee08b", "#fdae61", "#f46d43", "#a50026"]
-    index = grid.apply(lambda col: col.map(lambda b: tiers.index(smallest_gpu(b)) if pd.notna(b) else None))
+    index = pd.DataFrame(
+        [[tiers.index(smallest_gpu(grid.loc[r, m], _at(device, r, m))) if pd.notna(grid.loc[r, m]) else None
+          for m in grid.columns] for r in grid.index]
+    )  # fmt: skip
     fig, ax = plt.subplots(figsize=(1.8 * len(grid.columns) + 4.5, 0.42 * len(grid) + 1.8))
     cmap = ListedColormap(colors)
     norm = BoundaryNorm(range(len(tiers) + 1), cmap.N)
     ax.imshow(index.astype(float).to_numpy(), cmap=cmap, norm=norm, aspect="auto")
-    for (i, j), value in pd.DataFrame(grid.to_numpy()).stack(future_stack=True).items():
-        ax.text(
-            j, i, "–" if pd.isna(value) else f"{value / 1e9:.2f} GB", ha="center", va="center", fontsize=9
-        )
+    for i, row in enumerate(grid.index):
+        for j, model in enumerate(grid.columns):
+            peak, dev, compute = grid.loc[row, model], _at(device, row, model), _at(flops, row, model)
+            text = "–" if pd.isna(peak) else f"{peak / 1e9:.2f} GB" + (f" · {dev / 1e9:.2f}" if dev else "")
+            if compute is not None and not pd.isna(peak):
+                text += f"\n{pflop(compute)}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(grid.columns)), [MODEL_LABELS.get(m, m) for m in grid.columns])
     ax.set_yticks(range(len(grid)), [row_label(row) for row in grid.index])
     ax.xaxis.tick_top()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
     labels = [f"fits {gb} GB" for gb in GPU_GB] + ["> 80 GB"]
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    fit = (
+        "device level" if device is not None and device.notna().any().any()
+        else f"peak + {CONTEXT_MARGIN_GIB:g} GiB"
+    )  # fmt: skip
     ax.set_title(
-        "Predicted peak training memory, batch 1, native resolution (GB = 1e9 B)\n"
-        f"colour: smallest card (N GB = N GiB) holding peak + {CONTEXT_MARGIN_GIB:g} GiB",
+        "Predicted training memory, batch 1, native resolution: allocator peak · device level (GB = 1e9 B);\n"
+        f"training compute (PFLOP); colour: smallest card (N GB = N GiB) holding the {fit}",
         fontsize=9, pad=26,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,9 +168,10 @@ def main(argv: list[str]) -> None:
     csv = Path(argv[0]) if argv else DEFAULT_CSV
     figure = Path(argv[1]) if len(argv) > 1 else csv.with_name("memory_map.png")
     grid = memory_grid(csv)
-    print(markdown(grid))
+    device, flops = memory_grid(csv, "predicted_device_bytes"), memory_grid(csv, "predicted_train_flops")
+    print(markdown(grid, device, flops))
     print(seconds(csv))
-    print(f"figure: {draw(grid, figure)}")
+    print(f"figure: {draw(grid, figure, device, flops)}")
 
 
 if __name__ == "__main__":

@@ -246,3 +246,19 @@ def test_memory_map_colours_each_cell_by_the_smallest_card_that_holds_peak_and_m
     table = markdown(grid)
     assert "| ZOODiP | 1.07 (8 GB) | 4.29 (8 GB) |" in table and "| DreamBooth | – | 64.42 (80 GB) |" in table
     assert draw(grid, tmp_path / "map.png").stat().st_size > 0
+
+
+def test_memory_map_fits_by_the_device_level_figure_and_shows_the_compute(tmp_path):
+    from benchmark.memory.map import GIB, markdown, memory_grid, smallest_gpu
+
+    # 7.2 GiB allocator peak: with the 1 GiB margin a 12 GB card; its device-level 7.9 GiB fits 8 GB
+    assert smallest_gpu(7.2 * GIB) == 12 and smallest_gpu(7.2 * GIB, 7.9 * GIB) == 8
+    assert smallest_gpu(7.2 * GIB, 8.1 * GIB) == 12  # and a device figure above 8 GiB does not
+    csv = tmp_path / "predicted.csv"
+    csv.write_text(
+        "method,variant,model,predicted_peak_bytes,predicted_device_bytes,predicted_train_flops\n"
+        f"ti,,sd15_arch,{7.2 * GIB},{7.9 * GIB},2.5e17\nti,,sdxl_arch,{20 * GIB},,\n"
+    )
+    grid = memory_grid(csv)
+    device, flops = memory_grid(csv, "predicted_device_bytes"), memory_grid(csv, "predicted_train_flops")
+    assert "| TI | 7.73 · 8.48 (8 GB) · 250.0 PFLOP | 21.47 (24 GB) |" in markdown(grid, device, flops)
