@@ -25,7 +25,7 @@ from tests.conftest import set_up_method
 
 CUDA = torch.device("cuda")
 FAMILIES = ("tiny", "tiny_sd21", "tiny_sdxl")
-FAST = {"gfti": ("method.popsize=4", "method.repeats=1")}  # GF-TI: fewer candidates, same code
+FAST = {"gfti": ("method.popsize=2", "method.repeats=1")}  # GF-TI: fewer candidates, same code
 
 
 def fake_gpu(quantizers: bool = True):
