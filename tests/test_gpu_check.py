@@ -16,11 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_dry_run_runs_every_check_and_writes_one_row_each(tmp_path):
-    rows = gpu_check.run_checks(tmp_path, dry_run=True, only=[], methods=("ti", "zoodip"))
+    rows = gpu_check.run_checks(tmp_path, dry_run=True, only=[], methods=("ti",))
     assert {r["check"] for r in rows} == set(gpu_check.CHECKS)
     by_case = {(r["check"], r["case"]): r for r in rows}
-    assert {case for check, case in by_case if check == "method_run"} == {"ti", "zoodip"}
-    assert {case for check, case in by_case if check == "memory_gpu"} == {"ti", "zoodip"}
+    assert {case for check, case in by_case if check == "method_run"} == {"ti"}
+    assert {case for check, case in by_case if check == "memory_gpu"} == {"ti"}
     failed = [r for r in rows if r["status"] != "pass"]
     assert not failed, failed
     assert "resumed from step" in by_case[("gfti_resume", "kill after first checkpoint")]["detail"]

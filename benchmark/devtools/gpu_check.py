@@ -68,7 +68,7 @@ class Context:
     def gfti_args(self) -> list[str]:
         """Fewer candidates; in a dry run, also no start from 80,000 ImageNet prompts (CPU-minutes)."""
         start = ["method.init=initializer"] if self.dry_run else []
-        return ["method.popsize=4", "method.repeats=1", *start]
+        return [f"method.popsize={2 if self.dry_run else 4}", "method.repeats=1", *start]
 
     def run_args(self, method: str, results: Path, *extra: str) -> list[str]:
         return [
@@ -172,7 +172,7 @@ def _zoodip(model: str, precision: str, device: torch.device):
 def zo_finite_difference(ctx: Context) -> Iterator[dict]:
     from benchmark.train import step_generator
 
-    model, n = ("tiny", 4) if ctx.dry_run else ("sd15_arch", 16)
+    model, n = ("tiny", 2) if ctx.dry_run else ("sd15_arch", 16)
     fp32 = _zoodip(model, "fp32", ctx.device)
     half = _zoodip(model, "fp16", ctx.device)
     size = fp32.cfg.resolution
