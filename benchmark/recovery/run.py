@@ -30,9 +30,11 @@ from benchmark.recovery.fit import (
     fit_base,
     fit_key,
     fitted_base,
+    install_reference,
 )
 from benchmark.recovery.teacher import (
     RecoveryConfig,
+    apply_error,
     curve_fields,
     curve_steps,
     draw_change,
@@ -59,6 +61,7 @@ from methods.common.token_method import load_token
 log = logging.getLogger(__name__)
 TEACHER_NAME = "teacher.safetensors"
 IMAGES_NAME = "recovery_images.safetensors"
+CHANGE_NAME = "teacher_change.safetensors"  # the teacher as a change of the base (install_reference)
 
 
 def recovery_config(cfg) -> RecoveryConfig:
@@ -122,6 +125,8 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
         components.unet.load_state_dict(base)
     method.setup(components, subject)
     teacher = teacher_artifact(kind, change, method.state_dict() if kind == SCALES_TEACHER else {})
+    if run_dir is not None and not (run_dir / CHANGE_NAME).exists():
+        save_tensors(run_dir / CHANGE_NAME, change)
     images = stored_images(run_dir)
     if images is None:
         if rc.fit_steps:  # the subject's real images; held out: fresh (noise, t) draws on them
@@ -347,9 +352,30 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
             point.update(token_scores(artifact, initial, teacher))
         points.append(point)
         log.info("recovery step %d: %s", step, point)
-    return {
+    fields = {
         "recovery_loss_initial": loss_initial,
         "recovery_loss_teacher": loss_teacher,
         "recovery_gap": loss_initial - loss_teacher,
         **curve_fields(points),
     }
+    if (run_dir / CHANGE_NAME).exists():  # the method's apply against the teacher put in directly
+        placeholder = method_cfg.get("placeholder_token")
+        start = initial if kind == TOKEN_TEACHER else {}
+
+        def reference_scores(change) -> tuple[float, torch.Tensor]:
+            pipeline = base_pipeline(cfg, trained.get("base"), device, dtype)
+            if change:
+                install_reference(pipeline, kind, change, placeholder)
+            return heldout_scores(pipeline, heldout, prompt, cfg.seed, rc)
+
+        (ref_initial, ref_pred_initial) = reference_scores(start)
+        (ref_teacher, ref_pred_teacher) = reference_scores(load_file(str(run_dir / CHANGE_NAME)))
+        fields |= {
+            "recovery_loss_initial_reference": ref_initial,
+            "recovery_loss_teacher_reference": ref_teacher,
+            "recovery_gap_reference": ref_initial - ref_teacher,
+            "recovery_apply_error": apply_error(
+                pred_teacher - pred_initial, ref_pred_teacher - ref_pred_initial
+            ),
+        }
+    return fields

@@ -287,6 +287,15 @@ def prediction_distance(predictions: torch.Tensor, teacher: torch.Tensor) -> flo
     return float((predictions.double() - teacher.double()).pow(2).mean())
 
 
+def apply_error(change: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """||change - reference||^2 / ||reference||^2 of the teacher's change of the noise
+    predictions (teacher's minus start's) put in by the method's ``apply`` against the teacher
+    put in directly (``fit.install_reference``): 0 for a faithful apply up to the method's own
+    rounding (quantization); about 0.25 for an apply that puts in half of the teacher's change."""
+    norm = reference.double().pow(2).sum()
+    return float((change.double() - reference.double()).pow(2).sum() / norm) if norm > 0 else None
+
+
 def pipeline_noise_scheduler(pipeline):
     from diffusers import DDPMScheduler
 
