@@ -143,7 +143,10 @@ def test_report_pairs_arms_over_shared_seeds():
     (line,) = [line for line in paired(runs, pairs, arms) if line.startswith("| selective")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "selective BP-low / ZO-high − selective, BP-low only"  # display names
-    assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150") and cells[4] == "2"
+    assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150")
+    # beside the bootstrap's, the t interval: +0.375 ± 12.706 · 0.177 / √2 (diffs 0.25, 0.5)
+    assert " t [-1.213, +1.963]" in cells[2]
+    assert cells[4] == "2 / 2" and cells[5] == "2"  # seeds where a closed more, of n
     assert not [line for line in paired(runs, pairs, arms) if line.startswith("| Hollowed")]  # no such runs
 
 
