@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from benchmark import data, models
 from benchmark.models import set_posterior_logvar
 from benchmark.recovery.fit import JointTeacher, fit_key, install_reference, teacher_weights
-from benchmark.recovery.run import IMAGES_NAME, TEACHER_NAME, class_image_paths, fitted, recovery_config
+from benchmark.recovery.run import (
+    IMAGES_NAME,
+    TEACHER_NAME,
+    class_image_paths,
+    fitted,
+    recovery_config,
+    split_images,
+)
 from benchmark.recovery.teacher import (
     RecoveryConfig,
     apply_error,
@@ -184,6 +191,14 @@ def test_recovery_config_refuses_bad_values(tiny_cfg):
         validate(tiny_cfg(*SMALL, "+experiment/recovery=ti", "recovery.heldout_draws=0"))
     with pytest.raises(ConfigError, match=r"recovery.*nope"):
         validate(tiny_cfg(*SMALL, "+experiment/recovery=ti", "+recovery.nope=1"))
+    with pytest.raises(ConfigError, match=r"recovery.holdout_images=1 needs the fitted base"):
+        validate(
+            tiny_cfg(*SMALL, "+experiment/recovery=ti", "+recovery.holdout_images=1", "recovery.fit_steps=0")
+        )
+    with pytest.raises(
+        ConfigError, match=r"recovery.holdout_images=5: the subject has 5 images; hold out 1 to 4"
+    ):
+        split_images(torch.zeros(5, 3, 8, 8), 5)
 
 
 @pytest.fixture(scope="session")
@@ -256,6 +271,33 @@ def test_one_run_per_teacher_kind_records_its_curve(arm_run, dataset_root, arm, 
         assert record["curve_token_cosine"][0] == pytest.approx(cosine, abs=1e-12)
         assert record["curve_token_distance"][-1] != 1.0  # the token moved
     assert run(cfg)["run_key"] == record["run_key"]  # done: the rerun reads the record
+
+
+def test_holdout_images_are_never_trained_on_and_scored_beside(arm_run, dataset_root):
+    """recovery.holdout_images=2: TI trains on the first 3 of dog6's 5 photos; the last 2 are
+    scored as well, as their own gap closed, from the same start and teacher."""
+    cfg, record = arm_run("ti", ["+recovery.holdout_images=2"])
+    assert record["status"] == "ok", record["error"]
+    (run_dir,) = Path(cfg.paths.results).glob("runs/*/dog6/*")
+    photos = data.load_images(data.subject_image_paths(dataset_root, "dog6"), 64)
+    images = load_file(str(run_dir / IMAGES_NAME))
+    assert torch.equal(images["train"], photos[:3]) and torch.equal(images["heldout"], photos[:3])
+    assert torch.equal(images["heldout_images"], photos[3:])
+    assert record["recovery_heldout_images"] == 2
+    assert record["curve_image_loss"][0] == record["recovery_image_loss_initial"]
+    assert (
+        record["recovery_image_loss"] != record["recovery_image_loss_initial"]
+    )  # scored on the trained token
+    assert record["recovery_image_loss_initial"] != record["recovery_loss_initial"]  # other images
+    assert record["recovery_image_gap_closed"] == gap_closed(
+        record["recovery_image_loss"],
+        record["recovery_image_loss_initial"],
+        record["recovery_image_loss_teacher"],
+    )
+    assert (
+        record["recovery_image_gap"]
+        == record["recovery_image_loss_initial"] - record["recovery_image_loss_teacher"]
+    )
 
 
 def test_report_draws_the_table_and_the_curves(arm_run, capsys):
