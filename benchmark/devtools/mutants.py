@@ -89,7 +89,9 @@ def caught(mutant: Mutant, env: dict[str, str]) -> tuple[bool, str]:
         done = subprocess.run(command, cwd=root, env={**env, "PYTHONPATH": str(root)},
                               capture_output=True, text=True)  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return done.returncode == 1, lines[-1] if lines else f"exit {done.returncode}"
+    why = next((line.strip() for line in lines if line.startswith("E ")), "")  # the first failed assertion
+    summary = lines[-1] if lines else f"exit {done.returncode}"
+    return done.returncode == 1, f"{summary}{'; ' + why[:160] if why else ''}"
 
 
 def main(argv: list[str]) -> int:
