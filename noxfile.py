@@ -184,6 +184,15 @@ def recovery(session: nox.Session) -> None:
 
 
 @nox.session
+def mutants(session: nox.Session) -> None:
+    """Deliberate breakages (benchmark/devtools/mutants.py), each applied alone to a scratch copy
+    of the tree, running only the recovery tests meant to catch it; the last line is
+    `mutants caught: k/n` (about 15 CPU-minutes; not part of CI). `nox -s mutants -- <name> ...`
+    for some of them."""
+    session.run(sys.executable, "-m", "benchmark.devtools.mutants", *session.posargs)
+
+
+@nox.session
 def calibrate_selective(session: nox.Session) -> None:
     """Selective BP-low / ZO-high: mean held-out loss descent per step of each step kind (and
     each ZO-high candidate) from one BP-low-adapted start (benchmark/devtools/calibrate_selective.py).

@@ -121,3 +121,16 @@ def set_up_method(cfg, images, steps: int = 3):
     method.setup(components, data.get_subject("dog6"))
     method.precompute(images, 0, steps)
     return method
+
+
+class OnDemand(dict):
+    """{key: make(key)}, each value made on first access: a test selected alone (``-k``, the
+    mutants of ``nox -s mutants``) makes only what it reads of a shared fixture."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        value = self[key] = self.make(key)
+        return value

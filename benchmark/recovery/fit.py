@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 
 from benchmark.recovery.teacher import save_tensors
-from methods.common.base import LOW_RANK_TEACHER, SCALES_TEACHER
+from methods.common.base import LOW_RANK_TEACHER, SCALES_TEACHER, TOKEN_TEACHER
 from methods.common.diffusion import latent_distribution, noisy_latents, randn
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,29 @@ def teacher_weights(params: dict[str, torch.Tensor], kind: str, teacher: dict[st
             for name, factor in teacher.items()
         }
     return {}
+
+
+@torch.no_grad()
+def install_reference(pipeline, kind: str, change: dict[str, torch.Tensor], placeholder: str | None) -> None:
+    """Put the teacher (its change of the base, ``draw_change`` or fitted) into a stock pipeline
+    without the method's code: the token written into the text encoder's embedding table; the
+    LoRA-shaped delta added to, the scale factors multiplied into the weights (as the fit does).
+    What a method's own ``apply`` of the teacher is checked against (``recovery_apply_error``)."""
+    if kind == TOKEN_TEACHER:
+        write_token(pipeline.tokenizer, pipeline.text_encoder, placeholder, next(iter(change.values())))
+        return
+    params = {name: pipeline.unet.get_parameter(name) for name in change}
+    for name, value in teacher_weights(params, kind, change).items():
+        params[name].copy_(value)
+
+
+def write_token(tokenizer, text_encoder, token: str, row: torch.Tensor) -> None:
+    """``token``'s row of the embedding table set to ``row`` (the token added if new)."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token])
+        text_encoder.resize_token_embeddings(len(tokenizer))
+    embedding = text_encoder.get_input_embeddings().weight
+    embedding[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(embedding)
 
 
 class JointTeacher:

@@ -30,9 +30,11 @@ from benchmark.recovery.fit import (
     fit_base,
     fit_key,
     fitted_base,
+    install_reference,
 )
 from benchmark.recovery.teacher import (
     RecoveryConfig,
+    apply_error,
     curve_fields,
     curve_steps,
     draw_change,
@@ -51,7 +53,7 @@ from benchmark.recovery.teacher import (
 )
 from benchmark.train import CHECKPOINT_NAME, TRAINED_NAME, release_memory, train
 from methods.common.atomic import write_json_atomic
-from methods.common.base import SCALES_TEACHER, TOKEN_TEACHER
+from methods.common.base import SCALES_TEACHER, TOKEN_TEACHER, require
 from methods.common.conditioning import token_ids
 from methods.common.registry import method_class
 from methods.common.token_method import load_token
@@ -59,6 +61,7 @@ from methods.common.token_method import load_token
 log = logging.getLogger(__name__)
 TEACHER_NAME = "teacher.safetensors"
 IMAGES_NAME = "recovery_images.safetensors"
+CHANGE_NAME = "teacher_change.safetensors"  # the teacher as a change of the base (install_reference)
 
 
 def recovery_config(cfg) -> RecoveryConfig:
@@ -122,17 +125,33 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
         components.unet.load_state_dict(base)
     method.setup(components, subject)
     teacher = teacher_artifact(kind, change, method.state_dict() if kind == SCALES_TEACHER else {})
+    if run_dir is not None and not (run_dir / CHANGE_NAME).exists():
+        save_tensors(run_dir / CHANGE_NAME, change)
     images = stored_images(run_dir)
     if images is None:
         if rc.fit_steps:  # the subject's real images; held out: fresh (noise, t) draws on them
             subject_images = data.load_images(image_paths, method_cfg.resolution)
             images = {"train": subject_images, "heldout": subject_images.clone()}
+            if rc.holdout_images:  # and the last k images, never trained on (the fit saw them)
+                images = split_images(subject_images, rc.holdout_images)
         else:
             images = teacher_images(cfg, rc, cls, method_cfg, kind, teacher, prompt, device)
         if run_dir is not None:
             save_tensors(run_dir / TEACHER_NAME, teacher)
             save_tensors(run_dir / IMAGES_NAME, images)
     return Setting(method, components, kind, prompt, teacher, images, base_key, fit_losses)
+
+
+def split_images(subject_images: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """``recovery.holdout_images=k``: the method trains on all but the last ``k`` subject images
+    (held out: fresh draws on those), ``heldout_images`` the last ``k``, scored beside them."""
+    require(
+        0 < k < len(subject_images),
+        f"recovery.holdout_images={k}: the subject has {len(subject_images)} images; "
+        f"hold out 1 to {len(subject_images) - 1}",
+    )
+    train = subject_images[:-k]
+    return {"train": train, "heldout": train.clone(), "heldout_images": subject_images[-k:].clone()}
 
 
 def stored_images(run_dir: Path | None):
@@ -320,7 +339,8 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
     """Held-out loss of the start, the teacher and every snapshot, each in a fresh stock pipeline."""
     kind, prompt = trained["teacher_kind"], trained["prompt"]
     teacher = load_file(str(run_dir / TEACHER_NAME))
-    heldout = load_file(str(run_dir / IMAGES_NAME))["heldout"]
+    stored = load_file(str(run_dir / IMAGES_NAME))
+    heldout, held_images = stored["heldout"], stored.get("heldout_images")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def scores_with(artifact) -> tuple[float, torch.Tensor]:
@@ -328,8 +348,15 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
         install(pipeline, method_class(cfg.method.name)(method_cfg), kind, artifact)
         return heldout_scores(pipeline, heldout, prompt, cfg.seed, rc)
 
+    def image_loss(artifact) -> float:  # on the images never trained on (recovery.holdout_images)
+        pipeline = base_pipeline(cfg, trained.get("base"), device, dtype)
+        install(pipeline, method_class(cfg.method.name)(method_cfg), kind, artifact)
+        return heldout_scores(pipeline, held_images, prompt, cfg.seed, rc)[0]
+
     steps = curve_steps(trained["fields"]["train_steps"], rc.curve_points)
     initial = load_snapshot(run_dir, 0)
+    if held_images is not None:
+        image_initial, image_teacher = image_loss(initial), image_loss(teacher)
     (loss_initial, pred_initial), (loss_teacher, pred_teacher) = scores_with(initial), scores_with(teacher)
     distance_initial = prediction_distance(pred_initial, pred_teacher)
     points = []
@@ -345,11 +372,42 @@ def score(cfg, rc, method_cfg, device, run_dir: Path, trained: dict[str, Any]) -
         }  # fmt: skip
         if kind == TOKEN_TEACHER:
             point.update(token_scores(artifact, initial, teacher))
+        if held_images is not None:
+            point["image_loss"] = image_initial if step == 0 else image_loss(artifact)
+            point["image_gap_closed"] = gap_closed(point["image_loss"], image_initial, image_teacher)
         points.append(point)
         log.info("recovery step %d: %s", step, point)
-    return {
+    fields = {
         "recovery_loss_initial": loss_initial,
         "recovery_loss_teacher": loss_teacher,
         "recovery_gap": loss_initial - loss_teacher,
         **curve_fields(points),
     }
+    if held_images is not None:
+        fields |= {
+            "recovery_heldout_images": len(held_images),
+            "recovery_image_loss_initial": image_initial,
+            "recovery_image_loss_teacher": image_teacher,
+            "recovery_image_gap": image_initial - image_teacher,
+        }
+    if (run_dir / CHANGE_NAME).exists():  # the method's apply against the teacher put in directly
+        placeholder = getattr(method_cfg, "placeholder_token", None)
+        start = initial if kind == TOKEN_TEACHER else {}
+
+        def reference_scores(change) -> tuple[float, torch.Tensor]:
+            pipeline = base_pipeline(cfg, trained.get("base"), device, dtype)
+            if change:
+                install_reference(pipeline, kind, change, placeholder)
+            return heldout_scores(pipeline, heldout, prompt, cfg.seed, rc)
+
+        (ref_initial, ref_pred_initial) = reference_scores(start)
+        (ref_teacher, ref_pred_teacher) = reference_scores(load_file(str(run_dir / CHANGE_NAME)))
+        fields |= {
+            "recovery_loss_initial_reference": ref_initial,
+            "recovery_loss_teacher_reference": ref_teacher,
+            "recovery_gap_reference": ref_initial - ref_teacher,
+            "recovery_apply_error": apply_error(
+                pred_teacher - pred_initial, ref_pred_teacher - ref_pred_initial
+            ),
+        }
+    return fields

@@ -49,6 +49,10 @@ class RecoveryConfig:
     lora_scale: float = 0.5  # ||delta W||_F / ||W||_F per projection
     train_images: int = 8
     heldout_images: int = 8
+    # with the fitted base: hold the subject's last k images out of training (the fit saw them)
+    # and score on them too (recovery_image_*), beside the held-out draws on the training images.
+    # Not in recovery.yaml (pass +recovery.holdout_images=k): absent, it keeps the runs' keys.
+    holdout_images: int = 0
     heldout_draws: int = 64
     draw_batch: int = 16
     generation_steps: int = 10
@@ -83,6 +87,7 @@ class RecoveryConfig:
             "fit_steps",
             "fit_lr",
             "teacher_steps",
+            "holdout_images",
         ):
             require(getattr(self, key) >= 0, f"recovery.{key}={getattr(self, key)} must be >= 0")
         for key in (
@@ -113,6 +118,11 @@ class RecoveryConfig:
             self.token_class_images in CONTRAST_CLASSES,
             f"recovery.token_class_images={self.token_class_images!r}; "
             f"choose one of: {', '.join(CONTRAST_CLASSES)}",
+        )
+        require(
+            not (self.holdout_images and not self.fit_steps),
+            f"recovery.holdout_images={self.holdout_images} needs the fitted base (recovery.fit_steps > 0); "
+            "with fit_steps=0 the held-out images are already generated apart (recovery.heldout_images)",
         )
         require(self.generation_steps >= 1, f"recovery.generation_steps={self.generation_steps} must be >= 1")
         require(self.curve_points >= 2, f"recovery.curve_points={self.curve_points} must be >= 2")
@@ -285,6 +295,15 @@ def prediction_distance(predictions: torch.Tensor, teacher: torch.Tensor) -> flo
     """Mean squared distance of a model's noise predictions to the teacher's on the same draws:
     0 at the teacher whatever the weights (the known optimum of this score)."""
     return float((predictions.double() - teacher.double()).pow(2).mean())
+
+
+def apply_error(change: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """||change - reference||^2 / ||reference||^2 of the teacher's change of the noise
+    predictions (teacher's minus start's) put in by the method's ``apply`` against the teacher
+    put in directly (``fit.install_reference``): 0 for a faithful apply up to the method's own
+    rounding (quantization); about 0.25 for an apply that puts in half of the teacher's change."""
+    norm = reference.double().pow(2).sum()
+    return float((change.double() - reference.double()).pow(2).sum() / norm) if norm > 0 else None
 
 
 def pipeline_noise_scheduler(pipeline):

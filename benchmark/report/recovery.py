@@ -4,8 +4,10 @@ One row per arm (conf/experiment/recovery/<arm>.yaml), each number a mean over s
 95 % bootstrap CI over seeds: the gap L_init - L_teacher (is there anything to close?), the
 seeds where it is positive, the fraction of it closed at the end (only over those seeds), the
 held-out loss change, and for token methods the token's cosine and relative distance to the
-teacher's. The curves (per arm, mean over seeds, against training steps) go to curves.png.
-Written to <paths.results>/recovery/: table.md, table.csv, curves.png.
+teacher's. Beside each percentile bootstrap CI, a Student-t interval (the bootstrap's covers
+less than 95 % at n = 8). The curves (per arm, mean over seeds, against training steps) go to
+curves.png; every run's numbers to per_seed.csv (the "n of 8 seeds" claims, checkable).
+Written to <paths.results>/recovery/: table.md, table.csv, per_seed.csv, curves.png.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from benchmark.report.display import method_name, method_type
-from benchmark.report.tables import bootstrap_ci, report_dir, runs_frame
+from benchmark.report.tables import CI_LEVEL, bootstrap_ci, report_dir, runs_frame
 from benchmark.sweep.plan import plan_sweep, primary_config
 from methods.common.atomic import write_text_atomic
 
@@ -43,6 +45,30 @@ COLUMNS = (
 )
 
 
+# Student-t 0.975 quantiles for 1-30 degrees of freedom (beyond: a Cornish-Fisher expansion)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95 % Student-t quantile for ``df`` degrees of freedom."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_interval(values) -> tuple[float, float]:
+    """95 % Student-t interval of the mean (mean ± t·s/√n); (nan, nan) with fewer than two values."""
+    assert CI_LEVEL == 0.95, CI_LEVEL
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = t_quantile(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs[runs["state"] == "ok"].copy()
     if not ok.empty:
@@ -59,6 +85,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(member.get(field, pd.Series(dtype=float)), errors="coerce").dropna()
             entry[column] = float(values.mean()) if len(values) else math.nan
             entry[f"{column}_ci_low"], entry[f"{column}_ci_high"] = bootstrap_ci([[v] for v in values])
+            entry[f"{column}_t_low"], entry[f"{column}_t_high"] = t_interval(values)
         table.append(entry)
     return pd.DataFrame(table)
 
@@ -80,23 +107,57 @@ def paired(runs: pd.DataFrame, pairs: Sequence[Sequence[str]], arm_names: Mappin
         seeds = sorted(set(sides[0].index) & set(sides[1].index))
         if not seeds:
             continue
-        cells = []
+        cells, diffs = [], {}
         for _, field in PAIR_FIELDS:
             if field not in ok:
                 cells.append("—")
                 continue
             diff = [float(sides[0].at[s, field]) - float(sides[1].at[s, field]) for s in seeds]
-            diff = [d for d in diff if not math.isnan(d)]
+            diff = diffs[field] = [d for d in diff if not math.isnan(d)]
             low, high = bootstrap_ci([[d] for d in diff])
-            ci = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
+            t_low, t_high = t_interval(diff)
+            ci = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}] t [{t_low:+.3f}, {t_high:+.3f}]"
             cells.append(f"{np.mean(diff):+.3f}{ci}" if diff else "—")
+        closed = diffs.get(PAIR_FIELDS[0][1], [])
+        cells.append(f"{sum(d > 0 for d in closed)} / {len(closed)}")  # the "n of 8 seeds" claims
         difference = f"{arm_name(a, arm_names)} − {arm_name(b, arm_names)}"
         lines.append(f"| {question} | {difference} | {' | '.join(cells)} | {len(seeds)} |")
     if not lines:
         return []
-    header = ["question", "difference", *(f"Δ {label}" for label, _ in PAIR_FIELDS), "seeds (n)"]
-    note = "Paired over seeds (same seed: same teacher, base and held-out draws), [95 % bootstrap CI]."
+    header = ["question", "difference", *(f"Δ {label}" for label, _ in PAIR_FIELDS)]
+    header += ["seeds where a closed more", "seeds (n)"]
+    note = (
+        "Paired over seeds (same seed: same teacher, base and held-out draws), [95 % percentile "
+        "bootstrap CI] t [95 % Student-t interval]."
+    )
     return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines, "", note]
+
+
+T_COLUMNS = ("gap_closed",)  # the table's cells that show the t interval beside the bootstrap's
+
+
+# per_seed.csv: the record fields of every run (curves as "a / b / c")
+PER_SEED_FIELDS = (
+    "recovery_loss_initial", "recovery_loss_teacher", "recovery_gap", "recovery_loss", "recovery_gap_closed",
+    "recovery_prediction_distance", "recovery_token_cosine", "recovery_token_distance",
+    "recovery_gap_reference", "recovery_apply_error", "recovery_heldout_images",
+    "recovery_image_loss_initial", "recovery_image_loss_teacher", "recovery_image_gap_closed",
+    "curve_step", "curve_gap_closed", "curve_prediction_distance", "curve_image_gap_closed", "train_steps",
+)  # fmt: skip
+
+
+def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per planned run (arm, method, seed, state) with its record's numbers."""
+    columns = [ROW, "method", "seed", "state", *(f for f in PER_SEED_FIELDS if f in runs)]
+    table = runs[columns].rename(columns={ROW: "arm"}).sort_values(["arm", "seed"], kind="stable")
+    for field in columns:
+        if field.startswith("curve_"):
+            table[field] = table[field].map(
+                lambda c: (
+                    " / ".join("" if v is None else f"{v:.6g}" for v in c) if isinstance(c, list) else ""
+                )
+            )
+    return table.reset_index(drop=True)
 
 
 def cell(row, column: str, digits: int) -> str:
@@ -105,7 +166,10 @@ def cell(row, column: str, digits: int) -> str:
         return "—"
     if math.isnan(low):
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    text = f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    if column in T_COLUMNS:
+        text += f" t [{row[f'{column}_t_low']:.{digits}f}, {row[f'{column}_t_high']:.{digits}f}]"
+    return text
 
 
 def markdown(table: pd.DataFrame, title: str, arm_names: Mapping[str, str]) -> str:
@@ -122,7 +186,8 @@ def markdown(table: pd.DataFrame, title: str, arm_names: Mapping[str, str]) -> s
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Means over seeds, [95 % bootstrap CI over seeds]. Gap closed = (L_init − L)/(L_init − L_teacher) "
+        "Means over seeds, [95 % percentile bootstrap CI over seeds]; gap closed also t [95 % "
+        "Student-t interval]. Gap closed = (L_init − L)/(L_init − L_teacher) "
         "on held-out draws, over the seeds whose gap is positive only (— where none is); "
         "‖ε − ε_teacher‖²: the noise predictions' distance to the teacher's on the same draws "
         "(1 = start, 0 = teacher).",
@@ -218,9 +283,11 @@ def main(argv: Sequence[str]) -> int:
     text = markdown(table, cfg.report.title, arm_names) + "\n".join(paired(runs, pairs, arm_names)) + "\n"
     write_text_atomic(out_dir / "table.md", text)
     write_text_atomic(out_dir / "table.csv", table.to_csv(index=False))
+    write_text_atomic(out_dir / "per_seed.csv", per_seed(runs).to_csv(index=False))
     for path in (
         out_dir / "table.md",
         out_dir / "table.csv",
+        out_dir / "per_seed.csv",
         curves(runs, out_dir / "curves.png", arm_names),
     ):
         print(path)

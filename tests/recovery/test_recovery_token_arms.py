@@ -1,9 +1,8 @@
-"""Known-answer personalization, the token arms: TI, ZOODiP and GF-TI, run once on
-the tiny model with the fitted base and the fitted teacher token, close a real part of the gap,
-and TI (backprop) is ahead of naive ZO-TI at equal steps.
-
-The margins come from the same configuration over 8 seeds (README, "Token arms"; the command is
-below): each bound is well inside the worst measured value.
+"""Known-answer personalization, the token arms: every token arm (TI, ZOODiP, GF-TI and the
+comparison arms naive ZO-TI, SPSA, one-point), run once on the tiny model with the fitted base
+and the fitted teacher token, closes at least a set share of what it closed on the same seed
+(an arm whose learning halves fails), its apply puts the teacher in, and TI (backprop) is ahead
+of naive ZO-TI at equal steps.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark.run import run
-from tests.conftest import compose
+from tests.conftest import OnDemand, compose
 
 # xdist_group: one worker runs the fixture once
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_tokens")]
@@ -24,14 +23,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_tokens"
 #       '+experiment/recovery=ti,zoti_naive,zoodip,zoodip_spsa,zoodip_one_point,gfti' \
 #       seed=0,1,2,3,4,5,6,7 data.root=../shared/dreambooth/dataset paths.results=<dir>
 SEED = 0
-# arm: (least fraction of the gap closed at step 100, greatest prediction distance to the
-# teacher or None; GF-TI: at generation 20). Measured over seeds 0-7, min closed / max distance:
-# TI 0.08 / 0.90 (seed 7, where TI drifts back after step 25; the others 0.77-0.96 / 0.04-0.20),
-# ZOODiP 0.22 / 0.77 (rerun on another machine: 0.28 / 0.70), GF-TI 0.45 / 0.53 (seed 3; the
-# others 0.77-0.94 / 0.06-0.18). The bounds: half the least closed; the greatest distance plus a
-# margin (below 1: the predictions moved toward the teacher's); none for TI, whose seed-7
-# distance (0.90) leaves no useful bound.
-MARGINS = {"ti": (0.04, None), "zoodip": (0.11, 0.9), "gfti": (0.22, 0.7)}
+# arm: (the seed-0 fraction of the gap closed at step 100 (GF-TI: generation 20), the bound's
+# share of it, the greatest prediction distance to the teacher or None). Seed 0, the CI seed,
+# measured twice (the whole run of 2026-12-02 and a rerun of seed 0 on 2026-12-07, one thread;
+# the fitted base differs in float rounding between machines and thread counts): TI 0.96 / 0.96,
+# naive ZO-TI 0.62 / 0.56, ZOODiP 0.60 / 0.55, SPSA 0.80 / 0.71, one-point 0.53 / 0.65, GF-TI
+# 0.94 / 0.87; the smaller is the value below. The bound: 0.8 of it for TI (backprop, the same
+# to 0.01 in both runs), 0.5 for the zeroth-order arms and GF-TI (CMA-ES), whose seed-0 value
+# moved by up to 0.12 between the runs: an arm whose learning halves fails. The distance bound:
+# the greatest over seeds 0-7 plus a margin (ZOODiP 0.77, GF-TI 0.53; none for TI, whose seed-7
+# 0.90 leaves no useful bound).
+MARGINS = {
+    "ti": (0.96, 0.8, None),
+    "zoodip": (0.55, 0.5, 0.9),
+    "zoti_naive": (0.56, 0.5, None),
+    "zoodip_spsa": (0.71, 0.5, None),
+    "zoodip_one_point": (0.53, 0.5, None),
+    "gfti": (0.87, 0.5, 0.7),
+}
+# The method's apply of the teacher against the teacher written into the embedding table
+# (recovery_apply_error; TI exact, the quantized U-Net of ZOODiP / GF-TI's fp16 encoder not)
+APPLY_ERROR = 0.02
 # TI was ahead of naive ZO-TI at every curve point (steps 25/50/75/100) on every one of seeds
 # 0-7 in one run, at 31 of the 32 in the rerun (seed 4, step 100: -0.04); on seed 0, the CI seed,
 # by 0.56 / 0.33 / 0.24 / 0.35 and 0.64 / 0.42 / 0.28 / 0.34.
@@ -44,17 +56,25 @@ LEAST_GAP, MOST_CLOSED = 0.03, 1.1
 
 @pytest.fixture(scope="session")  # session: never torn down between modules on a worker
 def token_runs(tmp_path_factory, dataset_root):
-    """{arm: record}: TI, ZOODiP, GF-TI and naive ZO-TI once, one results folder (one fitted base)."""
+    """{arm: record}: each token arm run once when first read, one results folder (one fitted base)."""
     results = tmp_path_factory.mktemp("recovery_tokens") / "results"
-    records = {}
-    for arm in (*MARGINS, BEHIND):
-        cfg = compose(
-            ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}",
-             f"data.root={dataset_root}", f"paths.results={results}", "train.progress=false",
-             "train.profile_steps=0"]
-        )  # fmt: skip
-        records[arm] = run(cfg)
-    return records
+
+    def make(arm: str) -> dict:
+        return run(
+            compose(
+                [
+                    "experiment=recovery",
+                    f"+experiment/recovery={arm}",
+                    f"seed={SEED}",
+                    f"data.root={dataset_root}",
+                    f"paths.results={results}",
+                    "train.progress=false",
+                    "train.profile_steps=0",
+                ]
+            )  # fmt: skip
+        )
+
+    return OnDemand(make)
 
 
 @pytest.mark.parametrize("arm", list(MARGINS))
@@ -62,11 +82,12 @@ def test_every_token_method_closes_a_real_part_of_the_gap(token_runs, arm):
     record = token_runs[arm]
     assert record["status"] == "ok", record["error"]
     assert record["recovery_gap"] > LEAST_GAP * record["recovery_loss_initial"]  # a gap worth closing
-    least_closed, most_distance = MARGINS[arm]
-    assert record["recovery_gap_closed"] > least_closed
+    seed0, share, most_distance = MARGINS[arm]
+    assert record["recovery_gap_closed"] > share * seed0, record["curve_gap_closed"]
     if most_distance is not None:
         assert record["recovery_prediction_distance"] < most_distance
     assert max(record["curve_gap_closed"]) < MOST_CLOSED  # the teacher is near the optimum on S
+    assert record["recovery_apply_error"] < APPLY_ERROR  # the method's apply puts the teacher in
 
 
 def test_ti_is_ahead_of_naive_zo_ti_at_every_equal_step(token_runs):
@@ -81,5 +102,5 @@ def test_ti_is_ahead_of_naive_zo_ti_at_every_equal_step(token_runs):
 
 
 def test_token_arms_share_the_fitted_base(token_runs):
-    bases = {record["recovery_base"] for record in token_runs.values()}
+    bases = {token_runs[arm]["recovery_base"] for arm in MARGINS}
     assert len(bases) == 1

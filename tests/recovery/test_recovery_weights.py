@@ -1,8 +1,7 @@
-"""Known-answer personalization, the weight arms: every weight method, run once on the
-tiny model with a fitted base and a jointly fitted teacher, closes a real part of the gap.
-
-The margins come from the same configuration over 8 seeds (README, "Weight arms"; the command
-is below): each arm's bound is well inside its worst measured value.
+"""Known-answer personalization, the weight arms: every weight arm (the methods and the
+comparison arms Hollowed Net at fraction 0.5, selective without ZO-high steps), run once on the
+tiny model with a fitted base and a jointly fitted teacher, closes at least 0.8 of what it closed
+on the same seed (an arm whose learning halves fails), and the paired arms keep their order.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 from benchmark.recovery.teacher import gap_closed
 from benchmark.run import run
-from tests.conftest import compose
+from tests.conftest import OnDemand, compose
 
 # xdist_group: one worker runs the fixture once
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_weights")]
@@ -27,23 +26,30 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_weights
 #   python -m benchmark -m experiment=recovery '+experiment/recovery=<the 8 arms>' seed=0,1,2,3,4,5,6,7 \
 #       data.root=../shared/dreambooth/dataset paths.results=<dir>
 SEED = 0
-# arm: (least fraction of the gap closed at step 20, greatest prediction distance to the teacher
-# or None). Measured over seeds 0-7, min closed / max distance: DreamBooth 1.17 / 1.15, QLoRA
-# 0.20 / 0.81, PEQA 0.72 / 0.50, TuneQDM 0.36 / 0.82, Hollowed f0 0.22 / 0.79, f0.5 0.18 / 0.86,
-# selective 0.24 / 0.80, without ZO-high 0.28 / 0.74. The bounds: about half the least closed,
-# the greatest distance plus a margin (below 1: the predictions moved toward the teacher's).
-# DreamBooth (every weight) can leave the teacher's predictions behind while it fits S better
-# than the teacher (distance 1.15 on one seed): no distance bound.
+# arm: (the seed-0 fraction of the gap closed at step 20, the bound's share of it, the greatest
+# prediction distance to the teacher or None). Seed 0 (rerun of 2026-12-07, one thread; the weight
+# arms' rows agree across runs and machines to 0.002): DreamBooth 1.58, QLoRA 0.38, PEQA 0.92,
+# TuneQDM 0.83, Hollowed f0 0.42, f0.5 0.39, selective 0.44, without ZO-high 0.51. The bound: 0.8
+# of it (an arm whose learning halves fails). The distance: the greatest over seeds 0-7 plus a
+# margin (QLoRA 0.81, PEQA 0.50, TuneQDM 0.82, Hollowed 0.79 / 0.86, selective 0.80 / 0.74; below
+# 1: the predictions moved toward the teacher's). DreamBooth (every weight) can leave the
+# teacher's predictions behind while it fits S better than the teacher (distance 1.15 on one
+# seed): no distance bound.
+SHARE = 0.8
 MARGINS = {
-    "dreambooth": (0.6, None),
-    "qlora": (0.1, 0.9),
-    "peqa": (0.35, 0.65),
-    "tuneqdm": (0.18, 0.92),
-    "hollowed_f0": (0.11, 0.9),
-    "hollowed_f05": (0.09, 0.95),
-    "selective": (0.12, 0.9),
-    "selective_bp_only": (0.14, 0.85),
+    "dreambooth": (1.58, None),
+    "qlora": (0.38, 0.9),
+    "peqa": (0.92, 0.65),
+    "tuneqdm": (0.83, 0.92),
+    "hollowed_f0": (0.42, 0.9),
+    "hollowed_f05": (0.39, 0.95),
+    "selective": (0.44, 0.9),
+    "selective_bp_only": (0.51, 0.85),
 }
+# The method's apply of the scales teacher against its factors multiplied into the weights
+# (recovery_apply_error; PEQA and TuneQDM quantize the base: not exact). The LoRA-shaped teacher
+# is put in by adding its delta to the weights for every arm (teacher.install): nothing to check.
+APPLY_ERROR = 0.02
 # (better, worse): held on every one of seeds 0-7, by 0.034-0.167 (Hollowed) and 0.044-0.181
 # (selective) of the gap; on seed 0, the CI seed: 0.034 and 0.079.
 ORDERINGS = [("hollowed_f0", "hollowed_f05"), ("selective_bp_only", "selective")]
@@ -51,18 +57,19 @@ ORDERINGS = [("hollowed_f0", "hollowed_f05"), ("selective_bp_only", "selective")
 
 @pytest.fixture(scope="session")  # session: never torn down between modules on a worker
 def weight_runs(tmp_path_factory, dataset_root):
-    """{arm: (cfg, record)}: every weight arm once, one results folder (the fits are shared:
-    one for the LoRA-shaped teacher, one for the scales teacher)."""
+    """{arm: (cfg, record)}: each weight arm run once when first read, one results folder (the
+    fits are shared: one for the LoRA-shaped teacher, one for the scales teacher)."""
     results = tmp_path_factory.mktemp("recovery_weights") / "results"
-    runs = {}
-    for arm in MARGINS:
-        arm_overrides = ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}"]
+
+    def make(arm: str):
         cfg = compose(
-            [*arm_overrides, f"data.root={dataset_root}", f"paths.results={results}",
-             "train.progress=false", "train.profile_steps=0"]
+            ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}",
+             f"data.root={dataset_root}", f"paths.results={results}", "train.progress=false",
+             "train.profile_steps=0"]
         )  # fmt: skip
-        runs[arm] = cfg, run(cfg)
-    return runs
+        return cfg, run(cfg)
+
+    return OnDemand(make)
 
 
 @pytest.mark.parametrize("arm", list(MARGINS))
@@ -70,8 +77,10 @@ def test_every_weight_arm_closes_a_real_part_of_the_gap(weight_runs, arm):
     _, record = weight_runs[arm]
     assert record["status"] == "ok", record["error"]
     assert record["recovery_gap"] > 0.01 * record["recovery_loss_initial"]  # a gap worth closing
-    least_closed, most_distance = MARGINS[arm]
-    assert record["recovery_gap_closed"] > least_closed
+    seed0, most_distance = MARGINS[arm]
+    assert record["recovery_gap_closed"] > SHARE * seed0, record["curve_gap_closed"]
+    if record["teacher_kind"] == "scales":
+        assert record["recovery_apply_error"] < APPLY_ERROR  # the method's apply puts the teacher in
     if most_distance is not None:
         assert record["recovery_prediction_distance"] < most_distance
 
@@ -108,7 +117,7 @@ def test_a_fitted_weight_run_records_its_curve_and_artifact(weight_runs, dataset
     assert (bases / f"{record['recovery_base']}.safetensors").exists()
     assert (bases / f"{record['recovery_base']}.teacher.safetensors").exists()
     # the LoRA-shaped arms share one fit and its teacher; PEQA and TuneQDM share the scales one
-    keys = {arm: r["recovery_base"] for arm, (_, r) in weight_runs.items()}
+    keys = {arm: weight_runs[arm][1]["recovery_base"] for arm in MARGINS}
     assert keys["peqa"] == keys["tuneqdm"] != keys["dreambooth"]
     assert len({keys[a] for a in keys if a not in ("peqa", "tuneqdm")}) == 1
     assert run(cfg)["run_key"] == record["run_key"]  # done: the rerun reads the record
@@ -134,7 +143,10 @@ def test_report_pairs_arms_over_shared_seeds():
     (line,) = [line for line in paired(runs, pairs, arms) if line.startswith("| selective")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "selective BP-low / ZO-high − selective, BP-low only"  # display names
-    assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150") and cells[4] == "2"
+    assert cells[2].startswith("+0.375 [") and cells[3].startswith("-0.150")
+    # beside the bootstrap's, the t interval: +0.375 ± 12.706 · 0.177 / √2 (diffs 0.25, 0.5)
+    assert " t [-1.213, +1.963]" in cells[2]
+    assert cells[4] == "2 / 2" and cells[5] == "2"  # seeds where a closed more, of n
     assert not [line for line in paired(runs, pairs, arms) if line.startswith("| Hollowed")]  # no such runs
 
 
