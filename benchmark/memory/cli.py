@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,8 @@ def method_overrides() -> str:
         overrides = HydraConfig.get().overrides.task
     except ValueError:  # composed outside a Hydra app (tests)
         return ""
+    # a sweep's overrides come back as Hydra parsed them (True/False): as the command line has them
+    overrides = [re.sub(r"=(True|False)$", lambda m: "=" + m[1].lower(), o) for o in overrides]
     return " ".join(sorted(o for o in overrides if o.startswith("method.")))
 
 
