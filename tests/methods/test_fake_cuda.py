@@ -83,7 +83,7 @@ def test_every_method_runs_on_a_fake_gpu(name, family, tiny_cfg, dataset_root):
     subject = data.get_subject("dog6")
     pixels = data.load_images(data.subject_image_paths(dataset_root, subject), method_cfg.resolution)
 
-    def set_up():
+    def set_up():  # as benchmark.run.train_and_save does it
         components = models.load_components(cfg.model, device=CUDA, dtype=training_dtype(method_cfg))
         method = method_class(name)(method_cfg)
         method.setup(components, subject)
@@ -105,14 +105,14 @@ def test_every_method_runs_on_a_fake_gpu(name, family, tiny_cfg, dataset_root):
         images = pixels.to(CUDA)
         method = set_up()
         step(method, 0)
-        step(method, 1)
         state = method.checkpoint()
         saved = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
         assert saved and all(t.device.type == "cpu" for t in saved)
-        resumed = set_up()  # a new process: the checkpoint loaded with map_location="cuda"
-        resumed.restore(tree_map(lambda t: t.to(CUDA) if isinstance(t, torch.Tensor) else t, state))
-        step(resumed, 2)
-        trained = resumed.state_dict()
+        # as a resumed run loads it (map_location="cuda"); restored into the same method, which
+        # spares a second setup
+        method.restore(tree_map(lambda t: t.to(CUDA) if isinstance(t, torch.Tensor) else t, state))
+        step(method, 1)
+        trained = method.state_dict()
         assert on_gpu(trained.values())
         artifact = {k: torch.empty_like(v, device="cpu") for k, v in trained.items()}  # read from disk
         fresh = method_class(name)(method_cfg)
