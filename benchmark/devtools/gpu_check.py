@@ -37,10 +37,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from methods.common.registry import method_names
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("dreambooth", "qlora", "peqa", "tuneqdm", "ti", "gfti", "zoodip", "hollowed", "selective", "lora")
-MEMORY_METHODS = ("dreambooth", "ti", "lora", "zoodip")
+CONFIG = OmegaConf.load(REPO / "conf" / "gpu_check.yaml")  # which methods each check runs
 FIELDS = ("check", "case", "device", "status", "value", "unit", "detail")
 CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 COSINE_PASS = 0.9
@@ -65,10 +67,10 @@ class Context:
             text=True, timeout=timeout,
         )  # fmt: skip
 
-    def gfti_args(self) -> list[str]:
-        """Fewer candidates; in a dry run, also no start from 80,000 ImageNet prompts (CPU-minutes)."""
-        start = ["method.init=initializer"] if self.dry_run else []
-        return [f"method.popsize={2 if self.dry_run else 4}", "method.repeats=1", *start]
+    def cheaper(self, method: str) -> list[str]:
+        """The config's overrides that make ``method``'s check cheaper (a dry run's last)."""
+        dry = list(CONFIG.dry_run.get(method, [])) if self.dry_run else []
+        return [*CONFIG.cheaper.get(method, []), *dry]
 
     def run_args(self, method: str, results: Path, *extra: str) -> list[str]:
         return [
@@ -113,7 +115,7 @@ def record_of(results: Path, method: str) -> dict | None:
 def method_run(ctx: Context) -> Iterator[dict]:
     for method in ctx.methods:
         results = ctx.scratch / f"run-{method}"
-        extra = ctx.gfti_args() if method == "gfti" else []
+        extra = ctx.cheaper(method)
         done = ctx.cli("benchmark", *ctx.run_args(method, results, "train.max_steps=3", *extra))
         record = record_of(results, method) or {}
         loss = record.get("final_loss")
@@ -125,12 +127,13 @@ def method_run(ctx: Context) -> Iterator[dict]:
 
 
 def gfti_resume(ctx: Context) -> Iterator[dict]:
-    args = [*ctx.gfti_args(), "train.max_steps=6", "train.checkpoint_every=1"]
+    method = CONFIG.resume_method
+    args = [*ctx.cheaper(method), "train.max_steps=6", "train.checkpoint_every=1"]
     straight, killed = ctx.scratch / "gfti-straight", ctx.scratch / "gfti-killed"
-    reference = ctx.cli("benchmark", *ctx.run_args("gfti", straight, *args))
+    reference = ctx.cli("benchmark", *ctx.run_args(method, straight, *args))
     with open(ctx.scratch / "gfti-killed.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmark", *ctx.run_args("gfti", killed, *args, "train.step_delay_s=1")],
+            [sys.executable, "-m", "benchmark", *ctx.run_args(method, killed, *args, "train.step_delay_s=1")],
             cwd=REPO, env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 900
@@ -140,8 +143,8 @@ def gfti_resume(ctx: Context) -> Iterator[dict]:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    rerun = ctx.cli("benchmark", *ctx.run_args("gfti", killed, *args))
-    resumed = record_of(killed, "gfti") or {}
+    rerun = ctx.cli("benchmark", *ctx.run_args(method, killed, *args))
+    resumed = record_of(killed, method) or {}
     from_step = resumed.get("resumed_from_step") or 0
     ok = rerun.returncode == 0 and resumed.get("status") == "ok" and from_step >= 1
     same = [p.read_bytes() for p in (*killed.glob("runs/gfti/*/*/*.safetensors"),
@@ -156,25 +159,26 @@ def gfti_resume(ctx: Context) -> Iterator[dict]:
     yield ctx.row("gfti_resume", "kill after first checkpoint", ok, from_step, "step", detail)
 
 
-def _zoodip(model: str, precision: str, device: torch.device):
+def _zo_method(model: str, precision: str, device: torch.device):
     from benchmark import data, models
     from benchmark.config import method_config, training_dtype
     from methods.common.registry import method_class
 
-    cfg = compose([f"model={model}", "method=zoodip", f"method.precision={precision}"])
+    method = CONFIG.finite_difference_method
+    cfg = compose([f"model={model}", f"method={method}", f"method.precision={precision}"])
     method_cfg = method_config(cfg)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
-    method = method_class("zoodip")(method_cfg)
-    method.setup(components, data.get_subject("dog6"))
-    return method
+    zo_method = method_class(method_cfg.name)(method_cfg)
+    zo_method.setup(components, data.get_subject("dog6"))
+    return zo_method
 
 
 def zo_finite_difference(ctx: Context) -> Iterator[dict]:
     from benchmark.train import step_generator
 
     model, n = ("tiny", 2) if ctx.dry_run else ("sd15_arch", 16)
-    fp32 = _zoodip(model, "fp32", ctx.device)
-    half = _zoodip(model, "fp16", ctx.device)
+    fp32 = _zo_method(model, "fp32", ctx.device)
+    half = _zo_method(model, "fp16", ctx.device)
     size = fp32.cfg.resolution
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0), device="cpu") * 2 - 1
     batch = {"pixel_values": images.to(ctx.device), "generator": step_generator(0, 0)}
@@ -223,7 +227,7 @@ def vae_fp16(ctx: Context) -> Iterator[dict]:
 def memory_gpu(ctx: Context) -> Iterator[dict]:
     table = ctx.out / "memory.csv"
     table.unlink(missing_ok=True)
-    methods = ",".join(m for m in MEMORY_METHODS if m in ctx.methods or not ctx.dry_run)
+    methods = ",".join(m for m in CONFIG.memory_methods if m in ctx.methods or not ctx.dry_run)
     model = ["model=tiny"] if ctx.dry_run else []
     done = ctx.cli(
         "benchmark.memory", "-m", f"method={methods}", "measure=true", "predict=true",
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu_check")
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: the plumbing only")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(CHECKS), metavar="CHECK")
-    parser.add_argument("--methods", nargs="*", default=None, choices=METHODS, metavar="METHOD",
+    parser.add_argument("--methods", nargs="*", default=None, choices=method_names(), metavar="METHOD",
                         help="methods for method_run (default: all nine and LoRA)")  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None,
                         help="the DreamBooth dataset (default: random stand-in images of dog6)")  # fmt: skip
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run runs "
               "its plumbing on the CPU", file=sys.stderr)  # fmt: skip
         return 2
-    methods = tuple(args.methods) if args.methods is not None else METHODS
+    methods = tuple(args.methods) if args.methods is not None else tuple(method_names())
     rows = run_checks(args.out, args.dry_run, args.only, methods, args.data_root)
     passed = sum(r["status"] == "pass" for r in rows)
     name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()

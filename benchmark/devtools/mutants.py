@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(
             f"unknown mutant(s) {sorted(unknown)}; choose from: {', '.join(m.name for m in MUTANTS)}"
         )
-    dataset = Path(os.environ.get("DREAMBOOTH_DATASET", REPO.parent / "shared" / "dreambooth" / "dataset"))
+    dataset = Path(os.environ.get("DREAMBOOTH_DATASET", REPO.parent / "shared/dreambooth/dataset"))
     if not (dataset / "dog6").is_dir():  # else every test would skip: nothing caught, nothing learnt
         raise SystemExit(f"DreamBooth dataset not found at {dataset} (set DREAMBOOTH_DATASET)")
     env = {**os.environ, "DREAMBOOTH_DATASET": str(dataset.resolve()), "HF_HUB_OFFLINE": "1"}
