@@ -14,6 +14,12 @@ not fit int8, so they are stored shifted by -128 together with the zero point (t
 difference ``q - zero_point`` is unchanged): ``dequantized = (integer - zero_point) * scale``
 holds for every case. 4-bit codes are stored as ``q + 8`` (symmetric) or ``q`` (asymmetric).
 
+``arithmetic``: where scale and codes are computed. ``fp32`` (default): from the weight's values
+in fp32. ``weight``: in the weight's own dtype, as optimum-quanto does (``scale = max|w| / qmax``
+and ``w / scale`` each rounded to that dtype, codes clamped to the int8 range, so -128 can occur);
+for fp32 weights the two agree, for fp16 and bf16 weights some codes differ by one
+(tests/methods/test_quant_quanto.py). Asymmetric codes are always computed in fp32.
+
 Affine group-wise int4 (quanto's ``qint4``): ``methods.common.quant_groupwise``.
 
 Backprop through the scale does not keep a float copy of the weight alive until
@@ -42,10 +48,26 @@ def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(-1)[:numel]
 
 
-def quantize_per_channel(weight: torch.Tensor, bits: int, symmetric: bool):
+ARITHMETICS = ("fp32", "weight")
+
+
+def arithmetic_view(weight: torch.Tensor, arithmetic: str) -> torch.Tensor:
+    """``weight`` detached, in the dtype its scale and codes are computed in (module docstring)."""
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic={arithmetic!r}; choose one of: {', '.join(ARITHMETICS)}")
+    return weight.detach() if arithmetic == "weight" else weight.detach().float()
+
+
+def quantize_per_channel(weight: torch.Tensor, bits: int, symmetric: bool, arithmetic: str = "fp32"):
     """(integer codes as int16 of ``weight``'s shape, scale (out,), zero_point (out,) or None).
     Codes and zero point are in the "integer" domain of the module docstring."""
-    w = weight.detach().float().reshape(weight.shape[0], -1)
+    if symmetric and arithmetic == "weight":  # quanto's ops on the weight's own shape, bit for bit
+        w, qmax = weight.detach(), 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / scale).clamp(-qmax - 1, qmax)  # quanto clamps to the int range: bf16 can
+        return q.to(torch.int16), scale.reshape(-1), None  # round max|w| / scale to 127.5 -> -128
+    w = arithmetic_view(weight, arithmetic).float().reshape(weight.shape[0], -1)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = w.abs().amax(dim=1) / qmax
@@ -102,13 +124,14 @@ class QuantizedLayer(nn.Module):
         bits: int = 8,
         symmetric: bool = True,
         scale_dtype: torch.dtype | None = None,
+        arithmetic: str = "fp32",
     ):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}; quantization supports 4 or 8 bits")
         self.bits, self.symmetric = bits, symmetric
         self._copy_geometry(layer)
-        integer, scale, zero_point = quantize_per_channel(layer.weight, bits, symmetric)
+        integer, scale, zero_point = quantize_per_channel(layer.weight, bits, symmetric, arithmetic)
         device = layer.weight.device
         if bits == 8:
             qweight = integer.to(torch.int8)
@@ -212,6 +235,7 @@ def quantize_model(
     symmetric: bool = True,
     skip: Callable[[str, nn.Module], bool] | None = None,
     scale_dtype: torch.dtype | None = None,
+    arithmetic: str = "fp32",
 ) -> int:
     """Replace every nn.Linear / nn.Conv2d inside ``module`` (not ``module`` itself) in place by
     a QuantizedLayer; ``skip(qualified_name, layer)`` -> True keeps a layer as it is.
@@ -224,7 +248,7 @@ def quantize_model(
     for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, QuantizedLayer(child, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype))
+        setattr(parent, attr, QuantizedLayer(child, bits, symmetric, scale_dtype, arithmetic))
     return len(targets)
 
 
