@@ -129,9 +129,12 @@ def resolve_device(name: str):
 
 
 def training_dtype(method_cfg: MethodConfig):
+    """The dtype the model is loaded in for training: the method's ``load_precision`` where it
+    has one (ZOODiP's official protocol casts the networks itself), else its ``precision``."""
     import torch
 
-    return getattr(torch, DTYPE_NAMES[getattr(method_cfg, "precision", "fp32")])
+    name = getattr(method_cfg, "load_precision", None) or getattr(method_cfg, "precision", "fp32")
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def flat(container: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,7 +2,10 @@
 CMA-ES over a low-dimensional subspace of the token embedding space, forward passes only.
 
 Subspace: the top ``subspace_dim`` principal directions P (k x d) of the vocabulary embedding
-matrix (PCA of all its rows, before the placeholder is added). A candidate x in R^k is the
+matrix (PCA of all its rows, before the placeholder is added). ``pca_solver``: ``randomized``
+(default: what feizc's ``PCA(n_components=256)`` ran, sklearn's svd_solver "auto" of its time
+choosing randomized SVD for a 49408 x 768 matrix; seeded here by ``pca_seed``, unseeded there) or
+``exact`` (an eigendecomposition of the covariance). A candidate x in R^k is the
 token e0 + x P, e0 = the initializer's embedding (the class noun). CMA-ES (the ``cma``
 package) starts at x = 0 with step size sigma.
 
@@ -50,6 +53,7 @@ from methods.common.token_method import TokenConfig, TokenMethod
 
 PROTOCOLS = ("official", "ours")
 INITS = ("cross_attention", "initializer")
+PCA_SOLVERS = ("randomized", "exact")
 
 
 @dataclasses.dataclass
@@ -65,6 +69,8 @@ class GFTIConfig(TokenConfig):
     flip_p: float = 0.5
     init: str = "cross_attention"
     init_clip: list[str] | None = None  # per text encoder: hub id, folder, or "random"
+    pca_solver: str = "randomized"
+    pca_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +86,10 @@ class GFTIConfig(TokenConfig):
         require(0 <= self.flip_p <= 1, f"method.flip_p={self.flip_p} must be in [0, 1]")
         require(self.init in INITS, f"method.init={self.init!r}; choose one of: {', '.join(INITS)}")
         require(
+            self.pca_solver in PCA_SOLVERS,
+            f"method.pca_solver={self.pca_solver!r}; choose one of: {', '.join(PCA_SOLVERS)}",
+        )
+        require(
             self.init != "cross_attention" or bool(self.init_clip),
             "method.init=cross_attention needs the CLIP model whose text tower is the model's text "
             "encoder: set model.text_encoder_clip=[<hub id or folder>] (one per text encoder), "
@@ -93,6 +103,27 @@ def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     x = x - x.mean(dim=0)
     _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
     return vectors.flip(-1)[:, :k].T.contiguous()
+
+
+def randomized_principal_directions(embeddings: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Top-k principal directions (k x d, unit rows) as sklearn's ``PCA(k, svd_solver="randomized",
+    random_state=seed)`` finds them (``randomized_svd``, Halko et al.): in fp32, 10 oversamples,
+    4 power iterations (7 if k < d / 10) normalized by LU, the Gaussian sketch drawn by numpy's
+    RandomState(seed), signs as sklearn 1.2's ``svd_flip`` (largest |U| entry positive)."""
+    x = embeddings.detach().float()
+    x = x - x.mean(dim=0)
+    n_iter = 7 if k < 0.1 * min(x.shape) else 4
+    sketch = np.random.RandomState(seed).normal(size=(x.shape[1], k + 10)).astype(np.float32)
+    q = torch.from_numpy(sketch).to(x.device)
+    for _ in range(n_iter):
+        for a in (x, x.T):
+            p, lower, _ = torch.linalg.lu(a @ q)  # scipy's lu(permute_l=True): P L
+            q = p @ lower
+    q, _ = torch.linalg.qr(x @ q)
+    u_hat, _, vt = torch.linalg.svd(q.T @ x, full_matrices=False)
+    u = q @ u_hat
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True))).reshape(-1, 1)
+    return (vt * signs)[:k].double().contiguous()
 
 
 class StepNormal:
@@ -119,7 +150,11 @@ class GradientFreeTI(TokenMethod):
         # SDXL: each token's two rows side by side (the two tokenizers share one vocabulary)
         vocabulary = torch.cat([e.get_input_embeddings().weight for e in components.text_encoders], dim=1)
         self.subspace_dim = min(cfg.subspace_dim, vocabulary.shape[1])  # 32 on the tiny model
-        self.basis = principal_directions(vocabulary, self.subspace_dim).to(vocabulary.device)
+        if cfg.pca_solver == "randomized":
+            basis = randomized_principal_directions(vocabulary, self.subspace_dim, cfg.pca_seed)
+        else:
+            basis = principal_directions(vocabulary, self.subspace_dim)
+        self.basis = basis.to(vocabulary.device)
         # official: PCA.inverse_transform adds the vocabulary mean to x P
         mean = vocabulary.detach().double().mean(dim=0)
         self.offset = mean if cfg.protocol == "official" else torch.zeros_like(mean)

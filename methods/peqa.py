@@ -15,22 +15,32 @@ from methods.common.base import SCALES_TEACHER, require
 from methods.common.quant import quantize_model, quantized_layers
 from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
+QUANT_RANGES = ("include_zero", "minmax")
+
 
 @dataclasses.dataclass
 class ScaleTuningConfig(UNetFinetuneConfig):
     bits: int = 8
     symmetric: bool = False
+    # asymmetric codes' range: include_zero (each row's [min, max] widened to include 0: PEQA's
+    # reading of its Eq. 2) | minmax (the row's own [min, max]: the official TuneQDM code)
+    quant_range: str = "include_zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.bits in (4, 8), f"method.bits={self.bits}; choose 8 (INT8) or 4 (INT4)")
+        require(
+            self.quant_range in QUANT_RANGES,
+            f"method.quant_range={self.quant_range!r}; choose one of: {', '.join(QUANT_RANGES)}",
+        )
 
 
 def quantize_unet(unet, cfg: ScaleTuningConfig, scale_dtype: torch.dtype | None = None):
     """All U-Net Linear/Conv2d layers -> QuantizedLayer; returns them by name. The scales are
     fp32 unless ``scale_dtype`` is given: a pipeline passes its own dtype, so that an fp16
     U-Net stays fp16 throughout (diffusers reads ``unet.dtype`` off its parameters)."""
-    quantize_model(unet, bits=cfg.bits, symmetric=cfg.symmetric, scale_dtype=scale_dtype)
+    include_zero = cfg.quant_range == "include_zero"
+    quantize_model(unet, cfg.bits, cfg.symmetric, scale_dtype=scale_dtype, include_zero=include_zero)
     return quantized_layers(unet)
 
 

@@ -29,6 +29,7 @@ from methods.peqa import ScaleTuningConfig, check_artifact_keys, quantize_unet
 
 @dataclasses.dataclass
 class TuneQDMConfig(ScaleTuningConfig):
+    quant_range: str = "minmax"  # official TuneQDM: no widening to include 0
     timestep_sets: int = 4
     train_delta_in: bool = True
     num_train_timesteps: int = 1000

@@ -13,11 +13,21 @@ diffusers textual-inversion file. ``apply`` quantizes the stock pipeline the sam
 loading it, as the official inference notebook does (``quantize_at_inference``).
 
 The naive ZO-TI of the paper's ablation: ``method.sg=false method.timesteps=uniform``.
+
+``protocol``: ``paper`` (lr 5e-3, fp32 Adam moments, every network quantized from the weights
+in ``precision`` with fp32 arithmetic) or ``official`` (train_zoodip.sh / train_zoodip.py: lr
+1e-2, fp16 moments, the U-Net and VAE cast to ``precision`` and the text encoder kept in fp32
+while quanto quantizes them, in each weight's own dtype; then the text encoder is cast).
+``captions``: a JSON file in the official ``cc.json`` format ({subject: {image file: caption
+with ``{}`` for the token}}): each image trains with its own caption (``--use_cc``) instead of
+a random template, for the subjects the file has.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
@@ -30,9 +40,20 @@ from methods.common.token_method import TokenConfig, TokenMethod, TokenRows, com
 from methods.common.zo import check_estimator, estimate_gradient, estimate_gradient_batched, forward_passes
 from methods.common.zo_adam import STATE_DTYPES, ZOAdam
 
+PROTOCOLS = ("paper", "official")
+# what protocol=official takes from the official script when method.lr / adam_state_dtype are null
+PROTOCOL_DEFAULTS = {
+    "paper": {"lr": 5e-3, "adam_state_dtype": "fp32"},
+    "official": {"lr": 1e-2, "adam_state_dtype": "fp16"},  # train_zoodip.sh; the fp16 row's m, v
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 
 @dataclasses.dataclass
 class ZOODiPConfig(TokenConfig):
+    lr: float | None = None  # None: the protocol's
+    protocol: str = "paper"
+    captions: str | None = None
     precision: str = "fp16"
     timesteps: str = "puts"
     quantize: str = "int8"
@@ -49,11 +70,18 @@ class ZOODiPConfig(TokenConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     adam_eps: float = 1e-3
-    adam_state_dtype: str = "fp32"
+    adam_state_dtype: str | None = None  # None: the protocol's
     compact_vocabulary: bool = True  # keep only the embedding rows the training prompts use
     batched_passes: bool = False  # the n + 1 passes in one batched call: faster, (n + 1)x activations
 
     def __post_init__(self) -> None:
+        require(
+            self.protocol in PROTOCOLS,
+            f"method.protocol={self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}",
+        )
+        for key, value in PROTOCOL_DEFAULTS[self.protocol].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         super().__post_init__()
         check_quantize(self.quantize, self.int4_scheme, self.quantize_scope)
         check_estimator(self.estimator, self.n, self.mu)
@@ -68,6 +96,16 @@ class ZOODiPConfig(TokenConfig):
             self.adam_state_dtype in STATE_DTYPES,
             f"method.adam_state_dtype={self.adam_state_dtype!r}; choose one of: {', '.join(STATE_DTYPES)}",
         )
+        require(
+            self.captions is None or Path(self.captions).is_file(),
+            f"method.captions={self.captions!r} is not a file; give a cc.json-style file or null",
+        )
+
+    @property
+    def load_precision(self) -> str:
+        """The dtype the harness loads the model in: fp32 for ``official``, whose script casts
+        the U-Net and VAE itself and quantizes the text encoder from fp32."""
+        return "fp32" if self.protocol == "official" else self.precision
 
 
 class ZOODiP(TokenMethod):
@@ -80,9 +118,8 @@ class ZOODiP(TokenMethod):
     def setup(self, components, subject) -> None:
         cfg, self.c = self.cfg, components
         self.token_id = self.add_token(components, subject)
-        self.quantized_layers = quantize_networks(
-            components, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme
-        )
+        self.quantized_layers = self.quantize(components)
+        self.captions = subject_captions(cfg.captions, subject.name) if cfg.captions else None
         self.quantized_weight_fraction = quantized_fraction(components)
         if cfg.compact_vocabulary:  # SDXL: each encoder keeps its own rows
             compact = [
@@ -96,6 +133,35 @@ class ZOODiP(TokenMethod):
             SubspaceGradient(self.token.numel(), cfg.tau, cfg.nu, self.token.device) if cfg.sg else None
         )
         self.adam = ZOAdam([self.token], cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.adam_state_dtype)
+
+    def quantize(self, networks) -> dict[str, int]:
+        """Quantize ``networks`` (Components or a pipeline) as the protocol says; layer counts."""
+        cfg = self.cfg
+        if cfg.protocol == "paper":
+            return quantize_networks(networks, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme)
+        dtype = DTYPES[cfg.precision]  # official: unet.to(weight_dtype), vae.to(weight_dtype), then
+        networks.unet.to(dtype)  # quanto.quantize(text_encoder, unet, vae) and text_encoder.half()
+        networks.vae.to(dtype)
+        counts = quantize_networks(networks, cfg.quantize, cfg.quantize_scope, cfg.int4_scheme, "weight")
+        for encoder in (networks.text_encoder, getattr(networks, "text_encoder_2", None)):
+            if encoder is not None:
+                encoder.to(dtype)
+        return counts
+
+    def precompute(self, images, seed, steps) -> None:
+        if self.captions is not None:
+            require(
+                len(self.captions) == len(images),
+                f"method.captions has {len(self.captions)} captions for this subject's "
+                f"{len(images)} images; give one per image file",
+            )
+        super().precompute(images, seed, steps)
+
+    def training_prompts(self, batch, generator) -> list[str]:
+        if self.captions is None:
+            return super().training_prompts(batch, generator)
+        token = self.cfg.placeholder_token
+        return [self.captions[int(i)].format(token) for i in batch["image_index"]]
 
     @property
     def token_row(self) -> int:
@@ -168,6 +234,9 @@ class ZOODiP(TokenMethod):
 
     def record_extras(self):
         return {
+            "training_prompts": "captions" if self.captions is not None else "templates",
+            "lr_used": self.cfg.lr,  # method.lr null: the protocol's
+            "adam_state_dtype_used": self.cfg.adam_state_dtype,
             "forward_passes_per_step": forward_passes(self.cfg.estimator, self.cfg.n),
             "quantized_layers": sum(self.quantized_layers.values()),
             "quantized_weight_fraction": self.quantized_weight_fraction,
@@ -179,7 +248,20 @@ class ZOODiP(TokenMethod):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}, in the model's dtype
         return self.rows.artifact(self.cfg.placeholder_token)
 
+    def apply_weights_dtype(self):
+        official = self.cfg.protocol == "official" and self.cfg.quantize_at_inference
+        return torch.float32 if official else None  # official: quantizes as in training, from fp32
+
     def apply(self, pipeline, artifact) -> None:
         if self.cfg.quantize_at_inference:
-            quantize_networks(pipeline, self.cfg.quantize, self.cfg.quantize_scope, self.cfg.int4_scheme)
+            self.quantize(pipeline)
         super().apply(pipeline, artifact)
+
+
+def subject_captions(path: str, subject: str) -> list[str] | None:
+    """The captions of ``subject``'s images from a cc.json-style file, in image-file order
+    (the order of the training images); None when the file has no entry for it."""
+    entries = json.loads(Path(path).read_text()).get(subject)
+    if entries is None:
+        return None
+    return [entries[name] for name in sorted(entries)]

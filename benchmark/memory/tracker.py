@@ -635,17 +635,21 @@ def _shapes_only(quantize, outputs):
     return shapes_only
 
 
-def _per_channel_outputs(weight, bits, symmetric):  # methods.common.quant.quantize_per_channel's
+def _per_channel_outputs(
+    weight, bits, symmetric, arithmetic="fp32", include_zero=True
+):  # methods.common.quant.quantize_per_channel's
     rows = (weight.shape[0],)
     zero_point = None if symmetric else (rows, torch.int16)
-    return (tuple(weight.shape), torch.int16), (rows, torch.float32), zero_point
+    scale_dtype = weight.dtype if symmetric and arithmetic == "weight" else torch.float32
+    return (tuple(weight.shape), torch.int16), (rows, scale_dtype), zero_point
 
 
 def _affine_groups_outputs(
-    weight, bits, group_size
+    weight, bits, group_size, arithmetic="fp32"
 ):  # methods.common.quant_groupwise.quantize_affine_groups'
     groups = (weight.numel() // group_size,)
-    return ((groups[0], group_size), torch.uint8), (groups, torch.float32), (groups, torch.float32)
+    dtype = weight.dtype if arithmetic == "weight" else torch.float32
+    return ((groups[0], group_size), torch.uint8), (groups, dtype), (groups, dtype)
 
 
 @contextlib.contextmanager

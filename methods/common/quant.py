@@ -8,11 +8,19 @@ weights live in memory as integers and are dequantized on the fly, one layer at 
   nibble first); ``integer_weight()`` unpacks it.
 
 Symmetric: ``scale = max|w| / (2^(bits-1) - 1)``, ``q`` in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``,
-no zero point. Asymmetric min-max (TuneQDM): ``scale = (max - min) / (2^bits - 1)``,
-``zero_point = round(-min / scale)``, ``q`` in ``[0, 2^bits - 1]``. Unsigned 8-bit codes do
+no zero point. Asymmetric min-max (PEQA, TuneQDM): ``scale = (max - min) / (2^bits - 1)``,
+``zero_point = round(-min / scale)``, ``q`` in ``[0, 2^bits - 1]``; with ``include_zero`` (PEQA)
+min and max are first widened to include 0, without it (official TuneQDM) a row of one sign keeps
+its own range and its zero point lies outside ``[0, 2^bits - 1]``. Unsigned 8-bit codes do
 not fit int8, so they are stored shifted by -128 together with the zero point (the
 difference ``q - zero_point`` is unchanged): ``dequantized = (integer - zero_point) * scale``
 holds for every case. 4-bit codes are stored as ``q + 8`` (symmetric) or ``q`` (asymmetric).
+
+``arithmetic``: where scale and codes are computed. ``fp32`` (default): from the weight's values
+in fp32. ``weight``: in the weight's own dtype, as optimum-quanto does (``scale = max|w| / qmax``
+and ``w / scale`` each rounded to that dtype, codes clamped to the int8 range, so -128 can occur);
+for fp32 weights the two agree, for fp16 and bf16 weights some codes differ by one
+(tests/methods/test_quant_quanto.py). Asymmetric codes are always computed in fp32.
 
 Affine group-wise int4 (quanto's ``qint4``): ``methods.common.quant_groupwise``.
 
@@ -42,10 +50,28 @@ def _unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(-1)[:numel]
 
 
-def quantize_per_channel(weight: torch.Tensor, bits: int, symmetric: bool):
+ARITHMETICS = ("fp32", "weight")
+
+
+def arithmetic_view(weight: torch.Tensor, arithmetic: str) -> torch.Tensor:
+    """``weight`` detached, in the dtype its scale and codes are computed in (module docstring)."""
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic={arithmetic!r}; choose one of: {', '.join(ARITHMETICS)}")
+    return weight.detach() if arithmetic == "weight" else weight.detach().float()
+
+
+def quantize_per_channel(
+    weight: torch.Tensor, bits: int, symmetric: bool, arithmetic: str = "fp32", include_zero: bool = True
+):
     """(integer codes as int16 of ``weight``'s shape, scale (out,), zero_point (out,) or None).
     Codes and zero point are in the "integer" domain of the module docstring."""
-    w = weight.detach().float().reshape(weight.shape[0], -1)
+    if symmetric and arithmetic == "weight":  # quanto's ops on the weight's own shape, bit for bit
+        w, qmax = weight.detach(), 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / scale).clamp(-qmax - 1, qmax)  # quanto clamps to the int range: bf16 can
+        return q.to(torch.int16), scale.reshape(-1), None  # round max|w| / scale to 127.5 -> -128
+    w = arithmetic_view(weight, arithmetic).float().reshape(weight.shape[0], -1)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = w.abs().amax(dim=1) / qmax
@@ -53,14 +79,21 @@ def quantize_per_channel(weight: torch.Tensor, bits: int, symmetric: bool):
         q = torch.round(w / scale[:, None]).clamp(-qmax, qmax)
         return q.to(torch.int16).reshape(weight.shape), scale, None
     levels = 2**bits - 1
-    w_min = w.amin(dim=1).clamp(max=0)  # the range includes 0, so 0 is exactly representable
-    w_max = w.amax(dim=1).clamp(min=0)
+    w_min, w_max = w.amin(dim=1), w.amax(dim=1)
+    # include_zero: the range includes 0, so 0 is exactly representable. Otherwise the row's own
+    # [min, max] (official TuneQDM); a constant row keeps the widened range, where it is exact.
+    widen = torch.ones_like(w_min, dtype=torch.bool) if include_zero else w_min == w_max
+    w_min = torch.where(widen, w_min.clamp(max=0), w_min)
+    w_max = torch.where(widen, w_max.clamp(min=0), w_max)
     scale = (w_max - w_min) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.round(-w_min / scale).clamp(0, levels)
+    zero_point = torch.round(-w_min / scale)
+    zero_point = torch.where(widen, zero_point.clamp(0, levels), zero_point)  # else: may lie outside
     q = torch.round(w / scale[:, None] + zero_point[:, None]).clamp(0, levels)
     shift = 128 if bits == 8 else 0
-    return (q - shift).to(torch.int16).reshape(weight.shape), scale, (zero_point - shift).to(torch.int16)
+    zero_point = zero_point - shift
+    zp_dtype = torch.int16 if zero_point.abs().max() < 2**15 else torch.int32
+    return (q - shift).to(torch.int16).reshape(weight.shape), scale, zero_point.to(zp_dtype)
 
 
 class _QuantizedOp(torch.autograd.Function):
@@ -102,13 +135,17 @@ class QuantizedLayer(nn.Module):
         bits: int = 8,
         symmetric: bool = True,
         scale_dtype: torch.dtype | None = None,
+        arithmetic: str = "fp32",
+        include_zero: bool = True,
     ):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}; quantization supports 4 or 8 bits")
         self.bits, self.symmetric = bits, symmetric
         self._copy_geometry(layer)
-        integer, scale, zero_point = quantize_per_channel(layer.weight, bits, symmetric)
+        integer, scale, zero_point = quantize_per_channel(
+            layer.weight, bits, symmetric, arithmetic, include_zero
+        )
         device = layer.weight.device
         if bits == 8:
             qweight = integer.to(torch.int8)
@@ -147,7 +184,7 @@ class QuantizedLayer(nn.Module):
         return (codes - (8 if self.symmetric else 0)).reshape(self.weight_shape)
 
     def _centered_integer(self, dtype: torch.dtype) -> torch.Tensor:
-        """q - zero_point, in ``dtype`` (exact: |q - zp| <= 255); a new tensor."""
+        """q - zero_point, in ``dtype`` (exact: |q - zp| <= 255 when the range includes 0); a new tensor."""
         if self.bits == 8 and self.zero_point is None:  # int8 is exact in any float: no int16 copy
             return self.qweight.to(dtype, copy=True)
         integer = self.integer_weight()
@@ -212,6 +249,8 @@ def quantize_model(
     symmetric: bool = True,
     skip: Callable[[str, nn.Module], bool] | None = None,
     scale_dtype: torch.dtype | None = None,
+    arithmetic: str = "fp32",
+    include_zero: bool = True,
 ) -> int:
     """Replace every nn.Linear / nn.Conv2d inside ``module`` (not ``module`` itself) in place by
     a QuantizedLayer; ``skip(qualified_name, layer)`` -> True keeps a layer as it is.
@@ -224,7 +263,7 @@ def quantize_model(
     for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, QuantizedLayer(child, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype))
+        setattr(parent, attr, QuantizedLayer(child, bits, symmetric, scale_dtype, arithmetic, include_zero))
     return len(targets)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.common.quant import QuantizedLayer, _pack_nibbles, _unpack_nibbles
+from methods.common.quant import QuantizedLayer, _pack_nibbles, _unpack_nibbles, arithmetic_view
 
 
 def quanto_group_size(row_numel: int, group_size: int = 128) -> int:
@@ -28,10 +28,10 @@ def quanto_group_size(row_numel: int, group_size: int = 128) -> int:
     return group_size if row_numel % group_size == 0 else row_numel
 
 
-def quantize_affine_groups(weight: torch.Tensor, bits: int, group_size: int):
+def quantize_affine_groups(weight: torch.Tensor, bits: int, group_size: int, arithmetic: str = "fp32"):
     """(codes uint8 (groups, group_size) in [0, 2^bits - 1], scale (groups,), shift (groups,)),
-    all computed in fp32; see the module docstring."""
-    w = weight.detach().float().reshape(-1, group_size)
+    computed in fp32 or (``arithmetic="weight"``, as quanto) in the weight's dtype."""
+    w = arithmetic_view(weight, arithmetic).reshape(-1, group_size)
     w_min, w_max = w.amin(dim=1), w.amax(dim=1)
     scale = (w_max - w_min) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, exact
@@ -44,14 +44,21 @@ class GroupwiseQuantizedLayer(QuantizedLayer):
     """A frozen Linear/Conv2d with affine group-wise integer weights (quanto's qint4); its
     ``scale`` and ``shift`` (one per group) are frozen buffers-as-parameters in the float dtype."""
 
-    def __init__(self, layer, bits: int = 4, group_size: int = 128, scale_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        layer,
+        bits: int = 4,
+        group_size: int = 128,
+        scale_dtype: torch.dtype | None = None,
+        arithmetic: str = "fp32",
+    ):
         nn.Module.__init__(self)
         if bits not in (4, 8):
             raise ValueError(f"bits={bits}; quantization supports 4 or 8 bits")
         self._copy_geometry(layer)
         self.bits, self.symmetric = bits, False
         self.group_size = quanto_group_size(layer.weight[0].numel(), group_size)
-        codes, scale, shift = quantize_affine_groups(layer.weight, bits, self.group_size)
+        codes, scale, shift = quantize_affine_groups(layer.weight, bits, self.group_size, arithmetic)
         device = layer.weight.device
         qweight = codes.reshape(-1) if bits == 8 else _pack_nibbles(codes)
         self.register_buffer("qweight", qweight.to(device))
@@ -81,12 +88,16 @@ class GroupwiseQuantizedLayer(QuantizedLayer):
 
 
 def quantize_model_groupwise(
-    module: nn.Module, bits: int = 4, group_size: int = 128, scale_dtype: torch.dtype | None = None
+    module: nn.Module,
+    bits: int = 4,
+    group_size: int = 128,
+    scale_dtype: torch.dtype | None = None,
+    arithmetic: str = "fp32",
 ) -> int:
     """As ``quantize_model``, with affine group-wise layers (quanto's qint4 scheme)."""
     targets = [(n, c) for n, c in module.named_modules() if n and isinstance(c, (nn.Linear, nn.Conv2d))]
     for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, GroupwiseQuantizedLayer(child, bits, group_size, scale_dtype))
+        setattr(parent, attr, GroupwiseQuantizedLayer(child, bits, group_size, scale_dtype, arithmetic))
     return len(targets)

@@ -41,10 +41,15 @@ def check_quantize(mode: str, int4_scheme: str = "affine_group128", scope: str =
 
 
 def quantize_frozen(
-    module: torch.nn.Module, mode: str, dtype: torch.dtype | None = None, int4_scheme: str = "affine_group128"
+    module: torch.nn.Module,
+    mode: str,
+    dtype: torch.dtype | None = None,
+    int4_scheme: str = "affine_group128",
+    arithmetic: str = "fp32",
 ) -> int:
     """Quantize every Linear/Conv2d of ``module`` in place (``mode`` int8 | int4 | none); the
-    scales take ``dtype`` (default: the module's float dtype). Returns how many layers."""
+    scales take ``dtype`` (default: the module's float dtype); ``arithmetic``: fp32 or the
+    weight's own dtype (quanto's, ``methods.common.quant``). Returns how many layers."""
     check_quantize(mode, int4_scheme)
     bits = QUANTIZE_BITS[mode]
     if bits is None:
@@ -52,19 +57,19 @@ def quantize_frozen(
     if dtype is None:
         dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
     if bits == 4 and int4_scheme == "affine_group128":
-        return quantize_model_groupwise(module, bits=4, group_size=128, scale_dtype=dtype)
-    return quantize_model(module, bits=bits, symmetric=True, scale_dtype=dtype)
+        return quantize_model_groupwise(module, 4, 128, dtype, arithmetic)
+    return quantize_model(module, bits, True, scale_dtype=dtype, arithmetic=arithmetic)
 
 
 def quantize_networks(
-    networks, mode: str, scope: str = "all", int4_scheme: str = "affine_group128"
+    networks, mode: str, scope: str = "all", int4_scheme: str = "affine_group128", arithmetic: str = "fp32"
 ) -> dict[str, int]:
     """Quantize ``networks.unet`` (and, with scope ``all``, ``.vae``, ``.text_encoder`` and SDXL's
     ``.text_encoder_2``) of Components or a pipeline; returns the layer count per network (0 where
     not quantized)."""
     check_quantize(mode, int4_scheme, scope)
     return {
-        name: quantize_frozen(module, mode, int4_scheme=int4_scheme) if name in SCOPES[scope] else 0
+        name: quantize_frozen(module, mode, None, int4_scheme, arithmetic) if name in SCOPES[scope] else 0
         for name, module in _networks(networks)
     }
 

@@ -240,8 +240,12 @@ class TokenMethod(Method):
                 alphas_cumprod=c.noise_scheduler.alphas_cumprod,
             )  # fmt: skip
             z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-        ids = prompt_ids(c, sample_prompts(cfg.placeholder_token, bsz, g))
+        ids = prompt_ids(c, self.training_prompts(batch, g))
         return z_t, t, target, ids
+
+    def training_prompts(self, batch, generator) -> list[str]:
+        """The step's prompts: one random ImageNet-style template per image, with the token."""
+        return sample_prompts(self.cfg.placeholder_token, batch["pixel_values"].shape[0], generator)
 
     def apply(self, pipeline, artifact) -> None:
         load_token(pipeline, artifact, self.cfg.placeholder_token)

@@ -18,7 +18,7 @@ from benchmark.run import run
 from benchmark.train import step_generator
 from methods.common import gfti_init
 from methods.common.base import ConfigError
-from methods.gfti import GradientFreeTI, principal_directions
+from methods.gfti import GradientFreeTI, principal_directions, randomized_principal_directions
 
 
 @pytest.fixture
@@ -61,6 +61,68 @@ def test_principal_directions_are_the_top_axes_of_the_rows():
     assert basis.shape == (3, 8)
     torch.testing.assert_close(basis @ basis.T, torch.eye(3, dtype=torch.float64))
     assert torch.all((basis * rotation.T[:3]).sum(dim=1).abs() > 0.99)  # = the top 3 axes, up to sign
+
+
+def spectrum_rows(scales: torch.Tensor, n: int = 3000) -> torch.Tensor:
+    """n rows with axis standard deviations ``scales``, rotated, off-centre."""
+    g = torch.Generator().manual_seed(1)
+    d = len(scales)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ rotation.T + 0.5
+
+
+def slow_spectrum_rows() -> torch.Tensor:
+    """A slowly decaying spectrum: a randomized SVD's top-16 subspace is visibly inexact."""
+    return spectrum_rows(torch.linspace(2.0, 1.0, 64, dtype=torch.float64))
+
+
+def subspace_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the row spaces of two orthonormal bases."""
+    return torch.linalg.svdvals(a.double() @ b.double().T)
+
+
+def test_randomized_pca_is_seeded_orthonormal_and_not_the_exact_subspace():
+    rows = slow_spectrum_rows()
+    basis = randomized_principal_directions(rows, 16, seed=3)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(basis, randomized_principal_directions(rows, 16, seed=3))
+    assert not torch.equal(basis, randomized_principal_directions(rows, 16, seed=4))
+    exact = subspace_cosines(basis, principal_directions(rows, 16))
+    assert exact.min() < 0.99  # a slow spectrum: randomized SVD's subspace is not the exact one
+    steep = spectrum_rows(torch.tensor([50.0, 40.0, 30.0] + [1.0] * 61, dtype=torch.float64))
+    top = subspace_cosines(randomized_principal_directions(steep, 3, 0), principal_directions(steep, 3))
+    assert top.min() > 1 - 1e-6  # a clear gap after 3 axes: the exact top 3
+
+
+def test_randomized_pca_is_sklearns_randomized_pca():
+    """feizc's PCA(n_components=256) ran sklearn's randomized SVD; the oracle is sklearn's
+    PCA(svd_solver="randomized") with the same random_state (sklearn: a test-time extra)."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    rows = slow_spectrum_rows()
+    ours = randomized_principal_directions(rows, 16, seed=3)
+    pca = decomposition.PCA(16, svd_solver="randomized", random_state=3).fit(rows.float().numpy())
+    theirs = torch.from_numpy(pca.components_).double()
+    assert subspace_cosines(ours, theirs).min() > 1 - 1e-5  # fp32 sums in another order
+    rowwise = (ours * theirs).sum(dim=1).abs()  # the same axes, one by one, up to sign
+    assert rowwise.min() > 1 - 1e-5
+    assert subspace_cosines(ours, principal_directions(rows, 16)).min() < 0.99
+
+
+@pytest.mark.parametrize("solver", ["randomized", "exact"])
+def test_setup_takes_the_basis_from_the_chosen_pca_solver(tiny_cfg, solver):
+    cfg = tiny_cfg(
+        "method=gfti", "method.init=initializer", "method.precision=fp32", f"method.pca_solver={solver}"
+    )
+    components = models.load_components(cfg.model)
+    vocabulary = components.text_encoder.get_input_embeddings().weight.detach().clone()
+    method = GradientFreeTI(method_config(cfg))
+    method.setup(components, data.get_subject("dog6"))
+    if solver == "randomized":
+        assert method_config(tiny_cfg("method=gfti")).pca_solver == "randomized"  # the default
+        expected = randomized_principal_directions(vocabulary, 32, seed=0)
+    else:
+        expected = principal_directions(vocabulary, 32)
+    assert torch.equal(method.basis, expected)
 
 
 def test_cma_es_lowers_the_loss_on_a_fixed_batch(make_method, images):
@@ -164,6 +226,7 @@ def test_artifact_is_a_diffusers_token_file_that_changes_the_output(make_method,
         "method.protocol=feizc",
         "method.repeats=0",
         "method.init=mean",
+        "method.pca_solver=arpack",
     ],
 )
 def test_bad_settings_are_config_errors(tiny_cfg, override):

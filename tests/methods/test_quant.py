@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.common.base import ConfigError
 from methods.common.quant import (
     QuantizedLayer,
     _pack_nibbles,
@@ -171,3 +172,78 @@ def test_qlora_linear_weights_are_packed_nf4_within_one_step():
     error = (dequantized.reshape(-1, 64) - original.reshape(-1, 64)).abs()
     assert (error <= 0.16 * absmax).all()
     assert error.max() > 0  # it really is quantized
+
+
+def official_tuneqdm_quantize(weight: torch.Tensor):
+    """ugonfor/TuneQDM core.py, asymmetric INT8: (q - zero_point as float, scale); a row's own
+    [min, max], zero_point = -128 - round(min / scale), q clamped to [-128, 127]."""
+    w = weight.reshape(weight.shape[0], -1)
+    w_min, w_max = w.min(dim=1).values, w.max(dim=1).values
+    scale = ((w_max - w_min) / 255).clamp(min=1e-8)
+    zero_point = -128 - torch.round(w_min / scale)
+    q = torch.clamp(torch.round(w / scale[:, None] + zero_point[:, None]), -128, 127).to(torch.int8)
+    return (q.float() - zero_point[:, None]).reshape(weight.shape), scale
+
+
+def one_sign_rows() -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 6)
+    with torch.no_grad():
+        layer.weight[0] = layer.weight[0].abs() + 0.05  # all positive
+        layer.weight[1] = -(layer.weight[1].abs() + 0.02)  # all negative
+        layer.weight[2] = layer.weight[2].abs() * 1e-3 + 1.0  # all positive, far from 0
+    return layer
+
+
+def test_minmax_range_is_the_official_tuneqdm_quantization_and_include_zero_widens():
+    layer = one_sign_rows()
+    expected, expected_scale = official_tuneqdm_quantize(layer.weight.detach())
+    minmax = QuantizedLayer(layer, bits=8, symmetric=False, include_zero=False)
+    assert torch.equal(minmax._centered_integer(torch.float32), expected)
+    assert torch.equal(minmax.scale, expected_scale)
+    widened = QuantizedLayer(layer, bits=8, symmetric=False)  # PEQA's reading: the range includes 0
+    differs = (widened.scale != expected_scale).tolist()
+    assert differs == [True, True, True, False, False, False]  # exactly the rows of one sign
+    error = (minmax.dequantized_weight() - layer.weight).abs().amax(dim=1)
+    widened_error = (widened.dequantized_weight() - layer.weight).abs().amax(dim=1)
+    assert (error[:3] < widened_error[:3]).all() and (error <= minmax.scale / 2 + 1e-7).all()
+
+
+def test_minmax_range_keeps_a_constant_row_exact():
+    layer = nn.Linear(8, 2)
+    with torch.no_grad():
+        layer.weight[0] = 0.3
+        layer.weight[1] = 0.0
+    q = QuantizedLayer(layer, bits=8, symmetric=False, include_zero=False)
+    assert torch.equal(q.dequantized_weight(), layer.weight.detach())
+
+
+def test_tuneqdm_quantizes_with_the_official_range_and_peqa_widens_to_zero(tiny_cfg):
+    from benchmark.config import method_config
+    from methods.peqa import quantize_unet
+
+    expected_scale = official_tuneqdm_quantize(one_sign_rows().weight.detach())[1]
+    scales = {}
+    for name in ("tuneqdm", "peqa"):
+        cfg = method_config(tiny_cfg(f"method={name}"))
+        (layer,) = quantize_unet(nn.Sequential(one_sign_rows()), cfg).values()
+        scales[name] = layer.scale
+    assert torch.equal(scales["tuneqdm"], expected_scale)
+    assert (scales["peqa"] != expected_scale).tolist()[:3] == [True, True, True]
+    with pytest.raises(ConfigError, match="method.quant_range='zero'; choose one of: include_zero, minmax"):
+        method_config(tiny_cfg("method=tuneqdm", "method.quant_range=zero"))
+
+
+def test_quant_range_devtool_counts_the_rows_of_one_sign():
+    from benchmark.devtools.quant_range import one_sign_rows as count
+
+    conv = nn.Conv2d(2, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -1.0], [-2.0, 0.5], [-0.5, -0.25]]).reshape(3, 2, 1, 1))
+    counts = count(nn.Sequential(one_sign_rows(), conv))
+    assert counts["layers"] == 2 and counts["rows"] == 9
+    assert counts["one_sign_rows"] == 4  # the Linear's rows 0-2 and the conv's last row
+    plain = nn.Sequential(nn.Linear(64, 6))
+    with torch.no_grad():
+        plain[0].weight.copy_(torch.linspace(-1, 1, 384).reshape(64, 6).T)
+    assert count(plain)["one_sign_rows"] == 0

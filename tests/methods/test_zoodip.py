@@ -4,6 +4,8 @@ sweep of its ablation knobs makes complete runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +15,7 @@ from benchmark.config import method_config, training_dtype
 from benchmark.records import REQUIRED_FIELDS
 from benchmark.train import step_generator
 from methods.common.base import ConfigError
-from methods.common.quant import QuantizedLayer, quantized_layers
+from methods.common.quant import QuantizedLayer, quantize_per_channel, quantized_layers
 from methods.common.quant_groupwise import GroupwiseQuantizedLayer
 from methods.common.quantized_model import quantize_networks
 from methods.zoodip import ZOODiP
@@ -224,7 +226,8 @@ def test_table_s8_int4_is_quanto_groupwise_on_the_unet_only(tiny_cfg):
     "override",
     ["method.estimator=fd", "method.n=0", "method.mu=0", "method.quantize=int2", "method.T_L=900",
      "method.timesteps=cosine", "method.tau=1", "method.nu=1.5", "method.precision=fp64",
-     "method.adam_state_dtype=bf16", "method.quantize_scope=vae", "method.int4_scheme=nf4"],
+     "method.adam_state_dtype=bf16", "method.quantize_scope=vae", "method.int4_scheme=nf4",
+     "method.protocol=ours", "method.captions=/no/such/cc.json"],
 )  # fmt: skip
 def test_bad_settings_are_config_errors(tiny_cfg, override):
     with pytest.raises(ConfigError):
@@ -250,3 +253,95 @@ def test_a_tau_nu_sweep_makes_four_complete_runs(tmp_path, dataset_root):
         assert record["train_steps"] == 2 and record["forward_passes_per_step"] == 3
         assert record["method.quantize"] == "int8" and record["quantized_layers"] > 0
         assert record["trainable_params"] == 32 and record["clip_i"] is not None
+
+
+def codes_by_layer(module) -> dict[str, torch.Tensor]:
+    return {name: layer.integer_weight() for name, layer in quantized_layers(module).items()}
+
+
+def expected_codes(reference, dtype, arithmetic) -> dict[str, torch.Tensor]:
+    """Codes of every Linear/Conv2d of ``reference`` (fp32 weights) cast to ``dtype`` first."""
+    return {
+        name: quantize_per_channel(m.weight.to(dtype), 8, True, arithmetic)[0]
+        for name, m in reference.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+
+
+def differing_codes(a: dict, b: dict) -> int:
+    assert a.keys() == b.keys()
+    return sum(int((a[k] != b[k]).sum()) for k in a)
+
+
+@pytest.mark.parametrize("protocol", ["paper", "official"])
+def test_official_protocol_quantizes_as_the_script_and_paper_is_unchanged(tiny_cfg, protocol):
+    """official (train_zoodip.py): U-Net and VAE cast to fp16, then quanto's codes in fp16; the
+    text encoder's codes from its fp32 weights, then cast; lr 1e-2 and fp16 moments. paper: every
+    network loaded in fp16 and quantized with fp32 arithmetic, lr 5e-3, fp32 moments."""
+    cfg = tiny_cfg("method=zoodip", f"method.protocol={protocol}")
+    method_cfg = method_config(cfg)
+    official = protocol == "official"
+    assert (method_cfg.lr, method_cfg.adam_state_dtype) == ((1e-2, "fp16") if official else (5e-3, "fp32"))
+    assert training_dtype(method_cfg) == (torch.float32 if official else torch.float16)
+    reference = models.load_components(cfg.model)  # fp32: the checkpoint's weights
+    components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
+    method = ZOODiP(method_cfg)
+    method.setup(components, data.get_subject("dog6"))
+    assert (
+        method.adam.dtype == (torch.float16 if official else torch.float32)
+        and method.adam.lr == method_cfg.lr
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        ours = codes_by_layer(getattr(components, name))
+        if official and name == "text_encoder":
+            expected = expected_codes(getattr(reference, name), torch.float32, "fp32")
+        else:
+            expected = expected_codes(
+                getattr(reference, name), torch.float16, "weight" if official else "fp32"
+            )
+        assert differing_codes(ours, expected) == 0, name
+        other = expected_codes(getattr(reference, name), torch.float16, "fp32" if official else "weight")
+        assert differing_codes(ours, other) > 0, name  # the two protocols' codes do differ here
+        floats = {p.dtype for p in getattr(components, name).parameters()}
+        assert floats == {torch.float16}, name  # scales, norms, embeddings: all cast
+
+
+def test_official_protocol_applies_the_same_quantization_to_the_stock_pipeline(tiny_cfg):
+    cfg = tiny_cfg("method=zoodip", "method.protocol=official")
+    method = ZOODiP(method_config(cfg))
+    assert method.apply_weights_dtype() == torch.float32
+    reference = models.load_components(cfg.model)
+    pipeline = models.load_pipeline(cfg.model, dtype=method.apply_weights_dtype())
+    method.quantize(pipeline)
+    assert (
+        differing_codes(
+            codes_by_layer(pipeline.unet), expected_codes(reference.unet, torch.float16, "weight")
+        )
+        == 0
+    )
+    text = expected_codes(reference.text_encoder, torch.float32, "fp32")
+    assert differing_codes(codes_by_layer(pipeline.text_encoder), text) == 0
+    assert ZOODiP(method_config(tiny_cfg("method=zoodip"))).apply_weights_dtype() is None
+
+
+def test_captions_give_each_image_its_own_prompt(make_method, images, tmp_path):
+    captions = tmp_path / "cc.json"
+    names = [f"{i:02d}.jpg" for i in range(len(images))]
+    captions.write_text(
+        json.dumps({"dog6": {n: f"a photo of a {{}} number {i}" for i, n in enumerate(names)}})
+    )
+    method, _, _ = make_method(f"method.captions={captions}")
+    method.precompute(images, 0, 2)
+    batch = {"pixel_values": images[[3, 1]], "image_index": torch.tensor([3, 1])}
+    assert method.training_prompts(batch, step_generator(0, 0)) == [
+        "a photo of a <sks> number 3",
+        "a photo of a <sks> number 1",
+    ]
+    assert method.record_extras()["training_prompts"] == "captions"
+    captions.write_text(json.dumps({"dog6": {n: "{}" for n in names[:-1]}}))
+    short, _, _ = make_method(f"method.captions={captions}")
+    with pytest.raises(ConfigError, match="4 captions for this subject's 5 images"):
+        short.precompute(images, 0, 2)
+    captions.write_text(json.dumps({"cat": {"00.jpg": "{}"}}))  # no entry for dog6: the templates
+    templates, _, _ = make_method(f"method.captions={captions}")
+    assert templates.captions is None and templates.record_extras()["training_prompts"] == "templates"
