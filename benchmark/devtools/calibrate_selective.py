@@ -9,8 +9,16 @@ mean loss descent per step (start minus end, over steps) with its spread over th
 the ratio to BP-low's. A ZO-high candidate supports a default when its descent is positive
 beyond the spread.
 
+``--long N``: the long run instead. From the same start, each step kind runs N steps in one
+go (one trajectory per candidate, the same training draws for every candidate), the held-out
+loss read every ``--every`` steps: does a ZO-high step size that does more per step keep doing
+so over hundreds of steps, or does its sign-like step (ZO-Adam, eps 1e-8: ~zo_lr per
+coordinate whatever the estimate's signal) start to wander?
+
     python -m benchmark.devtools.calibrate_selective data.root=<dir>  # tiny model, CPU (nox)
     python -m benchmark.devtools.calibrate_selective model=sd15 data.root=<dir> --adapt 100 --steps 20
+    python -m benchmark.devtools.calibrate_selective --long 150 --every 25 --adam-lrs 1e-3,3e-3,1e-2 \
+        model=sd15_arch method.high_resolution=64 data.root=<dir>
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.train import step_generator
+from methods.common.base import require
 from methods.common.conditioning import token_ids
 from methods.common.diffusion import encode_latents, noisy_latents
 from methods.common.sampling import training_batch
@@ -141,6 +150,50 @@ def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candida
     return rows
 
 
+def loss_curve(method, start, images, heldout, schedule, first_step, steps, every, seed) -> list[float]:
+    """Held-out loss at steps 0, every, 2 every, ..., steps of one trajectory from ``start``."""
+    method.restore(copy.deepcopy(start))
+    curve = [heldout_loss(method, heldout)]
+    for done in range(0, steps, every):
+        run_steps(method, images, schedule, first_step + done, min(every, steps - done), seed)
+        curve.append(heldout_loss(method, heldout))
+    return curve
+
+
+def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates) -> list[dict]:
+    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, curve: held-out loss at 0, every, ..., steps)."""
+    require(every >= 1 and steps >= every, f"--long {steps} --every {every}: need 1 <= every <= long")
+    base_cfg = method_config(cfg)
+    subject = data.get_subject(cfg.subject, cfg.data)
+    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    images = data.load_images(data.subject_image_paths(root, subject), base_cfg.resolution)
+    seed = int(cfg.seed)
+
+    method = build(cfg, base_cfg, subject)
+    run_steps(method, images, "always_bp_low", 0, adapt, seed)
+    start = copy.deepcopy(method.checkpoint())
+    heldout = heldout_set(method, images, n_heldout, seed)
+    curve = loss_curve(method, start, images, heldout, "always_bp_low", adapt, steps, every, seed)
+    rows = [{"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-", "curve": curve}]
+    for optimizer, lr, normalize in candidates:
+        use_zo_update(method, optimizer, lr, normalize)
+        curve = loss_curve(method, start, images, heldout, "always_zo_high", adapt, steps, every, seed)
+        rows.append(
+            {"kind": "zo_high", "optimizer": optimizer, "lr": lr, "normalize": normalize, "curve": curve}
+        )
+    return rows
+
+
+def print_long_run(rows: list[dict], every: int) -> None:
+    """Held-out loss descent from the start (start minus loss) at each read-out."""
+    points = range(0, every * (len(rows[0]["curve"]) - 1) + 1, every)
+    print(f"start loss {rows[0]['curve'][0]:.6f}; descent (start - held-out loss) at each step:")
+    print(f"{'kind':8} {'optimizer':9} {'lr':>8} " + "".join(f"{'step ' + str(s):>11}" for s in points[1:]))
+    for r in rows:
+        descents = [r["curve"][0] - loss for loss in r["curve"][1:]]
+        print(f"{r['kind']:8} {r['optimizer']:9} {r['lr']:8.0e} " + "".join(f"{d:11.3e}" for d in descents))
+
+
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
@@ -154,14 +207,25 @@ def main(argv: list[str] | None = None) -> None:
         default="1e-4,1e-3",
         help="ZO-Adam (normalized RGE) zo_lr candidates, comma-separated; MeZO's ZO-SGD at 1e-5 always runs",
     )
+    parser.add_argument("--long", type=int, default=0, help="the long run: N steps per kind in one go")
+    parser.add_argument("--every", type=int, default=25, help="long run: held-out loss every K steps")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: model=tiny)")
     args = parser.parse_args(argv)
-    candidates = [("sgd", 1e-5, False)] + [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
+    adam = [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
+    candidates = adam if args.long else [("sgd", 1e-5, False), *adam]
     has_model = any(o.startswith("model=") for o in args.overrides)
     overrides = ["method=selective", *([] if has_model else ["model=tiny"]), *args.overrides]
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    if args.long:
+        rows = long_run(cfg, args.adapt, args.long, args.every, args.heldout, candidates)
+        print(
+            f"selective long run: {' '.join(overrides)}; start = {args.adapt} BP-low steps; "
+            f"{args.long} steps per kind, one trajectory each; {args.heldout} held-out draws"
+        )
+        print_long_run(rows, args.every)
+        return
     rows = calibrate(cfg, args.adapt, args.steps, args.repeats, args.heldout, candidates)
     print(
         f"selective calibration: {' '.join(overrides)}; start = {args.adapt} BP-low steps; "
