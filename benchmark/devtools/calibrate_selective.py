@@ -27,6 +27,7 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,10 +158,12 @@ def loss_curve(method, start, images, heldout, schedule, first_step, steps, ever
     for done in range(0, steps, every):
         run_steps(method, images, schedule, first_step + done, min(every, steps - done), seed)
         curve.append(heldout_loss(method, heldout))
+        note = f"{schedule} (zo_lr {method.cfg.zo_lr:g}) step {done + every}: held-out loss {curve[-1]:.6f}"
+        print("  " + note, file=sys.stderr, flush=True)
     return curve
 
 
-def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates) -> list[dict]:
+def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates, bp_low=True) -> list[dict]:
     """Rows (kind, zo_optimizer, zo_lr, zo_normalize, curve: held-out loss at 0, every, ..., steps)."""
     require(every >= 1 and steps >= every, f"--long {steps} --every {every}: need 1 <= every <= long")
     base_cfg = method_config(cfg)
@@ -173,8 +176,12 @@ def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates
     run_steps(method, images, "always_bp_low", 0, adapt, seed)
     start = copy.deepcopy(method.checkpoint())
     heldout = heldout_set(method, images, n_heldout, seed)
-    curve = loss_curve(method, start, images, heldout, "always_bp_low", adapt, steps, every, seed)
-    rows = [{"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-", "curve": curve}]
+    rows = []
+    if bp_low:
+        curve = loss_curve(method, start, images, heldout, "always_bp_low", adapt, steps, every, seed)
+        rows.append(
+            {"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-", "curve": curve}
+        )
     for optimizer, lr, normalize in candidates:
         use_zo_update(method, optimizer, lr, normalize)
         curve = loss_curve(method, start, images, heldout, "always_zo_high", adapt, steps, every, seed)
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--long", type=int, default=0, help="the long run: N steps per kind in one go")
     parser.add_argument("--every", type=int, default=25, help="long run: held-out loss every K steps")
+    parser.add_argument("--no-bp-low", action="store_true", help="long run: ZO-high candidates only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: model=tiny)")
     args = parser.parse_args(argv)
     adam = [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     if args.long:
-        rows = long_run(cfg, args.adapt, args.long, args.every, args.heldout, candidates)
+        rows = long_run(cfg, args.adapt, args.long, args.every, args.heldout, candidates, not args.no_bp_low)
         print(
             f"selective long run: {' '.join(overrides)}; start = {args.adapt} BP-low steps; "
             f"{args.long} steps per kind, one trajectory each; {args.heldout} held-out draws"
