@@ -151,20 +151,11 @@ def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candida
     return rows
 
 
-def loss_curve(method, start, images, heldout, schedule, first_step, steps, every, seed) -> list[float]:
-    """Held-out loss at steps 0, every, 2 every, ..., steps of one trajectory from ``start``."""
-    method.restore(copy.deepcopy(start))
-    curve = [heldout_loss(method, heldout)]
-    for done in range(0, steps, every):
-        run_steps(method, images, schedule, first_step + done, min(every, steps - done), seed)
-        curve.append(heldout_loss(method, heldout))
-        note = f"{schedule} (zo_lr {method.cfg.zo_lr:g}) step {done + every}: held-out loss {curve[-1]:.6f}"
-        print("  " + note, file=sys.stderr, flush=True)
-    return curve
-
-
 def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates, bp_low=True) -> list[dict]:
-    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, curve: held-out loss at 0, every, ..., steps)."""
+    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, curve: held-out loss at 0, every, ..., steps).
+    The trajectories advance in lockstep, ``every`` steps each in turn (each restored from its own
+    checkpoint), so that all have run equally far whenever the run is stopped; every read-out is
+    printed to stderr as it comes."""
     require(every >= 1 and steps >= every, f"--long {steps} --every {every}: need 1 <= every <= long")
     base_cfg = method_config(cfg)
     subject = data.get_subject(cfg.subject, cfg.data)
@@ -174,20 +165,26 @@ def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates
 
     method = build(cfg, base_cfg, subject)
     run_steps(method, images, "always_bp_low", 0, adapt, seed)
-    start = copy.deepcopy(method.checkpoint())
+    start = method.checkpoint()
     heldout = heldout_set(method, images, n_heldout, seed)
-    rows = []
-    if bp_low:
-        curve = loss_curve(method, start, images, heldout, "always_bp_low", adapt, steps, every, seed)
-        rows.append(
-            {"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-", "curve": curve}
-        )
-    for optimizer, lr, normalize in candidates:
-        use_zo_update(method, optimizer, lr, normalize)
-        curve = loss_curve(method, start, images, heldout, "always_zo_high", adapt, steps, every, seed)
-        rows.append(
-            {"kind": "zo_high", "optimizer": optimizer, "lr": lr, "normalize": normalize, "curve": curve}
-        )
+    start_loss = heldout_loss(method, heldout)
+    rows = [{"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-"}] if bp_low else []
+    rows += [{"kind": "zo_high", "optimizer": o, "lr": lr, "normalize": n} for o, lr, n in candidates]
+    for row in rows:
+        row["curve"], row["state"] = [start_loss], start
+    for done in range(0, steps, every):
+        for row in rows:
+            if row["kind"] == "zo_high":
+                use_zo_update(method, row["optimizer"], row["lr"], row["normalize"])
+            method.restore(copy.deepcopy(row["state"]))
+            schedule = f"always_{row['kind']}"
+            run_steps(method, images, schedule, adapt + done, min(every, steps - done), seed)
+            row["state"] = copy.deepcopy(method.checkpoint())
+            row["curve"].append(heldout_loss(method, heldout))
+            note = f"{row['kind']} lr {row['lr']:g} step {min(done + every, steps)}: {row['curve'][-1]:.6f}"
+            print("  " + note, file=sys.stderr, flush=True)
+    for row in rows:
+        del row["state"]
     return rows
 
 
