@@ -13,6 +13,7 @@ import torch
 
 from methods.common.base import SCALES_TEACHER, require
 from methods.common.quant import quantize_model, quantized_layers
+from methods.common.quant_autograd import LAYER_IMPLS, use_autograd
 from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 
@@ -20,10 +21,15 @@ from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 class ScaleTuningConfig(UNetFinetuneConfig):
     bits: int = 8
     symmetric: bool = False
+    layer_impl: str = "recompute"  # methods.common.quant_autograd: recompute | autograd
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.bits in (4, 8), f"method.bits={self.bits}; choose 8 (INT8) or 4 (INT4)")
+        require(
+            self.layer_impl in LAYER_IMPLS,
+            f"method.layer_impl={self.layer_impl!r}; choose one of: {', '.join(LAYER_IMPLS)}",
+        )
 
 
 def quantize_unet(unet, cfg: ScaleTuningConfig, scale_dtype: torch.dtype | None = None):
@@ -55,6 +61,8 @@ class PEQA(UNetFinetune):
         layers = quantize_unet(components.unet, self.cfg)
         for layer in layers.values():
             layer.scale.requires_grad_(True)
+            if self.cfg.layer_impl == "autograd":
+                use_autograd(layer)
         return {f"{name}.scale": layer.scale for name, layer in layers.items()}
 
     def state_dict(self):
