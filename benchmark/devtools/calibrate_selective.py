@@ -9,16 +9,17 @@ mean loss descent per step (start minus end, over steps) with its spread over th
 the ratio to BP-low's. A ZO-high candidate supports a default when its descent is positive
 beyond the spread.
 
-``--long N``: the long run instead. From the same start, each step kind runs N steps in one
-go (one trajectory per candidate, the same training draws for every candidate), the held-out
-loss read every ``--every`` steps: does a ZO-high step size that does more per step keep doing
-so over hundreds of steps, or does its sign-like step (ZO-Adam, eps 1e-8: ~zo_lr per
-coordinate whatever the estimate's signal) start to wander?
+``--long N``: the long run instead. From the same start, each step kind runs N steps as one
+trajectory per candidate (the same training draws for every candidate; the trajectories advance
+in lockstep, so a stopped run has them equally far), the held-out loss read and printed every
+``--every`` steps: does a ZO-high step size that does more per step keep doing so over hundreds
+of steps, or does its sign-like step (ZO-Adam, eps 1e-8: ~zo_lr per coordinate whatever the
+estimate's signal) start to wander? (docs/methods.md, "The long run")
 
     python -m benchmark.devtools.calibrate_selective data.root=<dir>  # tiny model, CPU (nox)
     python -m benchmark.devtools.calibrate_selective model=sd15 data.root=<dir> --adapt 100 --steps 20
-    python -m benchmark.devtools.calibrate_selective --long 150 --every 25 --adam-lrs 1e-3,3e-3,1e-2 \
-        model=sd15_arch method.high_resolution=64 data.root=<dir>
+    python -m benchmark.devtools.calibrate_selective --long 200 --every 20 --adapt 10 --heldout 8 \
+        --adam-lrs 1e-3,3e-3,1e-2 --no-bp-low model=sd15_arch method.high_resolution=64 data.root=<dir>
 """
 
 from __future__ import annotations
