@@ -250,6 +250,9 @@ def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 # data.* keys in the run key only where they differ from these defaults: the runs on DreamBooth's
 # subjects keep the keys they had before there were other datasets and subjects of your own
 DATA_KEY_DEFAULTS = {"data.dataset": DREAMBOOTH, "data.class_noun": None, "data.subject_type": None}
+# method.* keys in the run key only where they differ from these: options that change how a
+# result is computed, not the result (PEQA/TuneQDM's layer_impl: the same loss and gradients)
+METHOD_KEY_DEFAULTS = {"method.layer_impl": "recompute"}
 
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
@@ -261,7 +264,9 @@ def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
     kept = {
         k: v
         for k, v in values.items()
-        if not not_in_run_key(k) and not (k in DATA_KEY_DEFAULTS and v == DATA_KEY_DEFAULTS[k])
+        if not not_in_run_key(k)
+        and not (k in DATA_KEY_DEFAULTS and v == DATA_KEY_DEFAULTS[k])
+        and not (k in METHOD_KEY_DEFAULTS and v == METHOD_KEY_DEFAULTS[k])
     }
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

@@ -11,11 +11,12 @@ The paper has no public code; this is our reading of it (../shared/papers/METHOD
   system's temp dir, deleted with the method) or CPU tensors (``cache=host``).
 - Stage 2 (``step``): the removed layers are gone (their modules replaced by weightless
   placeholders, so their weights are freed) and the hollowed forward reads the cached boundary
-  tensors. LoRA (``lora_scope``): ``exact`` (default) puts it only on the kept up layers'
-  attention projections, downstream of the cut, so stage 2 trains exactly the loss of the full
-  U-Net with that LoRA; ``all`` puts it on every kept layer, also the down layers upstream of
-  the cut, whose effect through the removed middle is never trained (the cache holds the base
-  U-Net's activations) yet after transfer flows through the deep layers: the ablation. With
+  tensors. LoRA (``lora_scope``): ``all`` (default, the paper's most likely reading) puts it on
+  the attention projections of every kept layer, also the down layers upstream of the cut, whose
+  effect through the removed middle is never trained (the cache holds the base U-Net's
+  activations) yet after transfer flows through the deep layers; ``exact`` puts it only on the
+  kept up layers, downstream of the cut, so stage 2 trains exactly the loss of the full U-Net
+  with that LoRA. On the known-answer arms ``all`` closes more after transfer (docs/methods.md). With
   ``offload_encoders`` the VAE and text encoder leave the device too: stage 2 needs neither.
 - Transfer (``apply``): the LoRA file uses the full U-Net's module names; it loads into the
   stock U-Net and is fused into it (layers that were removed simply get no LoRA).
@@ -62,7 +63,7 @@ class HollowedConfig(LoRAConfig):
     cache: str = "disk"
     cache_dir: str | None = None  # where the run's cache folder goes; None: the system's temp dir
     offload_encoders: bool = True
-    lora_scope: str = "exact"
+    lora_scope: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()

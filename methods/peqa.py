@@ -13,6 +13,7 @@ import torch
 
 from methods.common.base import SCALES_TEACHER, require
 from methods.common.quant import quantize_model, quantized_layers
+from methods.common.quant_autograd import LAYER_IMPLS, use_autograd
 from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 QUANT_RANGES = ("include_zero", "minmax")
@@ -25,6 +26,7 @@ class ScaleTuningConfig(UNetFinetuneConfig):
     # asymmetric codes' range: include_zero (each row's [min, max] widened to include 0: PEQA's
     # reading of its Eq. 2) | minmax (the row's own [min, max]: the official TuneQDM code)
     quant_range: str = "include_zero"
+    layer_impl: str = "recompute"  # methods.common.quant_autograd: recompute | autograd
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,6 +34,8 @@ class ScaleTuningConfig(UNetFinetuneConfig):
         require(
             self.quant_range in QUANT_RANGES,
             f"method.quant_range={self.quant_range!r}; choose one of: {', '.join(QUANT_RANGES)}",
+            self.layer_impl in LAYER_IMPLS,
+            f"method.layer_impl={self.layer_impl!r}; choose one of: {', '.join(LAYER_IMPLS)}",
         )
 
 
@@ -65,6 +69,8 @@ class PEQA(UNetFinetune):
         layers = quantize_unet(components.unet, self.cfg)
         for layer in layers.values():
             layer.scale.requires_grad_(True)
+            if self.cfg.layer_impl == "autograd":
+                use_autograd(layer)
         return {f"{name}.scale": layer.scale for name, layer in layers.items()}
 
     def state_dict(self):

@@ -74,7 +74,7 @@ class SelectiveConfig(LoRAConfig):
     n: int = 2
     mu: float = 1e-3
     zo_optimizer: str = "adam"
-    zo_lr: float = 1e-3
+    zo_lr: float = 3e-3
     zo_normalize: bool = True
     zo_adam_eps: float = 1e-8
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from methods.common.base import SCALES_TEACHER, require
 from methods.common.quant import QuantizedLayer
+from methods.common.quant_autograd import autograd_output
 from methods.common.unet_finetune import UNetFinetune
 from methods.peqa import ScaleTuningConfig, check_artifact_keys, quantize_unet
 
@@ -92,18 +93,33 @@ class TimestepScaledLayer(nn.Module):
             return values[:, :, None, None]
         return values.reshape(values.shape[0], *([1] * (x.dim() - 2)), values.shape[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def set_index(self, x: torch.Tensor) -> torch.Tensor:
         index = self.sets.index
         if index is None or index.shape[0] != x.shape[0]:
             raise RuntimeError(
                 "TuneQDM layers need the timestep of every sample: call them through the U-Net, "
                 "whose forward pre-hook sets it"
             )
+        return index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.set_index(x)
         if self.delta_in is not None:
             x = x * self._per_sample(self.delta_in[index], x).to(x.dtype)
         y = self.base.quantized_output(x)  # with the frozen reference scale
         ratio = self.delta_out[index] / self.base.scale.detach()
         return self.base.add_bias(y * self._per_sample(ratio, y).to(y.dtype))
+
+
+class AutogradTimestepScaledLayer(TimestepScaledLayer):
+    """``layer_impl=autograd``: the official TQLinear/TQConv2d forward, the fp32 weight built from
+    the integer one by plain autograd (methods.common.quant_autograd) with one set per batch, the
+    first sample's, as the official code picks it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.set_index(x)[0]
+        delta_in = None if self.delta_in is None else self.delta_in[k]
+        return self.base.add_bias(autograd_output(self.base, x, self.delta_out[k], delta_in))
 
 
 def timestep_scaled_unet(
@@ -114,7 +130,8 @@ def timestep_scaled_unet(
     sets = TimestepSets(cfg.timestep_sets, cfg.num_train_timesteps)
     layers = {}
     for name, base in quantize_unet(unet, cfg, scale_dtype).items():
-        layer = TimestepScaledLayer(base, sets, cfg.train_delta_in)
+        kind = AutogradTimestepScaledLayer if cfg.layer_impl == "autograd" else TimestepScaledLayer
+        layer = kind(base, sets, cfg.train_delta_in)
         parent_name, _, attr = name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, attr, layer)
         layers[name] = layer

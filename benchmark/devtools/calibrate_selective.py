@@ -9,8 +9,17 @@ mean loss descent per step (start minus end, over steps) with its spread over th
 the ratio to BP-low's. A ZO-high candidate supports a default when its descent is positive
 beyond the spread.
 
+``--long N``: the long run instead. From the same start, each step kind runs N steps as one
+trajectory per candidate (the same training draws for every candidate; the trajectories advance
+in lockstep, so a stopped run has them equally far), the held-out loss read and printed every
+``--every`` steps: does a ZO-high step size that does more per step keep doing so over hundreds
+of steps, or does its sign-like step (ZO-Adam, eps 1e-8: ~zo_lr per coordinate whatever the
+estimate's signal) start to wander? (docs/methods.md, "The long run")
+
     python -m benchmark.devtools.calibrate_selective data.root=<dir>  # tiny model, CPU (nox)
     python -m benchmark.devtools.calibrate_selective model=sd15 data.root=<dir> --adapt 100 --steps 20
+    python -m benchmark.devtools.calibrate_selective --long 200 --every 20 --adapt 10 --heldout 8 \
+        --adam-lrs 1e-3,3e-3,1e-2 --no-bp-low model=sd15_arch method.high_resolution=64 data.root=<dir>
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,7 @@ import torch
 from benchmark import data, models
 from benchmark.config import method_config
 from benchmark.train import step_generator
+from methods.common.base import require
 from methods.common.conditioning import token_ids
 from methods.common.diffusion import encode_latents, noisy_latents
 from methods.common.sampling import training_batch
@@ -141,6 +152,53 @@ def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candida
     return rows
 
 
+def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates, bp_low=True) -> list[dict]:
+    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, curve: held-out loss at 0, every, ..., steps).
+    The trajectories advance in lockstep, ``every`` steps each in turn (each restored from its own
+    checkpoint), so that all have run equally far whenever the run is stopped; every read-out is
+    printed to stderr as it comes."""
+    require(every >= 1 and steps >= every, f"--long {steps} --every {every}: need 1 <= every <= long")
+    base_cfg = method_config(cfg)
+    subject = data.get_subject(cfg.subject, cfg.data)
+    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    images = data.load_images(data.subject_image_paths(root, subject), base_cfg.resolution)
+    seed = int(cfg.seed)
+
+    method = build(cfg, base_cfg, subject)
+    run_steps(method, images, "always_bp_low", 0, adapt, seed)
+    start = method.checkpoint()
+    heldout = heldout_set(method, images, n_heldout, seed)
+    start_loss = heldout_loss(method, heldout)
+    rows = [{"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-"}] if bp_low else []
+    rows += [{"kind": "zo_high", "optimizer": o, "lr": lr, "normalize": n} for o, lr, n in candidates]
+    for row in rows:
+        row["curve"], row["state"] = [start_loss], start
+    for done in range(0, steps, every):
+        for row in rows:
+            if row["kind"] == "zo_high":
+                use_zo_update(method, row["optimizer"], row["lr"], row["normalize"])
+            method.restore(copy.deepcopy(row["state"]))
+            schedule = f"always_{row['kind']}"
+            run_steps(method, images, schedule, adapt + done, min(every, steps - done), seed)
+            row["state"] = copy.deepcopy(method.checkpoint())
+            row["curve"].append(heldout_loss(method, heldout))
+            note = f"{row['kind']} lr {row['lr']:g} step {min(done + every, steps)}: {row['curve'][-1]:.6f}"
+            print("  " + note, file=sys.stderr, flush=True)
+    for row in rows:
+        del row["state"]
+    return rows
+
+
+def print_long_run(rows: list[dict], every: int) -> None:
+    """Held-out loss descent from the start (start minus loss) at each read-out."""
+    points = range(0, every * (len(rows[0]["curve"]) - 1) + 1, every)
+    print(f"start loss {rows[0]['curve'][0]:.6f}; descent (start - held-out loss) at each step:")
+    print(f"{'kind':8} {'optimizer':9} {'lr':>8} " + "".join(f"{'step ' + str(s):>11}" for s in points[1:]))
+    for r in rows:
+        descents = [r["curve"][0] - loss for loss in r["curve"][1:]]
+        print(f"{r['kind']:8} {r['optimizer']:9} {r['lr']:8.0e} " + "".join(f"{d:11.3e}" for d in descents))
+
+
 def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
@@ -154,14 +212,26 @@ def main(argv: list[str] | None = None) -> None:
         default="1e-4,1e-3",
         help="ZO-Adam (normalized RGE) zo_lr candidates, comma-separated; MeZO's ZO-SGD at 1e-5 always runs",
     )
+    parser.add_argument("--long", type=int, default=0, help="the long run: N steps per kind in one go")
+    parser.add_argument("--every", type=int, default=25, help="long run: held-out loss every K steps")
+    parser.add_argument("--no-bp-low", action="store_true", help="long run: ZO-high candidates only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: model=tiny)")
     args = parser.parse_args(argv)
-    candidates = [("sgd", 1e-5, False)] + [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
+    adam = [("adam", float(lr), True) for lr in args.adam_lrs.split(",")]
+    candidates = adam if args.long else [("sgd", 1e-5, False), *adam]
     has_model = any(o.startswith("model=") for o in args.overrides)
     overrides = ["method=selective", *([] if has_model else ["model=tiny"]), *args.overrides]
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    if args.long:
+        rows = long_run(cfg, args.adapt, args.long, args.every, args.heldout, candidates, not args.no_bp_low)
+        print(
+            f"selective long run: {' '.join(overrides)}; start = {args.adapt} BP-low steps; "
+            f"{args.long} steps per kind, one trajectory each; {args.heldout} held-out draws"
+        )
+        print_long_run(rows, args.every)
+        return
     rows = calibrate(cfg, args.adapt, args.steps, args.repeats, args.heldout, candidates)
     print(
         f"selective calibration: {' '.join(overrides)}; start = {args.adapt} BP-low steps; "

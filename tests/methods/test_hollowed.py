@@ -5,6 +5,7 @@ trained on the hollowed U-Net transfers to the stock one."""
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from methods.common.base import ConfigError
 from methods.common.hollow_unet import boundary_activations, hollowed_forward, plan_removal, unet_layers
 from methods.common.lora_io import load_unet_lora
 from methods.common.registry import method_class
+from methods.hollowed import downstream_lora_targets
 from tests.conftest import run_sweep_in_process
 from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_tolerance
 
@@ -187,24 +189,44 @@ def _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, scope, k=3):
 
 
 def test_exact_scope_trains_the_loss_of_the_transferred_model(tiny_cfg, dataset_root, tmp_path):
-    """lora_scope=exact (default): at step k > 0 the cached loss is the live one (fp32, same ops)."""
+    """lora_scope=exact: at step k > 0 the cached loss is the live one (fp32, same ops)."""
     cached, live, transferred = _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, "exact")
     torch.testing.assert_close(cached, live, rtol=1e-6, atol=0)
     torch.testing.assert_close(cached, transferred, rtol=1e-5, atol=0)
 
 
 def test_all_scope_trains_against_stale_activations(tiny_cfg, dataset_root, tmp_path):
-    """lora_scope=all (the ablation): LoRA on kept down layers changes what crosses the cut, which
+    """lora_scope=all (default): LoRA on kept down layers changes what crosses the cut, which
     the cache does not see, so the two losses part (what the exact test would catch)."""
     cached, live, transferred = _cached_and_live_loss(tiny_cfg, dataset_root, tmp_path, "all")
     assert abs(float(cached - live)) > 1e-4 * float(live)  # fp32 rounding is ~1e-7 relative
     torch.testing.assert_close(live, transferred, rtol=1e-5, atol=0)
 
 
-def test_exact_scope_puts_lora_only_downstream_of_the_cut(tiny_cfg, dataset_root):
+def test_default_scope_puts_lora_on_every_kept_layer(tiny_cfg, dataset_root):
+    """lora_scope=all (default): the attention projections of the kept down and up layers, none
+    on a removed one (their modules are placeholders)."""
     _, method, _, images = make_method(
         tiny_cfg, dataset_root, "method=hollowed", "method.fraction=0.5", "method.cache=host"
     )
+    assert method.cfg.lora_scope == "all"
+    method.precompute(images, 0, 1)
+    layers, plan = method.layers, method.plan
+    blocks = {name.split(".attentions.")[0] for name in method.params}
+    assert any(b.startswith("down_blocks.") for b in blocks) and any(
+        b.startswith("up_blocks.") for b in blocks
+    )
+    attentions = [m for m in method.c.unet.modules() if hasattr(m, "to_q")]  # the kept ones
+    assert plan.n_removed and attentions and all(hasattr(m.to_q, "lora_A") for m in attentions)
+    exact = downstream_lora_targets(layers, plan)  # what lora_scope=exact targets
+    assert any(not re.search(exact, name) for name in method.params)
+
+
+def test_exact_scope_puts_lora_only_downstream_of_the_cut(tiny_cfg, dataset_root):
+    _, method, _, images = make_method(
+        tiny_cfg, dataset_root, "method=hollowed", "method.fraction=0.5", "method.cache=host",
+        "method.lora_scope=exact",
+    )  # fmt: skip
     method.precompute(images, 0, 1)
     layers, plan = method.layers, method.plan
     kept_up = [layers.up[k] for k in range(layers.K + 1) if k not in plan.removed_up]

@@ -211,3 +211,19 @@ def test_zo_normalize_divides_the_zo_high_step_by_the_official_factor(tiny_cfg, 
     ratio = float(steps[False] @ steps[True] / (steps[True] @ steps[True]))
     # fp32 parameters (values ~1e-2) minus the step's start: rounding ~1e-5 of a step of ~1e-2
     assert ratio == pytest.approx(((d + n - 1) / n) ** 0.5, rel=1e-3), (ratio, d)
+
+
+def test_long_run_trajectories_do_not_depend_on_the_read_outs_or_each_other(tiny_cfg):
+    """benchmark.devtools.calibrate_selective --long advances the trajectories in lockstep, each
+    restored from its own checkpoint (LoRA, AdamW, ZO-Adam moments): a trajectory's loss at step 4
+    is the same read every 2 or every 4 steps, alone or beside other candidates (bit-identical:
+    the same ops on the same state), and the candidates differ (the zo_lr reaches the update)."""
+    from benchmark.devtools.calibrate_selective import long_run
+
+    cfg = tiny_cfg("method=selective")
+    alone = long_run(cfg, 2, 4, 4, 4, [("adam", 1e-2, True)], bp_low=False)
+    both = long_run(cfg, 2, 4, 2, 4, [("adam", 1e-3, True), ("adam", 1e-2, True)], bp_low=True)
+    assert [r["lr"] for r in both] == [1e-4, 1e-3, 1e-2] and len(both[2]["curve"]) == 3
+    assert both[2]["curve"][-1] == alone[0]["curve"][-1]
+    assert both[0]["curve"][0] == both[1]["curve"][0] == alone[0]["curve"][0]  # one start
+    assert len({r["curve"][-1] for r in both}) == 3
