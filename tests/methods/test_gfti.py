@@ -97,7 +97,7 @@ def test_randomized_pca_is_seeded_orthonormal_and_not_the_exact_subspace():
 def test_randomized_pca_is_sklearns_randomized_pca():
     """feizc's PCA(n_components=256) ran sklearn's randomized SVD; the oracle is sklearn's
     PCA(svd_solver="randomized") with the same random_state (sklearn: a test-time extra)."""
-    decomposition = pytest.importorskip("sklearn.decomposition")
+    from sklearn import decomposition
     rows = slow_spectrum_rows()
     ours = randomized_principal_directions(rows, 16, seed=3)
     pca = decomposition.PCA(16, svd_solver="randomized", random_state=3).fit(rows.float().numpy())
