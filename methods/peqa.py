@@ -34,6 +34,8 @@ class ScaleTuningConfig(UNetFinetuneConfig):
         require(
             self.quant_range in QUANT_RANGES,
             f"method.quant_range={self.quant_range!r}; choose one of: {', '.join(QUANT_RANGES)}",
+        )
+        require(
             self.layer_impl in LAYER_IMPLS,
             f"method.layer_impl={self.layer_impl!r}; choose one of: {', '.join(LAYER_IMPLS)}",
         )
