@@ -115,18 +115,23 @@ def use_zo_update(method: Selective, optimizer: str, lr: float, normalize: bool)
     method.zo_adam = ZOAdam(params, lr, eps=method.cfg.zo_adam_eps) if optimizer == "adam" else None
 
 
-def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candidates) -> list[dict]:
-    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, descent per step: mean, sd, ratio to BP-low)."""
+def adapted_start(cfg, adapt: int, n_heldout: int):
+    """(method config, the subject's images, seed, the method after ``adapt`` BP-low steps, its
+    checkpoint there, the held-out draws): where every compared trajectory starts."""
     base_cfg = method_config(cfg)
     subject = data.get_subject(cfg.subject, cfg.data)
     root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     images = data.load_images(data.subject_image_paths(root, subject), base_cfg.resolution)
     seed = int(cfg.seed)
-
     method = build(cfg, base_cfg, subject)
-    run_steps(method, images, "always_bp_low", 0, adapt, seed)  # the BP-low-adapted start
-    start = copy.deepcopy(method.checkpoint())
-    heldout = heldout_set(method, images, n_heldout, seed)
+    run_steps(method, images, "always_bp_low", 0, adapt, seed)
+    start = method.checkpoint()  # a CPU snapshot (cpu_copy): later steps do not change it
+    return base_cfg, images, seed, method, start, heldout_set(method, images, n_heldout, seed)
+
+
+def calibrate(cfg, adapt: int, steps: int, repeats: int, n_heldout: int, candidates) -> list[dict]:
+    """Rows (kind, zo_optimizer, zo_lr, zo_normalize, descent per step: mean, sd, ratio to BP-low)."""
+    base_cfg, images, seed, method, start, heldout = adapted_start(cfg, adapt, n_heldout)
     first_steps = [adapt + r * steps for r in range(repeats)]
 
     rows = []
@@ -158,16 +163,7 @@ def long_run(cfg, adapt: int, steps: int, every: int, n_heldout: int, candidates
     checkpoint), so that all have run equally far whenever the run is stopped; every read-out is
     printed to stderr as it comes."""
     require(every >= 1 and steps >= every, f"--long {steps} --every {every}: need 1 <= every <= long")
-    base_cfg = method_config(cfg)
-    subject = data.get_subject(cfg.subject, cfg.data)
-    root = data.resolve_dataset_root(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
-    images = data.load_images(data.subject_image_paths(root, subject), base_cfg.resolution)
-    seed = int(cfg.seed)
-
-    method = build(cfg, base_cfg, subject)
-    run_steps(method, images, "always_bp_low", 0, adapt, seed)
-    start = method.checkpoint()
-    heldout = heldout_set(method, images, n_heldout, seed)
+    base_cfg, images, seed, method, start, heldout = adapted_start(cfg, adapt, n_heldout)
     start_loss = heldout_loss(method, heldout)
     rows = [{"kind": "bp_low", "optimizer": "adamw", "lr": base_cfg.lr, "normalize": "-"}] if bp_low else []
     rows += [{"kind": "zo_high", "optimizer": o, "lr": lr, "normalize": n} for o, lr, n in candidates]
