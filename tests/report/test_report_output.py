@@ -332,10 +332,10 @@ def test_the_report_says_what_failed_and_why_a_run_is_missing_and_drops_stale_fi
     record(failed, status="failed", error="RuntimeError: boom")
     record(torn, status="ok", clip_i=0.7)
     (torn.run_dir / "record.json").write_text('{"method": "zo')  # half-written
-    nearby = missing.run_dir.parent / "seed1-0000000000-abcdef12"  # the same run at another lr
+    nearby = missing.run_dir.parent / "seed1-0000000000-abcdef12"  # the same run, more steps
     nearby.mkdir(parents=True)
     config = dict(missing.config)
-    config["method.lr"] = config["method.lr"] * 10
+    config["method.steps"] = config["method.steps"] * 10
     _write_flat_config(nearby / "config.yaml", config)
     out_dir = report_dir(tmp_path, "table1", args)
     out_dir.mkdir(parents=True)
@@ -347,7 +347,7 @@ def test_the_report_says_what_failed_and_why_a_run_is_missing_and_drops_stale_fi
     rest = "\n".join(shown[summary:])
     assert f"failed: {failed.run_dir}: RuntimeError: boom" in rest
     assert f"corrupt: {torn.run_dir}" in rest and f"missing: {missing.run_dir}" in rest
-    assert f"{nearby.name}, differs in method.lr=" in rest
+    assert f"{nearby.name}, differs in method.steps=" in rest
     assert not (out_dir / "gallery.html").exists() and not (out_dir / "gallery_thumbs").exists()
     assert (out_dir / "table.md").exists()
 
