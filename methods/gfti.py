@@ -105,6 +105,21 @@ def principal_directions(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     return vectors.flip(-1)[:, :k].T.contiguous()
 
 
+def permuted_lower(m: torch.Tensor) -> torch.Tensor:
+    """P L of m = P L U (scipy's ``lu(m, permute_l=True)``), n x min(n, k), without the n x n
+    permutation matrix ``torch.linalg.lu`` builds (49408^2 floats for CLIP's vocabulary)."""
+    n, k = m.shape
+    r = min(n, k)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(m)  # a rank-deficient m is fine (U singular)
+    lower = torch.tril(lu[:, :r], diagonal=-1) + torch.eye(n, r, dtype=m.dtype, device=m.device)
+    rows = list(range(n))
+    for i, pivot in enumerate(pivots.tolist()):  # LAPACK's row swaps, 1-based, in order
+        rows[i], rows[pivot - 1] = rows[pivot - 1], rows[i]
+    out = torch.empty_like(lower)
+    out[torch.tensor(rows, device=m.device)] = lower
+    return out
+
+
 def randomized_principal_directions(embeddings: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Top-k principal directions (k x d, unit rows) as sklearn's ``PCA(k, svd_solver="randomized",
     random_state=seed)`` finds them (``randomized_svd``, Halko et al.): in fp32, 10 oversamples,
@@ -117,8 +132,7 @@ def randomized_principal_directions(embeddings: torch.Tensor, k: int, seed: int)
     q = torch.from_numpy(sketch).to(x.device)
     for _ in range(n_iter):
         for a in (x, x.T):
-            p, lower, _ = torch.linalg.lu(a @ q)  # scipy's lu(permute_l=True): P L
-            q = p @ lower
+            q = permuted_lower(a @ q)
     q, _ = torch.linalg.qr(x @ q)
     u_hat, _, vt = torch.linalg.svd(q.T @ x, full_matrices=False)
     u = q @ u_hat

@@ -18,7 +18,7 @@ from benchmark.run import run
 from benchmark.train import step_generator
 from methods.common import gfti_init
 from methods.common.base import ConfigError
-from methods.gfti import GradientFreeTI, principal_directions, randomized_principal_directions
+from methods.gfti import GradientFreeTI, permuted_lower, principal_directions, randomized_principal_directions
 
 
 @pytest.fixture
@@ -94,10 +94,30 @@ def test_randomized_pca_is_seeded_orthonormal_and_not_the_exact_subspace():
     assert top.min() > 1 - 1e-6  # a clear gap after 3 axes: the exact top 3
 
 
+@pytest.mark.parametrize("shape", [(50, 8), (8, 8), (8, 12)], ids=["tall", "square", "wide"])
+def test_permuted_lower_is_the_p_l_of_an_lu_factorization(shape):
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    m[:, -1] = m[:, 0]  # rank-deficient, as the power iteration's wide products are
+    p, lower, _ = torch.linalg.lu(m)
+    assert torch.equal(permuted_lower(m), p @ lower)
+
+
+def test_randomized_pca_of_clips_vocabulary_needs_no_vocabulary_squared_matrix():
+    """49408 x 768 (SD1.5's token table): a P of the LU in the power iteration would be 49408^2
+    floats (9.8 GB); the sketches are 49408 x 266."""
+    from benchmark.memory.tracker import tracking
+
+    with tracking(fake=True) as tracker:
+        tracker.reset_peaks()
+        randomized_principal_directions(torch.empty(49408, 768), 256, seed=0)
+    assert max(peak.bytes for peak in tracker.peaks.values()) < 2e9  # the table and its copies: 0.6 GB
+
+
 def test_randomized_pca_is_sklearns_randomized_pca():
     """feizc's PCA(n_components=256) ran sklearn's randomized SVD; the oracle is sklearn's
     PCA(svd_solver="randomized") with the same random_state (sklearn: a test-time extra)."""
     from sklearn import decomposition
+
     rows = slow_spectrum_rows()
     ours = randomized_principal_directions(rows, 16, seed=3)
     pca = decomposition.PCA(16, svd_solver="randomized", random_state=3).fit(rows.float().numpy())
