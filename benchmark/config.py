@@ -128,6 +128,19 @@ def resolve_device(name: str):
     return device
 
 
+def make_method(cfg: DictConfig, method_cfg: MethodConfig | None = None):
+    """The run's method: its typed config (``method_config(cfg)`` unless given) and the memory
+    savers of ``cfg.train`` (methods.common.savers), refused in one line where they do not apply."""
+    from methods.common.savers import Savers, check_savers
+
+    method_cfg = method_config(cfg) if method_cfg is None else method_cfg
+    train = cfg.get("train") or {}
+    savers = Savers(**{f.name: train[f.name] for f in dataclasses.fields(Savers) if f.name in train})
+    cls = method_class(method_cfg.name)
+    check_savers(cls, method_cfg, savers)
+    return cls(method_cfg, savers)
+
+
 def training_dtype(method_cfg: MethodConfig):
     """The dtype the model is loaded in for training: the method's ``load_precision`` where it
     has one (ZOODiP's official protocol casts the networks itself), else its ``precision``."""
@@ -250,9 +263,19 @@ def plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 # data.* keys in the run key only where they differ from these defaults: the runs on DreamBooth's
 # subjects keep the keys they had before there were other datasets and subjects of your own
 DATA_KEY_DEFAULTS = {"data.dataset": DREAMBOOTH, "data.class_noun": None, "data.subject_type": None}
-# method.* keys in the run key only where they differ from these: options that change how a
-# result is computed, not the result (PEQA/TuneQDM's layer_impl: the same loss and gradients)
-METHOD_KEY_DEFAULTS = {"method.layer_impl": "recompute"}
+# method.* and train.* keys in the run key only where they differ from these: options that change
+# how a result is computed, not the result (PEQA/TuneQDM's layer_impl: the same loss and gradients),
+# and the memory savers at the papers' settings (methods.common.savers), so that a run keeps its key
+# whichever of these keys its config spells out; a saver turned on is in the key
+SETTING_KEY_DEFAULTS = {
+    "method.layer_impl": "recompute",
+    "method.optimizer": "adamw",
+    "method.train_text_encoder": False,
+    "train.mixed_precision": "no",
+    "train.gradient_checkpointing": False,
+    "train.set_grads_to_none": True,
+    "train.foreach": None,
+}
 
 
 def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
@@ -266,7 +289,7 @@ def config_digest(cfg: DictConfig | dict[str, Any]) -> str:
         for k, v in values.items()
         if not not_in_run_key(k)
         and not (k in DATA_KEY_DEFAULTS and v == DATA_KEY_DEFAULTS[k])
-        and not (k in METHOD_KEY_DEFAULTS and v == METHOD_KEY_DEFAULTS[k])
+        and not (k in SETTING_KEY_DEFAULTS and v == SETTING_KEY_DEFAULTS[k])
     }
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

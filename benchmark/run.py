@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from benchmark.config import (
     earlier_run_dir,
     flat,
     images_fingerprint,
+    make_method,
     plain,
     real_run_dir,
     resolve_device,
@@ -47,6 +49,7 @@ from methods.common.atomic import (
 )
 from methods.common.base import ConfigError
 from methods.common.registry import method_class
+from methods.common.savers import Savers
 
 log = logging.getLogger(__name__)
 # Problems the user must fix (bad config, missing weights or data): raised, never recorded.
@@ -166,7 +169,16 @@ def record_base(cfg: DictConfig, run_dir: Path, subject: str, device: str) -> di
         "model": cfg.model.name, "eval": cfg.eval.name, "device": device, **image_set_fields(cfg),
         "allow_tf32": bool(OmegaConf.select(cfg, "train.allow_tf32", default=False)),
         **flat(OmegaConf.to_container(cfg.method, resolve=True), "method."),
+        **saver_fields(cfg),
     }  # fmt: skip
+
+
+def saver_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The memory savers the run trained with (methods.common.savers), as train.<saver>."""
+    savers = Savers(
+        **{f.name: OmegaConf.select(cfg, f"train.{f.name}", default=f.default) for f in fields(Savers)}
+    )
+    return {f"train.{f.name}": getattr(savers, f.name) for f in fields(Savers)}
 
 
 def set_tf32(allow: bool) -> None:
@@ -261,10 +273,9 @@ def execute(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monito
 
 def train_and_save(cfg, method_cfg, subject, image_paths, device, run_dir: Path, monitor) -> dict[str, Any]:
     """Train (resuming from a checkpoint), save the artifact, then the training's record fields."""
-    cls = method_class(cfg.method.name)
     images = data.load_images(image_paths, method_cfg.resolution)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
-    method = cls(method_cfg)
+    method = make_method(cfg, method_cfg)
     method.setup(components, subject)
     steps = min(method_cfg.steps, cfg.train.max_steps or method_cfg.steps)
     step_cap = cfg.train.max_steps if steps < method_cfg.steps else None

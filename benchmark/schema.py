@@ -28,6 +28,8 @@ from benchmark.metrics import MetricModelsUnavailable
 from benchmark.models.families import FAMILIES
 from methods.common.base import ConfigError, MethodConfig, require
 from methods.common.errors import ConfigErrors, every_problem, problem_messages
+from methods.common.registry import method_class
+from methods.common.savers import Savers, check_savers
 
 MODES = ("personalize", "real", "recovery")  # recovery: experiment=recovery (benchmark/recovery/teacher.py)
 MODEL_KINDS = ("hub", "tiny", "arch")
@@ -71,8 +73,14 @@ class TrainSchema:
     step_delay_s: float = 0.0
     profile_steps: int = 1
     allow_tf32: bool = False
+    # the memory savers of the diffusers examples (methods.common.savers)
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    set_grads_to_none: bool = True
+    foreach: bool | None = None
 
     def __post_init__(self) -> None:
+        self.savers()  # checks mixed_precision
         require(
             _is_null_or_at_least_1(self.max_steps),
             f"train.max_steps={self.max_steps} must be >= 1, or null for the method's own step count",
@@ -84,6 +92,9 @@ class TrainSchema:
         require(self.log_every >= 0, f"train.log_every={self.log_every} must be >= 0 (0: never)")
         require(self.step_delay_s >= 0, f"train.step_delay_s={self.step_delay_s} must be >= 0 (seconds)")
         require(self.profile_steps >= 0, f"train.profile_steps={self.profile_steps} must be >= 0 (0: off)")
+
+    def savers(self) -> Savers:
+        return Savers(self.mixed_precision, self.gradient_checkpointing, self.set_grads_to_none, self.foreach)
 
 
 @dataclass
@@ -411,6 +422,9 @@ class Checker:
         top = {f.name: getattr(scalars, f.name) for f in fields(RunScalars)}
         run_cfg = dataclasses.replace(sections, **top)
         device = self.attempt(run_device, run_cfg) if self.check_device else None
+        if method_cfg is not None:
+            cls = method_class(method_cfg.name)
+            self.attempt(check_savers, cls, method_cfg, run_cfg.train.savers(), device)
         self.attempt(check_results_writable, run_cfg.paths.results)
         if subject is None:
             return None

@@ -23,6 +23,7 @@ from PIL import Image
 
 from methods.common.atomic import atomic_path, write_text_atomic
 from methods.common.base import require
+from methods.common.conditioning import encode_text
 from methods.common.unet_finetune import UNetFinetune, UNetFinetuneConfig
 
 
@@ -35,6 +36,7 @@ class DreamBoothConfig(UNetFinetuneConfig):
     class_images_dir: str | None = None
     class_inference_steps: int = 50
     class_guidance_scale: float = 7.5
+    train_text_encoder: bool = False  # diffusers' --train_text_encoder: the text encoder(s) train too
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,7 +136,30 @@ class DreamBooth(UNetFinetune):
             self.class_pixels = class_images(components, subject.class_noun, self.cfg)
             self.class_prompt = self.cfg.class_prompt.format(subject.class_noun)
         components.unet.requires_grad_(True)
-        return dict(components.unet.named_parameters())
+        params = dict(components.unet.named_parameters())
+        if self.cfg.train_text_encoder:
+            for prefix, encoder in self.text_encoders().items():
+                encoder.requires_grad_(True)
+                encoder.train()  # as the example (CLIP has no dropout: the same numbers)
+                params.update({f"{prefix}.{k}": p for k, p in encoder.named_parameters()})
+        return params
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by their artifact prefix (diffusers' folder names)."""
+        names = ("text_encoder", "text_encoder_2")
+        return dict(zip(names, self.c.text_encoders))
+
+    def half_modules(self):
+        trained = self.c.text_encoders if self.cfg.train_text_encoder else []
+        return [m for m in super().half_modules() if all(m is not t for t in trained)]
+
+    def checkpointed_modules(self):
+        return [self.c.unet, *(self.c.text_encoders if self.cfg.train_text_encoder else [])]
+
+    def encode_prompts_for_training(self, prompts):
+        if not self.cfg.train_text_encoder:
+            return super().encode_prompts_for_training(prompts)
+        return encode_text(self.c, prompts)
 
     def training_batch(self, batch, generator):
         pixels, prompts = super().training_batch(batch, generator)
@@ -154,8 +179,25 @@ class DreamBooth(UNetFinetune):
         return F.mse_loss(pred_instance, target_instance) + self.cfg.prior_loss_weight * prior
 
     def state_dict(self):
-        # the whole fine-tuned U-Net: what a DreamBooth user stores
-        return {k: v.detach() for k, v in self.c.unet.state_dict().items()}
+        # the whole fine-tuned U-Net (and text encoders where they trained): what a user stores
+        state = {k: v.detach() for k, v in self.c.unet.state_dict().items()}
+        if self.cfg.train_text_encoder:
+            for prefix, encoder in self.text_encoders().items():
+                state.update({f"{prefix}.{k}": v.detach() for k, v in encoder.state_dict().items()})
+        return state
 
     def apply(self, pipeline, artifact) -> None:
-        pipeline.unet.load_state_dict(dict(artifact), strict=True)  # copy_ casts to the pipeline's dtype
+        encoders = {
+            "text_encoder": pipeline.text_encoder,
+            "text_encoder_2": getattr(pipeline, "text_encoder_2", None),
+        }
+        parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}}
+        for key, value in artifact.items():
+            prefix, _, rest = key.partition(".")
+            if prefix in encoders and encoders[prefix] is not None:
+                parts.setdefault(prefix, {})[rest] = value
+            else:
+                parts["unet"][key] = value
+        pipeline.unet.load_state_dict(parts.pop("unet"), strict=True)  # copy_ casts to the pipeline's dtype
+        for prefix, state in parts.items():
+            encoders[prefix].load_state_dict(state, strict=True)

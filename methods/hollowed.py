@@ -194,7 +194,10 @@ class HollowedNet(LoRA):
                 f"(flipped {batch['flipped'].tolist()}): precompute no longer replays the loop's draws"
             )
         text = self.text.expand(entry["z_t"].shape[0])
-        pred = hollowed_forward(c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry)
+        with self.autocast():
+            pred = hollowed_forward(
+                c.unet, self.layers, self.plan, entry["z_t"], entry["timesteps"], text, entry
+            )
         return {"loss": self.backprop_step(self.loss(pred, entry["target"]))}
 
     def record_extras(self):

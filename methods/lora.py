@@ -47,11 +47,7 @@ class LoRA(UNetFinetune):
 
     def backprop_step(self, loss: torch.Tensor) -> torch.Tensor:
         """The optimisation half of UNetFinetune.step, for subclasses with their own forward."""
-        loss.backward()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # nothing of this step outlives it
+        self.optimize(loss, list(self.params.values()), self.cfg.max_grad_norm)
         return loss.detach()
 
     def state_dict(self):

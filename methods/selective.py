@@ -151,7 +151,9 @@ class Selective(LoRA):
             cond = encode_text(c, [self.instance_prompt] * latents.shape[0])
 
         def loss_fn() -> torch.Tensor:
-            return self.loss(unet_prediction(c.unet, z_t, t, cond), target)
+            with self.autocast():
+                pred = unet_prediction(c.unet, z_t, t, cond)
+            return self.loss(pred, target)
 
         if bp_low:
             loss = self.backprop_step(loss_fn())

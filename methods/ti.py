@@ -22,18 +22,22 @@ import torch
 from methods.common.base import cpu_copy, require
 from methods.common.conditioning import encode_prompts
 from methods.common.diffusion import denoising_loss
+from methods.common.savers import Backprop, check_optimizer
 from methods.common.token_method import TokenConfig, TokenMethod
 
 
 @dataclasses.dataclass
 class TIConfig(TokenConfig):
+    optimizer: str = "adamw"  # adamw | adamw8bit (methods.common.savers)
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer(self.optimizer)
         # The paper's TI baseline is FP32; AdamW on fp16 embedding rows diverges.
         require(self.precision == "fp32", f"method.precision={self.precision!r}; TI trains in fp32 only")
 
 
-class TextualInversion(TokenMethod):
+class TextualInversion(Backprop, TokenMethod):
     name = "ti"
     display_name = "TI"
     color = "#56B4E9"
@@ -52,7 +56,15 @@ class TextualInversion(TokenMethod):
             keep[token_id] = False
             self.keep_rows.append(keep)
         # diffusers example: AdamW(betas 0.9/0.999, weight_decay 1e-2, eps 1e-8)
-        self.optimizer = torch.optim.AdamW(self.tables, lr=self.cfg.lr, weight_decay=1e-2, eps=1e-8)
+        self.optimizer = self.make_optimizer(self.tables, lr=self.cfg.lr, weight_decay=1e-2, eps=1e-8)
+        self.use_savers(components.device)
+
+    def half_modules(self):
+        # the diffusers example casts the U-Net and the VAE; the text encoder trains: fp32
+        return [self.c.vae, self.c.unet]
+
+    def checkpointed_modules(self):
+        return [self.c.unet, *self.c.text_encoders]  # the example checkpoints both
 
     def trainable_parameters(self):
         names = ["token_embedding", "token_embedding_2"]
@@ -61,16 +73,17 @@ class TextualInversion(TokenMethod):
     def step(self, batch, step):
         c = self.c
         z_t, t, target, ids = self.denoising_inputs(batch)
-        loss = denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = denoising_loss(c.unet, z_t, t, encode_prompts(c, ids), target)
+        self.optimize(loss, self.tables)
         with torch.no_grad():  # only the new token's row may change
             for table, original, keep in zip(self.tables, self.original_tables, self.keep_rows):
                 table[keep] = original[keep]
         return {"loss": loss.detach()}
 
     def checkpoint(self):
+        if self.cfg.optimizer == "adamw8bit":  # block-wise 8-bit moments: no row of their own
+            return super().checkpoint()
         optimizer = self.optimizer.state_dict()
         token_rows, moments = [], {}
         for k, (table, row) in enumerate(zip(self.tables, self.rows.token_ids)):
@@ -78,7 +91,8 @@ class TextualInversion(TokenMethod):
             state = optimizer["state"].get(k, {})  # exp_avg, exp_avg_sq: the token's row; step as is
             moments[k] = {n: v[row] if v.shape == table.shape else v for n, v in state.items()}
         optimizer["state"] = moments
-        return cpu_copy({"token_rows": token_rows, "optimizer": optimizer})
+        scaler = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        return cpu_copy({"token_rows": token_rows, "optimizer": optimizer, **scaler})
 
     def restore(self, state) -> None:
         if "trainable" in state:  # a checkpoint of the full matrices, written by earlier versions
@@ -91,6 +105,8 @@ class TextualInversion(TokenMethod):
                 table[row] = state["token_rows"][k].to(table.device)
             optimizer["state"][k] = {n: _full_size(v, table, row) for n, v in moments[k].items()}
         self.optimizer.load_state_dict(optimizer)
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def state_dict(self):
         # the diffusers example's learned_embeds.safetensors: {token: (1, dim)}; SDXL: clip_l/clip_g

@@ -109,15 +109,15 @@ def run_sweep_in_process(arguments: list[str]) -> list[dict]:
 
 
 def set_up_method(cfg, images, steps: int = 3):
-    """The method of ``cfg`` built and set up on its model for dog6, precomputed over ``images``
-    for ``steps`` steps: a method ready for its first step, as the harness leaves it."""
+    """The method of ``cfg`` (its train.* savers on) built and set up on its model for dog6,
+    precomputed over ``images`` for ``steps`` steps: ready for its first step, as the harness
+    leaves it."""
     from benchmark import data, models
-    from benchmark.config import method_config, training_dtype
-    from methods.common.registry import method_class
+    from benchmark.config import make_method, method_config, training_dtype
 
     method_cfg = method_config(cfg)
     components = models.load_components(cfg.model, dtype=training_dtype(method_cfg))
-    method = method_class(method_cfg.name)(method_cfg)
+    method = make_method(cfg, method_cfg)
     method.setup(components, data.get_subject("dog6"))
     method.precompute(images, 0, steps)
     return method

@@ -20,9 +20,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from benchmark import data, models
-from benchmark.config import method_config, training_dtype
+from benchmark.config import make_method, method_config, training_dtype
 from benchmark.train import step_generator
-from methods.common.registry import method_class
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -33,7 +32,7 @@ def prepared(overrides: list[str], device: torch.device, steps: int, num_images:
         cfg = compose(config_name="config", overrides=overrides)
     method_cfg = method_config(cfg)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
-    method = method_class(method_cfg.name)(method_cfg)
+    method = make_method(cfg, method_cfg)
     method.setup(components, data.get_subject("dog6"))
     size = method_cfg.resolution
     images = torch.rand(num_images, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -12,6 +12,7 @@ allocator and NVML peaks (None on a CPU). `nox -s memory` and `nox -s memory_gpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from benchmark.memory.estimate import Estimate, estimate
 from benchmark.memory.profiling import CATEGORIES
 from benchmark.memory.tracker import PHASES
 from methods.common.atomic import write_text_atomic
+from methods.common.savers import Savers
 
 log = logging.getLogger(__name__)
 GB = 10**9  # as the papers and results/paper/ (nvidia-smi's MiB are not converted)
@@ -155,10 +157,9 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
     """Train ``steps`` steps for real on ``cfg.device`` (random weights; the train loop itself)
     and return the allocator and NVML peaks, keyed as in the run records (None on a CPU)."""
     from benchmark import data, models
-    from benchmark.config import method_config, resolve_device, training_dtype
+    from benchmark.config import make_method, method_config, resolve_device, training_dtype
     from benchmark.memory.profiling import TrainingMonitor
     from benchmark.train import Diverged, train
-    from methods.common.registry import method_class
 
     device = resolve_device(cfg.device)
     method_cfg = method_config(cfg)
@@ -167,7 +168,7 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     monitor = TrainingMonitor(device, profile_steps=0)
     components = models.load_components(cfg.model, device=device, dtype=training_dtype(method_cfg))
-    method = method_class(method_cfg.name)(method_cfg)
+    method = make_method(cfg, method_cfg)
     method.setup(components, data.get_subject(cfg.subject, cfg.data))
     size = method_cfg.resolution
     images = torch.rand(num_images, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -189,15 +190,17 @@ def measure(cfg: DictConfig, steps: int, num_images: int) -> dict[str, Any]:
 
 
 def method_overrides() -> str:
-    """The command line's ``method.*`` overrides (e.g. method.schedule=always_zo_high): a
-    variant of the method's paper configuration gets its own row."""
+    """The command line's ``method.*`` overrides (e.g. method.schedule=always_zo_high) and memory
+    savers (``train.mixed_precision=fp16``, ...): a variant of the method's paper configuration
+    gets its own row."""
     try:
         overrides = HydraConfig.get().overrides.task
     except ValueError:  # composed outside a Hydra app (tests)
         return ""
     # a sweep's overrides come back as Hydra parsed them (True/False): as the command line has them
     overrides = [re.sub(r"=(True|False)$", lambda m: "=" + m[1].lower(), o) for o in overrides]
-    return " ".join(sorted(o for o in overrides if o.startswith("method.")))
+    savers = tuple(f"train.{f.name}=" for f in dataclasses.fields(Savers))
+    return " ".join(sorted(o for o in overrides if o.startswith(("method.", *savers))))
 
 
 def report(cfg: DictConfig) -> bool:

@@ -62,6 +62,28 @@ from benchmark.memory.tracker import (
 log = logging.getLogger(__name__)
 
 
+class _GlobalOnly:
+    """A module tracker that attributes every FLOP to the total only."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+class TotalFlopCounter(FlopCounterMode):
+    """PyTorch's FLOP counter without its per-module attribution, whose backward hooks keep the
+    tensors that gradient checkpointing recomputes alive until the step ends (a peak that is
+    not the training's). Only the total is read here."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _GlobalOnly()
+
+
 @dataclasses.dataclass
 class Estimate:
     method: str
@@ -123,10 +145,9 @@ def estimate(
     ``context_bytes``: the CUDA context and workspaces, added to the modelled reserved peak for
     ``predicted_device_bytes`` (benchmark/memory/device.py)."""
     from benchmark import data, models
-    from benchmark.config import method_config, training_dtype
+    from benchmark.config import make_method, method_config, training_dtype
     from benchmark.train import step_generator
     from methods.common.base import ConfigError
-    from methods.common.registry import method_class
     from methods.common.sampling import training_batch
 
     method_cfg = method_config(cfg)
@@ -144,7 +165,7 @@ def estimate(
     with tracking(fake, fast_quantizers, watch_deaths) as tracker:
         tracker.checking_peaks = False  # loading: only what is live after it counts (reset_peaks)
         components = models.load_components(cfg.model, "cpu", dtype)
-        method = method_class(method_cfg.name)(method_cfg)
+        method = make_method(cfg, method_cfg)
         method.setup(components, subject)
         size, bsz = method_cfg.resolution, method_cfg.batch_size
         images = torch.zeros(num_images, 3, size, size)  # the subject's images, on the device as in train()
@@ -160,7 +181,7 @@ def estimate(
             tracker.events = []
         replay = PassReplay(tracker)
         replayed = [components.unet, *components.text_encoders] if fake and replay_calls else []
-        replay.flop_counter = flop_counter = FlopCounterMode(display=False)
+        replay.flop_counter = flop_counter = TotalFlopCounter()
         with tagging_hooks(tracker, params, method), replay.wrapping(replayed), flop_counter:
             for step in range(steps):
                 tracker.start_step()

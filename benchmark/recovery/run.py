@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 from benchmark import data, models
-from benchmark.config import config_error, training_dtype
+from benchmark.config import config_error, make_method, training_dtype
 from benchmark.recovery.fit import (
     TEACHER_TOKEN_KEY,
     JointTeacher,
@@ -108,7 +108,7 @@ def prepare(cfg, rc, method_cfg, subject, image_paths, device, run_dir: Path | N
     images; the method set up on that base. With a run directory, the teacher and images are
     stored there and read back on a rerun."""
     cls = method_class(cfg.method.name)
-    method = cls(method_cfg)
+    method = make_method(cfg, method_cfg)
     kind = teacher_kind(method)
     rc = rc.for_teacher(kind)
     prompt = rc.prompt.format(method.subject_phrase(subject))

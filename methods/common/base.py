@@ -3,7 +3,7 @@
 A method is a small class registered by name (``methods.common.registry``) with a typed config
 dataclass. The harness calls, in order::
 
-    method = Method(cfg)                    # cfg: the method's Config, validated
+    method = Method(cfg, savers)            # cfg: the method's Config, validated; savers: train.*
     method.setup(components, subject)       # freeze, quantize, add token, wrap LoRA, ...
     method.precompute(images, seed, steps)  # optional: all training images (Hollowed Net's stage 1)
     for step in range(steps):
@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from methods.common.atomic import atomic_path
 from methods.common.errors import ConfigError, require
 from methods.common.registry import register
+from methods.common.savers import Savers
 
 __all__ = ["ConfigError", "Method", "MethodConfig", "require"]
 
@@ -142,9 +143,11 @@ class Method(abc.ABC):
             return f"INT{int(bits)}"
         return ""
 
-    def __init__(self, cfg: MethodConfig):
+    def __init__(self, cfg: MethodConfig, savers: Savers | None = None):
         self.cfg = cfg
+        self.savers = savers or Savers()  # train.*: the memory savers (methods.common.savers)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None  # mixed_precision=fp16's loss scale
 
     # -- the contract ------------------------------------------------------------------
     @abc.abstractmethod
@@ -198,6 +201,8 @@ class Method(abc.ABC):
         state: dict[str, Any] = {"trainable": self.trainable_parameters()}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()  # references to the live state
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return cpu_copy(state)
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -207,6 +212,8 @@ class Method(abc.ABC):
                 params[k].copy_(v)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def record_extras(self) -> dict[str, Any]:
         """Method-specific record fields (e.g. step-kind counts, forward passes per step)."""

@@ -186,16 +186,25 @@ def _attend(block, j: int, h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return block.attentions[j](h, encoder_hidden_states=text, return_dict=False)[0]
 
 
+def _resnet(block, j: int, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The block's j-th resnet, checkpointed as diffusers' block forward does when the U-Net's
+    gradient checkpointing is on (its attentions checkpoint their transformer blocks themselves)."""
+    resnet = block.resnets[j]
+    if torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False):
+        return block._gradient_checkpointing_func(resnet, h, emb)
+    return resnet(h, emb)
+
+
 def _down(unet, layer: DownLayer, h, emb, text):
     block = unet.down_blocks[layer.block]
     if layer.unit is None:
         return block.downsamplers[0](h)
-    return _attend(block, layer.unit, block.resnets[layer.unit](h, emb), text)
+    return _attend(block, layer.unit, _resnet(block, layer.unit, h, emb), text)
 
 
 def _up(unet, layer: UpLayer, h, skip, emb, text, upsample_size):
     block = unet.up_blocks[layer.block]
-    h = block.resnets[layer.unit](torch.cat([h, skip], dim=1), emb)
+    h = _resnet(block, layer.unit, torch.cat([h, skip], dim=1), emb)
     h = _attend(block, layer.unit, h, text)
     if layer.upsamples:
         h = block.upsamplers[0](h, upsample_size)

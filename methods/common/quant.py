@@ -101,6 +101,9 @@ class _QuantizedOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, layer):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # as autocast's own linear/conv: half input, saved so
+            x = x.to(torch.get_autocast_dtype(device))
         ctx.layer, ctx.x_shape = layer, x.shape
         ctx.save_for_backward(x if scale.requires_grad else None, scale)
         weight = layer._dequantize(scale, x.dtype)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from methods.common.base import Method, MethodConfig, require
 from methods.common.conditioning import encode_text, unet_prediction
 from methods.common.diffusion import encode_latents, noisy_latents
+from methods.common.savers import Backprop, check_optimizer
 from methods.common.timesteps import check_timestep_bounds, sample_timesteps
 
 
@@ -32,9 +33,11 @@ class UNetFinetuneConfig(MethodConfig):
     T_U: int = 900
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-2
+    optimizer: str = "adamw"  # adamw | adamw8bit (methods.common.savers)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer(self.optimizer)
         # The baselines train in fp32 (the diffusers example's default, no mixed precision).
         require(
             self.precision == "fp32", f"method.precision={self.precision!r}; this method trains in fp32 only"
@@ -52,7 +55,7 @@ class UNetFinetuneConfig(MethodConfig):
         require(self.weight_decay >= 0, f"method.weight_decay={self.weight_decay} must be >= 0")
 
 
-class UNetFinetune(Method):
+class UNetFinetune(Backprop, Method):
     Config = UNetFinetuneConfig
 
     def subject_phrase(self, subject) -> str:
@@ -66,13 +69,21 @@ class UNetFinetune(Method):
         self.c = components
         self.instance_prompt = self.cfg.instance_prompt.format(self.subject_phrase(subject))
         self.params = self.prepare(components, subject)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = self.make_optimizer(
             list(self.params.values()),
             lr=self.cfg.lr,
             betas=(0.9, 0.999),
             weight_decay=self.cfg.weight_decay,
             eps=1e-8,
         )
+        self.use_savers(components.device)
+
+    def half_modules(self):
+        c = self.c
+        return [c.vae, *c.text_encoders, c.unet]
+
+    def checkpointed_modules(self):
+        return [self.c.unet]
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return self.params
@@ -92,13 +103,13 @@ class UNetFinetune(Method):
         num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
         t = sample_timesteps(cfg.timesteps, latents.shape[0], g, num_train_timesteps, cfg.T_L, cfg.T_U)
         z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-        with torch.no_grad():  # the text encoder is frozen
-            cond = encode_text(c, prompts)
-        pred = unet_prediction(c.unet, z_t, t, cond)
+        with self.autocast():
+            cond = self.encode_prompts_for_training(prompts)
+            pred = unet_prediction(c.unet, z_t, t, cond)
         loss = self.loss(pred, target)
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimize(loss, list(self.params.values()), cfg.max_grad_norm)
         return {"loss": loss.detach()}
+
+    def encode_prompts_for_training(self, prompts: list[str]):
+        with torch.no_grad():  # the text encoder is frozen (DreamBooth may train it)
+            return encode_text(self.c, prompts)

@@ -16,11 +16,12 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from benchmark import data, models
-from benchmark.config import method_config, training_dtype
+from benchmark.config import make_method, method_config, training_dtype
 from benchmark.memory.tracker import tracking
 from benchmark.run import personalized_pipeline
 from benchmark.train import step_generator
 from methods.common.registry import method_class, method_names
+from methods.common.sampling import training_batch
 from tests.conftest import set_up_method
 
 CUDA = torch.device("cuda")
@@ -145,3 +146,36 @@ def test_the_fp16_evaluation_path_runs_with_real_values(name, tiny_cfg, dataset_
     generator = [torch.Generator().manual_seed(0)]
     out = pipeline(["a photo of a dog"], num_inference_steps=2, generator=generator, output_type="np").images
     assert np.isfinite(out).all() and out.std() > 0
+
+
+LEANEST = ("train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if not method_class(n).gradient_free])
+def test_the_leanest_savers_run_on_a_fake_gpu(name, tiny_cfg, dataset_root):
+    """CUDA's autocast, its gradient scaler and bitsandbytes' 8-bit AdamW on the GPU's tensors:
+    frozen weights fp16 and trained ones fp32 on the GPU, the 8-bit moments there too."""
+    cfg = tiny_cfg(f"method={name}", *LEANEST)
+    subject = data.get_subject("dog6")
+    with fake_gpu():
+        images = data.load_images(data.subject_image_paths(dataset_root, subject), 64).to(CUDA)
+        components = models.load_components(cfg.model, device=CUDA, dtype=torch.float32)
+        method = make_method(cfg)
+        method.setup(components, subject)
+        method.precompute(images, 0, 3)
+        trained = list(method.trainable_parameters().values())
+        assert {p.dtype for p in trained} == {torch.float32} and on_gpu(trained)
+        frozen = [t for m in method.half_modules() for t in m.parameters() if not t.requires_grad]
+        assert {t.dtype for t in frozen if t.is_floating_point()} == {torch.float16}
+        for s in range(2):
+            generator = step_generator(0, s)
+            batch = training_batch(images, method.cfg.data, 0, s, 1, generator)
+            with zero_gradients_on_backward(trained) as backward:
+                method.step(batch, s)
+            assert backward and on_gpu(backward)
+        assert method.scaler is not None
+        states = [v for state in method.optimizer.state.values() for v in state.values()]
+        tensors = [v for v in states if isinstance(v, torch.Tensor)]
+        assert tensors and on_gpu(tensors)
+        if any(p.numel() >= 4096 for p in trained):
+            assert any(t.dtype == torch.uint8 for t in tensors)

@@ -63,11 +63,12 @@ def weight_runs(tmp_path_factory, dataset_root):
     fits are shared: one for the LoRA-shaped teacher, one for the scales teacher)."""
     results = tmp_path_factory.mktemp("recovery_weights") / "results"
 
-    def make(arm: str):
+    def make(key: str):
+        arm, _, lean = key.partition("+")
         cfg = compose(
             ["experiment=recovery", f"+experiment/recovery={arm}", f"seed={SEED}",
              f"data.root={dataset_root}", f"paths.results={results}", "train.progress=false",
-             "train.profile_steps=0"]
+             "train.profile_steps=0", *(LEANEST if lean else ())]
         )  # fmt: skip
         return cfg, run(cfg)
 
@@ -85,6 +86,23 @@ def test_every_weight_arm_closes_a_real_part_of_the_gap(weight_runs, arm):
         assert record["recovery_apply_error"] < APPLY_ERROR  # the method's apply puts the teacher in
     if most_distance is not None:
         assert record["recovery_prediction_distance"] < most_distance
+
+
+# The leanest standard setting (methods/common/savers.py): fp16 autocast with the frozen weights
+# in fp16 and a loss scale, activations recomputed in backward, 8-bit AdamW moments.
+LEANEST = ("train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
+
+
+@pytest.mark.parametrize("arm", ["dreambooth", "peqa", "hollowed_f0"])
+def test_weight_arms_close_their_gap_with_the_leanest_savers(weight_runs, arm):
+    """Full fine-tuning, scale tuning and LoRA (Hollowed Net's stage 2) learn as in fp32: the
+    same bound, and within 0.2 of the fp32 run's fraction on the same seed."""
+    _, lean = weight_runs[f"{arm}+lean"]
+    _, full = weight_runs[arm]
+    assert lean["status"] == "ok", lean["error"]
+    assert lean["train.mixed_precision"] == "fp16" and lean["method.optimizer"] == "adamw8bit"
+    assert lean["recovery_gap_closed"] > SHARE * MARGINS[arm][0], lean["curve_gap_closed"]
+    assert abs(lean["recovery_gap_closed"] - full["recovery_gap_closed"]) < 0.2
 
 
 @pytest.mark.parametrize("better, worse", ORDERINGS)
