@@ -83,6 +83,10 @@ def paper(session: nox.Session) -> None:
 # Memory: the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
 MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
+# Each backprop method also at its leanest standard setting (methods/common/savers.py): fp16 mixed
+# precision, gradient checkpointing and 8-bit AdamW, a row of its own.
+BACKPROP_MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,hollowed,selective"
+LEANEST = ["train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit"]
 # ZOODiP's memory and speed options, each a row: the defaults are cache_latents and
 # compact_vocabulary on, passes sequential.
 ZOODIP_MEMORY_VARIANTS = [
@@ -100,6 +104,7 @@ def memory_runs(session: nox.Session, *fixed: str) -> None:
     # Selective's first steps are all BP-low (its schedule starts there): ZO-high gets a row of its own.
     runs = [session.posargs] if any(o.startswith("method=") for o in session.posargs) else [
         [f"method={MEMORY_METHODS}", *session.posargs],
+        [f"method={BACKPROP_MEMORY_METHODS}", *LEANEST, *session.posargs],
         ["method=selective", "method.schedule=always_zo_high", *session.posargs],
         *[[*variant, *session.posargs] for variant in ZOODIP_MEMORY_VARIANTS],
     ]  # fmt: skip
@@ -214,14 +219,21 @@ MEMORY_MAP_CSV = "results/memory/predicted.csv"
 def memory_models(session: nox.Session) -> None:
     """Predicted peak training memory of every method on SD1.5, SD2.1 and SDXL (architectures
     with no weights, fake tensors, CPU) into results/memory/predicted.csv, then the memory map
-    (results/memory/memory_map.png) and its Markdown table. `-- method=ti,zoodip` for a subset."""
-    methods = [o for o in session.posargs if o.startswith("method=")] or [f"method={MEMORY_METHODS}"]
+    (results/memory/memory_map.png) and its Markdown table; each backprop method also at its leanest
+    setting (LEANEST). `-- method=ti,zoodip [train.mixed_precision=fp16 ...]` for a subset."""
+    methods = [o for o in session.posargs if o.startswith("method=")]
     rest = [o for o in session.posargs if not o.startswith("method=")]
+    runs = (
+        [methods]
+        if methods
+        else [[f"method={MEMORY_METHODS}"], [f"method={BACKPROP_MEMORY_METHODS}", *LEANEST]]
+    )
     for model in reversed(MEMORY_MODELS.split(",")):  # the largest first; each row lands as it is done
-        session.run(
-            sys.executable, "-m", "benchmark.memory", "-m", f"model={model}", f"csv={MEMORY_MAP_CSV}",
-            "format=json", *methods, *rest, env={"HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
+        for overrides in runs:
+            session.run(
+                sys.executable, "-m", "benchmark.memory", "-m", f"model={model}", f"csv={MEMORY_MAP_CSV}",
+                "format=json", *overrides, *rest, env={"HF_HUB_OFFLINE": "1"},
+            )  # fmt: skip
     session.run(sys.executable, "-m", "benchmark.memory.map", MEMORY_MAP_CSV)
 
 

@@ -42,12 +42,32 @@ def smallest_gpu(peak_bytes: float, device_bytes: float | None = None) -> int | 
     return next((gb for gb in GPU_GB if need <= gb), None)
 
 
+# How a row's memory savers read (methods/common/savers.py); all three: the leanest setting.
+SAVER_LABELS = {
+    "train.mixed_precision=fp16": "fp16",
+    "train.mixed_precision=bf16": "bf16",
+    "train.gradient_checkpointing=true": "checkpointing",
+    "method.optimizer=adamw8bit": "8-bit AdamW",
+}
+LEANEST = ("train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
+
+
+def short_variant(variant: str) -> str:
+    """A row's overrides as the map shows them: ``leanest`` for fp16 + checkpointing + 8-bit
+    AdamW, saver names, other keys without their ``method.``/``train.`` prefix."""
+    parts = variant.split()
+    lean = all(p in parts for p in LEANEST)
+    rest = [p for p in parts if not (lean and p in LEANEST)]
+    shown = [SAVER_LABELS.get(p) or p.split(".", 1)[-1].replace("schedule=", "") for p in rest]
+    return " ".join((["leanest"] if lean else []) + shown)
+
+
 def memory_grid(csv: Path, column: str = "predicted_peak_bytes") -> pd.DataFrame:
     """``column`` (default: the predicted peak bytes), one row per method (with its variant), one
     column per model; the methods in the order the CSV first names them (the sweep's order),
     variants after their method. NaN where the CSV has no such value."""
     table = pd.read_csv(csv, keep_default_na=False)
-    variants = [v.replace("method.", "").replace("schedule=", "") for v in table["variant"]]
+    variants = [short_variant(v) for v in table["variant"]]
     table["row"] = [m if not v else f"{m} ({v})" for m, v in zip(table["method"], variants)]
     table["value"] = pd.to_numeric(table[column], errors="coerce") if column in table else float("nan")
     grid = table.groupby(["row", "model"], sort=False)["value"].first().unstack("model")

@@ -617,6 +617,62 @@ def _bitsandbytes_fake() -> Iterator[None]:
         bnb_functional.name2qmap.update(cached_maps)
 
 
+@contextlib.contextmanager
+def _mixed_precision_as_on_cuda() -> Iterator[None]:
+    """Autocast and the gradient scaler act on the fake GPU as on a real one (torch turns them off
+    where no CUDA driver is found), bf16 counts as supported, and the scaler's skip-a-step test
+    (a data-dependent read of the inf flag) takes every step."""
+    from torch.amp import grad_scaler
+    from torch.cuda.amp import common
+
+    def maybe_step(self, optimizer, optimizer_state, *args, **kwargs):
+        found = optimizer_state["found_inf_per_device"].values()
+        if any(isinstance(v, FakeTensor) for v in found):
+            return optimizer.step(*args, **kwargs)
+        return original_step(self, optimizer, optimizer_state, *args, **kwargs)
+
+    original_step = grad_scaler.GradScaler._maybe_opt_step
+    patched = [
+        (common, "amp_definitely_not_available", lambda: False),
+        (torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True),
+        (grad_scaler.GradScaler, "_maybe_opt_step", maybe_step),
+    ]
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+    for owner, name, value in patched:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), original in zip(patched, originals):
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def _bitsandbytes_optimizers_fake() -> Iterator[None]:
+    """bitsandbytes' 8-bit optimizers build their code tables from Python numbers (real tensors,
+    as on a GPU) and synchronize the GPU after each tensor's update (nothing to wait for)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield
+        return
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    fill_qmap, sync_gpu = bnb_optimizer.Optimizer8bit.fill_qmap, bnb_optimizer.sync_gpu
+
+    def real_fill_qmap(self):
+        with unset_fake_temporarily():
+            fill_qmap(self)
+
+    def sync_unless_fake(tensor):
+        if not isinstance(tensor, FakeTensor):
+            sync_gpu(tensor)
+
+    bnb_optimizer.Optimizer8bit.fill_qmap, bnb_optimizer.sync_gpu = real_fill_qmap, sync_unless_fake
+    try:
+        yield
+    finally:
+        bnb_optimizer.Optimizer8bit.fill_qmap, bnb_optimizer.sync_gpu = fill_qmap, sync_gpu
+
+
 def _shapes_only(quantize, outputs):
     """``quantize`` for a fake weight: new tensors of the shapes and dtypes ``outputs(weight,
     *args)`` gives (the codes, scales, ...), without the arithmetic (tens of fake operators per
@@ -707,6 +763,8 @@ def tracking(
             stack.enter_context(_numpy_placeholders(tracker))
             stack.enter_context(_foreach_for_fake_tensors())
             stack.enter_context(_bitsandbytes_fake())
+            stack.enter_context(_bitsandbytes_optimizers_fake())
+            stack.enter_context(_mixed_precision_as_on_cuda())
             if fast_quantizers:
                 stack.enter_context(_fake_quantizers())
         stack.enter_context(cuda_optimizer_defaults())
