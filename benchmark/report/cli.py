@@ -21,6 +21,7 @@ from benchmark.config import flat, not_in_run_key
 from benchmark.report import gallery, plots
 from benchmark.report import latex as tex_tables
 from benchmark.report import recovery as recovery_report
+from benchmark.report.predicted import predicted_section
 from benchmark.report.tables import (
     METRICS,
     Report,
@@ -60,6 +61,7 @@ def write_report(report: Report) -> list[Path]:
                markdown(grid_frame(cells)), ""]  # fmt: skip
         tex.append(tex_tables.grid_tex(report, metric, cells))
     md += ["## All rows", "", markdown(shown), ""]
+    md += predicted_section(report.spec, list(dict.fromkeys(report.runs["method"].astype(str))))
     bad = failures(report)
     md += ["## Runs without a result", ""]
     md += [markdown(bad), ""] if len(bad) else ["None: every run succeeded.", ""]

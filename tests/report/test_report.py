@@ -276,3 +276,32 @@ def test_memory_figures_and_the_fraction_plot(tmp_path):
     report = build_report([*args, f"paths.results={tmp_path}"])
     assert "versus_method_fraction.png" in {p.name for p in write_report(report)}
     assert report.table["clip_i"].tolist() == [0.7, 1.2]
+
+
+def test_the_savers_report_pairs_each_method_with_its_leanest_run_and_prediction(tmp_path):
+    csv = tmp_path / "predicted.csv"
+    lean = "method.optimizer=adamw8bit train.gradient_checkpointing=true train.mixed_precision=fp16"
+    pd.DataFrame(
+        [
+            {"method": "dreambooth", "variant": "", "model": "sd15_arch", "predicted_peak_gb": 18.0,
+             "predicted_device_gb": 19.5, "predicted_train_pflop": 1.0},
+            {"method": "dreambooth", "variant": lean, "model": "sd15_arch", "predicted_peak_gb": 11.6,
+             "predicted_device_gb": 12.9, "predicted_train_pflop": 1.3},
+            {"method": "zoodip", "variant": "", "model": "sd15_arch", "predicted_peak_gb": 2.0},
+        ]
+    ).to_csv(csv, index=False)  # fmt: skip
+    args = ["experiment=savers", "model=tiny", f"paths.results={tmp_path}", f"report.predicted={csv}"]
+    planned = plan_sweep(args)
+    assert len(planned) == 16  # 8 backprop methods x paper, leanest
+    runs = {(r.value("method.name"), r.value("train.mixed_precision")): r.run_dir for r in planned}
+    assert runs.keys() == {(m, p) for m, _ in runs for p in ("no", "fp16")}
+    write(runs["dreambooth", "no"], status="ok", breakdown_peak_bytes=18e9, clip_i=0.7)
+    write(runs["dreambooth", "fp16"], status="ok", breakdown_peak_bytes=11e9, clip_i=0.69)
+    report = build_report(args)
+    table = report.table.set_index(["method", "train.mixed_precision"])
+    assert table.loc[("dreambooth", "no"), "memory_gb"] == pytest.approx(18.0)
+    assert table.loc[("dreambooth", "fp16"), "memory_gb"] == pytest.approx(11.0)
+    md = write_report(report)[0].read_text()
+    section = md.split("## Predicted memory and compute", 1)[1]
+    assert "11.6" in section and "12.9" in section and "paper (defaults)" in section
+    assert "ZOODiP" not in section  # only the report's methods
