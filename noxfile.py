@@ -181,7 +181,7 @@ def gpu_check(session: nox.Session) -> None:
 def recovery(session: nox.Session) -> None:
     """Known-answer personalization: every arm of conf/experiment/recovery.yaml over its seeds
     on the tiny model (CPU; about an hour in one process), then the report (results/recovery/:
-    table.md, table.csv, curves.png). `nox -s recovery -- seed=0,1 train.max_steps=50` for less;
+    table.md, table.csv, per_seed.csv, curves.png). `nox -s recovery -- seed=0,1 train.max_steps=50` for less;
     `nox -s recovery -- model=sd15 model.path=<dir> device=cuda` for real weights."""
     overrides = ["experiment=recovery", *session.posargs]
     session.run(sys.executable, "-m", "benchmark", "-m", *overrides, env={"HF_HUB_OFFLINE": "1"})
