@@ -1,4 +1,4 @@
-"""Known-answer personalization, the token teacher (README, "Token arms"): its own fit settings
+"""Known-answer personalization, the token teacher (docs/recovery.md, "Token arms"): its own fit settings
 (``recovery.token_*``), which leave the weight teachers' fit as it is; the contrast images C of
 the token fit; the cross-attention gain; one teacher and one fitted base for all token arms."""
 

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_tokens"
 # The CI configuration is the full version's (conf/experiment/recovery.yaml: a 100-step joint fit
 # of W and the teacher token, 60 teacher-only steps, 100 training steps at lr 1e-3, GF-TI 20
 # CMA-ES generations from the class noun, 64 held-out draws) at one seed; the margins come from
-# seeds 0-7 of it (README, "Token arms"):
+# seeds 0-7 of it (docs/recovery.md, "Token arms"):
 #   python -m benchmark -m experiment=recovery \
 #       '+experiment/recovery=ti,zoti_naive,zoodip,zoodip_spsa,zoodip_one_point,gfti' \
 #       seed=0,1,2,3,4,5,6,7 data.root=../shared/dreambooth/dataset paths.results=<dir>

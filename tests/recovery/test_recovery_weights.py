@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("recovery_weights
 
 # The CI configuration is the full version's (the arms' yamls and recovery/_weights.yaml: a
 # 40-step joint fit, 60 teacher-only steps, 20 training steps at each arm's recovery lr, 32
-# held-out draws) at one seed; the margins come from seeds 0-7 of it (README, "Weight arms"):
+# held-out draws) at one seed; the margins come from seeds 0-7 of it (docs/recovery.md, "Weight arms"):
 #   python -m benchmark -m experiment=recovery '+experiment/recovery=<the 8 arms>' seed=0,1,2,3,4,5,6,7 \
 #       data.root=../shared/dreambooth/dataset paths.results=<dir>
 SEED = 0
@@ -44,6 +44,7 @@ MARGINS = {
     "tuneqdm": (0.83, 0.92),
     "hollowed_f0": (0.42, 0.9),
     "hollowed_f05": (0.40, 0.95),
+    "hollowed_f05_exact": (0.385, None),  # a comparison arm: LoRA on the layers after the cut only
     "selective": (0.43, 0.9),
     "selective_bp_only": (0.51, 0.85),
 }
