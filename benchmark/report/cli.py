@@ -61,7 +61,10 @@ def write_report(report: Report) -> list[Path]:
                markdown(grid_frame(cells)), ""]  # fmt: skip
         tex.append(tex_tables.grid_tex(report, metric, cells))
     md += ["## All rows", "", markdown(shown), ""]
-    md += predicted_section(report.spec, list(dict.fromkeys(report.runs["method"].astype(str))))
+    if report.spec.get("predicted"):
+        md += predicted_section(
+            report.spec, list(dict.fromkeys(str(r.value("method.name")) for r in report.planned))
+        )
     bad = failures(report)
     md += ["## Runs without a result", ""]
     md += [markdown(bad), ""] if len(bad) else ["None: every run succeeded.", ""]

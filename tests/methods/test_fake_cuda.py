@@ -21,7 +21,6 @@ from benchmark.memory.tracker import tracking
 from benchmark.run import personalized_pipeline
 from benchmark.train import step_generator
 from methods.common.registry import method_class, method_names
-from methods.common.sampling import training_batch
 from tests.conftest import set_up_method
 
 CUDA = torch.device("cuda")
@@ -76,20 +75,33 @@ def test_a_cpu_gpu_mix_raises_on_the_fake_gpu():
         assert (weight @ torch.ones(4, 4).to(CUDA)).device.type == "cuda"
 
 
+# On SD2.1's family, every backprop method runs with its leanest memory savers (methods/common/
+# savers.py): CUDA's autocast, its loss scaler and bitsandbytes' 8-bit AdamW on the GPU's tensors.
+LEANEST = ("train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
+LEANEST_FAMILY = "tiny_sd21"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_runs_on_a_fake_gpu(name, family, tiny_cfg, dataset_root):
-    cfg = tiny_cfg(f"model={family}", f"method={name}", *FAST.get(name, ()))
+    lean = family == LEANEST_FAMILY and not method_class(name).gradient_free
+    cfg = tiny_cfg(f"model={family}", f"method={name}", *FAST.get(name, ()), *(LEANEST if lean else ()))
     method_cfg = method_config(cfg)
     subject = data.get_subject("dog6")
     pixels = data.load_images(data.subject_image_paths(dataset_root, subject), method_cfg.resolution)
 
     def set_up():  # as benchmark.run.train_and_save does it
         components = models.load_components(cfg.model, device=CUDA, dtype=training_dtype(method_cfg))
-        method = method_class(name)(method_cfg)
+        method = make_method(cfg, method_cfg)
         method.setup(components, subject)
         method.precompute(images, 0, 3)
         assert on_gpu(network_tensors(components)), "a network left on the CPU"
+        if lean:  # frozen weights fp16 and trained ones fp32, the loss scaled
+            trained = list(method.trainable_parameters().values())
+            assert {p.dtype for p in trained} == {torch.float32}
+            frozen = [t for m in method.half_modules() for t in m.parameters() if not t.requires_grad]
+            assert {t.dtype for t in frozen if t.is_floating_point()} == {torch.float16}
+            assert method.scaler is not None
         return method
 
     def step(method, s: int):
@@ -113,6 +125,12 @@ def test_every_method_runs_on_a_fake_gpu(name, family, tiny_cfg, dataset_root):
         # spares a second setup
         method.restore(tree_map(lambda t: t.to(CUDA) if isinstance(t, torch.Tensor) else t, state))
         step(method, 1)
+        if lean:  # the 8-bit moments on the GPU
+            state = [v for values in method.optimizer.state.values() for v in values.values()]
+            moments = [v for v in state if isinstance(v, torch.Tensor)]
+            assert moments and on_gpu(moments)
+            if any(p.numel() >= 4096 for p in method.trainable_parameters().values()):
+                assert any(t.dtype == torch.uint8 for t in moments)
         trained = method.state_dict()
         assert on_gpu(trained.values())
         artifact = {k: torch.empty_like(v, device="cpu") for k, v in trained.items()}  # read from disk
@@ -146,36 +164,3 @@ def test_the_fp16_evaluation_path_runs_with_real_values(name, tiny_cfg, dataset_
     generator = [torch.Generator().manual_seed(0)]
     out = pipeline(["a photo of a dog"], num_inference_steps=2, generator=generator, output_type="np").images
     assert np.isfinite(out).all() and out.std() > 0
-
-
-LEANEST = ("train.mixed_precision=fp16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
-
-
-@pytest.mark.parametrize("name", [n for n in method_names() if not method_class(n).gradient_free])
-def test_the_leanest_savers_run_on_a_fake_gpu(name, tiny_cfg, dataset_root):
-    """CUDA's autocast, its gradient scaler and bitsandbytes' 8-bit AdamW on the GPU's tensors:
-    frozen weights fp16 and trained ones fp32 on the GPU, the 8-bit moments there too."""
-    cfg = tiny_cfg(f"method={name}", *LEANEST)
-    subject = data.get_subject("dog6")
-    with fake_gpu():
-        images = data.load_images(data.subject_image_paths(dataset_root, subject), 64).to(CUDA)
-        components = models.load_components(cfg.model, device=CUDA, dtype=torch.float32)
-        method = make_method(cfg)
-        method.setup(components, subject)
-        method.precompute(images, 0, 3)
-        trained = list(method.trainable_parameters().values())
-        assert {p.dtype for p in trained} == {torch.float32} and on_gpu(trained)
-        frozen = [t for m in method.half_modules() for t in m.parameters() if not t.requires_grad]
-        assert {t.dtype for t in frozen if t.is_floating_point()} == {torch.float16}
-        for s in range(2):
-            generator = step_generator(0, s)
-            batch = training_batch(images, method.cfg.data, 0, s, 1, generator)
-            with zero_gradients_on_backward(trained) as backward:
-                method.step(batch, s)
-            assert backward and on_gpu(backward)
-        assert method.scaler is not None
-        states = [v for state in method.optimizer.state.values() for v in state.values()]
-        tensors = [v for v in states if isinstance(v, torch.Tensor)]
-        assert tensors and on_gpu(tensors)
-        if any(p.numel() >= 4096 for p in trained):
-            assert any(t.dtype == torch.uint8 for t in tensors)

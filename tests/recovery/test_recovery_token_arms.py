@@ -60,7 +60,8 @@ def token_runs(tmp_path_factory, dataset_root):
     """{arm: record}: each token arm run once when first read, one results folder (one fitted base)."""
     results = tmp_path_factory.mktemp("recovery_tokens") / "results"
 
-    def make(arm: str) -> dict:
+    def make(key: str) -> dict:
+        arm, _, lean = key.partition("+")
         return run(
             compose(
                 [
@@ -71,6 +72,7 @@ def token_runs(tmp_path_factory, dataset_root):
                     f"paths.results={results}",
                     "train.progress=false",
                     "train.profile_steps=0",
+                    *(LEANEST if lean else ()),
                 ]
             )  # fmt: skip
         )
@@ -89,6 +91,20 @@ def test_every_token_method_closes_a_real_part_of_the_gap(token_runs, arm):
         assert record["recovery_prediction_distance"] < most_distance
     assert max(record["curve_gap_closed"]) < MOST_CLOSED  # the teacher is near the optimum on S
     assert record["recovery_apply_error"] < APPLY_ERROR  # the method's apply puts the teacher in
+
+
+# TI's leanest standard setting (methods/common/savers.py): bf16 autocast with the U-Net and VAE in
+# bf16, checkpointing, 8-bit AdamW over the embedding matrix.
+LEANEST = ("train.mixed_precision=bf16", "train.gradient_checkpointing=true", "method.optimizer=adamw8bit")
+
+
+def test_ti_closes_its_gap_with_the_leanest_savers(token_runs):
+    lean, full = token_runs["ti+lean"], token_runs["ti"]
+    assert lean["status"] == "ok", lean["error"]
+    assert lean["train.mixed_precision"] == "bf16" and lean["method.optimizer"] == "adamw8bit"
+    seed0, share, _ = MARGINS["ti"]
+    assert lean["recovery_gap_closed"] > share * seed0, lean["curve_gap_closed"]
+    assert abs(lean["recovery_gap_closed"] - full["recovery_gap_closed"]) < 0.2
 
 
 def test_ti_is_ahead_of_naive_zo_ti_at_every_equal_step(token_runs):
