@@ -30,12 +30,7 @@ from methods.common.base import require
 from methods.common.conditioning import encode_text, unet_prediction
 from methods.common.diffusion import encode_latents, noisy_latents
 from methods.common.timesteps import sample_timesteps
-from methods.common.token_method import (
-    TokenRows,
-    add_placeholder_token,
-    check_placeholder_token_text,
-    load_token,
-)
+from methods.common.token_method import MAX_TOKEN_CHARS, TokenRows, add_placeholder_token, load_token
 from methods.dreambooth import DreamBooth, DreamBoothConfig, class_images
 from methods.lora import LoRA
 
@@ -51,7 +46,12 @@ class CustomDiffusionConfig(DreamBoothConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_placeholder_token_text(self.identifier)
+        token = self.identifier
+        require(
+            0 < len(token) <= MAX_TOKEN_CHARS and token.isprintable() and not any(c.isspace() for c in token),
+            f"method.identifier={token[:40]!r} is the modifier token: give one new word of "
+            f"1..{MAX_TOKEN_CHARS} printable characters without spaces, e.g. '<new1>'",
+        )
         require(bool(self.initializer.strip()), "method.initializer must name one or more words")
 
 

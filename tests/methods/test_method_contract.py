@@ -143,7 +143,9 @@ DISPLAY = {  # what every report, table and figure shows
     "dreambooth": ("DreamBooth", "#0072B2"), "qlora": ("QLoRA", "#E69F00"), "peqa": ("PEQA", "#009E73"),
     "tuneqdm": ("TuneQDM", "#CC79A7"), "ti": ("TI", "#56B4E9"), "gfti": ("GF-TI", "#D55E00"),
     "zoodip": ("ZOODiP", "#000000"), "hollowed": ("Hollowed Net", "#F0E442"), "lora": ("LoRA", "#999999"),
-    "selective": ("Selective BP/ZO", "#882255"),
+    "selective": ("Selective BP/ZO", "#882255"), "custom_diffusion": ("Custom Diffusion", "#DDCC77"),
+    "loha": ("LoHa", "#44AA99"), "lokr": ("LoKr", "#117733"), "oft": ("OFT", "#88CCEE"),
+    "boft": ("BOFT", "#332288"), "vera": ("VeRA", "#AA4499"),
 }  # fmt: skip
 
 
