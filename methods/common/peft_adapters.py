@@ -72,7 +72,10 @@ def inject(unet, config):
     layers of ``unet`` itself. Returns the tuner (``merge_and_unload`` undoes the wrapping)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](unet, config, ADAPTER_NAME)
+    device = next(unet.parameters()).device
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](unet, config, ADAPTER_NAME)
+    unet.to(device)  # peft leaves some adapter buffers on the CPU (BOFT's permutations boft_P)
+    return tuner
 
 
 def adapter_tensors(unet) -> dict[str, torch.nn.Parameter]:
