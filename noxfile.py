@@ -81,7 +81,10 @@ def paper(session: nox.Session) -> None:
 
 
 # Memory: the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
-MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
+MEMORY_METHODS = (
+    "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective,"
+    "custom_diffusion,loha,lokr,oft,boft,vera"  # beyond the papers
+)
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
 # ZOODiP's memory and speed options, each a row: the defaults are cache_latents and
 # compact_vocabulary on, passes sequential.
