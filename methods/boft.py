@@ -1,8 +1,9 @@
 """BOFT (Liu et al., 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly
 Factorization"): each attention projection's weight is rotated by a product of
 ``butterfly_factor`` sparse orthogonal matrices (block-diagonal with blocks of ``block_size``,
-or ``blocks`` blocks, between butterfly permutations), through peft's ``BOFTConfig``. Trained by the LoRA method's DreamBooth
-step; ``apply`` merges the rotation into the stock U-Net (methods/common/peft_adapters.py).
+or ``blocks`` blocks, between butterfly permutations), through peft's ``BOFTConfig``. Trained by
+the LoRA method's DreamBooth step; ``apply`` merges the rotation into the stock U-Net
+(methods/common/peft_adapters.py).
 
 peft builds butterfly factors > 1 only when its CUDA extension (``fbd_cuda``, compiled at first
 use: needs ninja and the CUDA toolkit) loads; without it peft silently trains one factor (OFT with
@@ -48,8 +49,9 @@ class BOFT(PeftAdapter):
 
         cfg = self.cfg
         return PeftBOFTConfig(
-            boft_block_size=cfg.block_size, boft_block_num=cfg.blocks, boft_n_butterfly_factor=cfg.butterfly_factor,
-            boft_dropout=cfg.dropout, target_modules=target_modules(),
+            boft_block_size=cfg.block_size, boft_block_num=cfg.blocks,
+            boft_n_butterfly_factor=cfg.butterfly_factor, boft_dropout=cfg.dropout,
+            target_modules=target_modules(),
         )  # fmt: skip
 
     def prepare(self, components, subject):
@@ -57,7 +59,8 @@ class BOFT(PeftAdapter):
         factors = {p.shape[0] for name, p in params.items() if name.endswith(".boft_R")}
         require(
             factors == {self.cfg.butterfly_factor},
-            f"method.butterfly_factor={self.cfg.butterfly_factor} but peft built {sorted(factors)} factor(s): "
+            f"method.butterfly_factor={self.cfg.butterfly_factor} but peft built {sorted(factors)} "
+            "factor(s): "
             "its BOFT CUDA extension (fbd_cuda: ninja and the CUDA toolkit) did not load; install them "
             "or set method.butterfly_factor=1",
         )

@@ -21,7 +21,9 @@ from tests.tolerance import assert_close_up_to_reordering, assert_effect_dwarfs_
 PEFT = ("loha", "lokr", "oft", "boft", "vera")
 METHODS = (*PEFT, "custom_diffusion")
 # learning rates that move the tiny model visibly in two steps
-FAST_LR = {"loha": "1e-1", "lokr": "5e-2", "oft": "1e-2", "boft": "1e-2", "vera": "1", "custom_diffusion": "1e-2"}  # fmt: skip
+FAST_LR = {
+    "loha": "1e-1", "lokr": "5e-2", "oft": "1e-2", "boft": "1e-2", "vera": "1", "custom_diffusion": "1e-2",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,23 @@ def test_boft_refuses_the_one_factor_fallback_of_peft_without_its_cuda_extension
         pytest.skip("peft's BOFT CUDA extension loads here: two factors are built")
     with pytest.raises(ConfigError, match=r"method.butterfly_factor=2 but peft built \[1\]"):
         method.setup(models.load_components(cfg.model), data.get_subject("dog6"))
+
+
+def test_table1_reports_a_method_beyond_the_papers_beside_the_paper_methods(tmp_path, dataset_root):
+    """A row under its display name, its paper columns empty (no paper row), a paper method's filled."""
+    from benchmark.report.cli import write_report
+    from benchmark.report.tables import build_report
+    from tests.conftest import run_sweep_in_process
+
+    args = [
+        "experiment=table1", "method=loha,ti", "subject=dog6", "model=tiny", f"data.root={dataset_root}",
+        f"paths.results={tmp_path}", "train.progress=false", "train.profile_steps=0",
+    ]  # fmt: skip
+    assert {r["status"] for r in run_sweep_in_process(args)} == {"ok"}
+    report = build_report(args)
+    table = report.table.set_index("method")
+    assert table.loc["loha", ["clip_t_paper", "clip_i_paper", "dino_paper"]].isna().all()
+    assert table.loc["ti", ["clip_t_paper", "clip_i_paper", "dino_paper"]].notna().all()
+    markdown = next(p for p in write_report(report) if p.name == "table.md").read_text()
+    (row,) = [line for line in markdown.splitlines() if line.startswith("| LoHa")]
+    assert "| — |" in row
