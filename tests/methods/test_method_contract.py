@@ -104,7 +104,10 @@ def test_a_class_registers_itself_and_unknown_names_are_refused():
     assert method_class(TOY_NAME) is ToyScale
     assert TOY_NAME not in method_names()  # the shipped methods only: other tests loop over those
     assert (ToyScale.gradient_free, ToyScale.teacher_kind, ToyScale.step_unit) == (False, "lora", "step")
-    with pytest.raises(ConfigError, match=r"unknown method 'nope'; choose one of: dreambooth, .*toy_scale"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown method 'nope'; choose one of: boft, custom_diffusion, dreambooth, .*toy_scale",
+    ):
         method_class("nope")
     with pytest.raises(TypeError, match="taken by"):
         type("Impostor", (ToyScale,), {"name": TOY_NAME})
