@@ -81,7 +81,10 @@ def paper(session: nox.Session) -> None:
 
 
 # Memory: the Table 1 column at SD1.5 / 512 px / batch 1, predicted and measured.
-MEMORY_METHODS = "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective"
+MEMORY_METHODS = (
+    "dreambooth,qlora,peqa,tuneqdm,ti,gfti,zoodip,hollowed,selective,"
+    "custom_diffusion,loha,lokr,oft,boft,vera"  # beyond the papers
+)
 MEMORY_CSV = "results/memory/sd15_predicted.csv"
 # Each backprop method also at its leanest standard setting (methods/common/savers.py): fp16 mixed
 # precision, gradient checkpointing and 8-bit AdamW, a row of its own.

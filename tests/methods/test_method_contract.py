@@ -104,7 +104,10 @@ def test_a_class_registers_itself_and_unknown_names_are_refused():
     assert method_class(TOY_NAME) is ToyScale
     assert TOY_NAME not in method_names()  # the shipped methods only: other tests loop over those
     assert (ToyScale.gradient_free, ToyScale.teacher_kind, ToyScale.step_unit) == (False, "lora", "step")
-    with pytest.raises(ConfigError, match=r"unknown method 'nope'; choose one of: dreambooth, .*toy_scale"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown method 'nope'; choose one of: boft, custom_diffusion, dreambooth, .*toy_scale",
+    ):
         method_class("nope")
     with pytest.raises(TypeError, match="taken by"):
         type("Impostor", (ToyScale,), {"name": TOY_NAME})
@@ -143,7 +146,9 @@ DISPLAY = {  # what every report, table and figure shows
     "dreambooth": ("DreamBooth", "#0072B2"), "qlora": ("QLoRA", "#E69F00"), "peqa": ("PEQA", "#009E73"),
     "tuneqdm": ("TuneQDM", "#CC79A7"), "ti": ("TI", "#56B4E9"), "gfti": ("GF-TI", "#D55E00"),
     "zoodip": ("ZOODiP", "#000000"), "hollowed": ("Hollowed Net", "#F0E442"), "lora": ("LoRA", "#999999"),
-    "selective": ("Selective BP/ZO", "#882255"),
+    "selective": ("Selective BP/ZO", "#882255"), "custom_diffusion": ("Custom Diffusion", "#DDCC77"),
+    "loha": ("LoHa", "#44AA99"), "lokr": ("LoKr", "#117733"), "oft": ("OFT", "#88CCEE"),
+    "boft": ("BOFT", "#332288"), "vera": ("VeRA", "#AA4499"),
 }  # fmt: skip
 
 

@@ -138,7 +138,10 @@ def test_status_and_report_refuse_a_bad_sweep_with_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["method=no_such_method"], "Could not find 'method/no_such_method'; choose one of: dreambooth"),
+        (
+            ["method=no_such_method"],
+            "Could not find 'method/no_such_method'; choose one of: boft, custom_diffusion, dreambooth",
+        ),
         (["no_such_key=1"], "+no_such_key=1"),
         (["method.lr=[1,"], "method.lr=[1,"),
         (["subject=dog6,cat"], "add -m"),
