@@ -27,12 +27,9 @@ import dataclasses
 import torch
 
 from methods.common.base import require
-from methods.common.conditioning import encode_text, unet_prediction
-from methods.common.diffusion import encode_latents, noisy_latents
-from methods.common.timesteps import sample_timesteps
+from methods.common.conditioning import encode_text
 from methods.common.token_method import MAX_TOKEN_CHARS, TokenRows, add_placeholder_token, load_token
 from methods.dreambooth import DreamBooth, DreamBoothConfig, class_images
-from methods.lora import LoRA
 
 CROSS_ATTENTION = "attn2.processor"
 SELF_ATTENTION = "attn1.processor"
@@ -53,6 +50,11 @@ class CustomDiffusionConfig(DreamBoothConfig):
             f"1..{MAX_TOKEN_CHARS} printable characters without spaces, e.g. '<new1>'",
         )
         require(bool(self.initializer.strip()), "method.initializer must name one or more words")
+        require(
+            not self.train_text_encoder,
+            "method.train_text_encoder=true: Custom Diffusion trains its modifier token's row of the "
+            "text encoder, not the text encoder; use method=dreambooth for that",
+        )
 
 
 class CustomDiffusion(DreamBooth):
@@ -61,7 +63,7 @@ class CustomDiffusion(DreamBooth):
     color = "#DDCC77"
     Config = CustomDiffusionConfig
     artifact_filename = "pytorch_custom_diffusion_weights.safetensors"
-    backprop_step = LoRA.backprop_step  # backward, clipping, the optimizer step: the LoRA family's
+    in_papers = False  # beyond the papers: the report marks its rows
 
     def prepare(self, components, subject):
         self.class_pixels = None
@@ -87,15 +89,18 @@ class CustomDiffusion(DreamBooth):
             params[f"token_embedding{'' if k == 0 else f'_{k + 1}'}"] = table
         return params
 
+    def encode_prompts_for_training(self, prompts):
+        return encode_text(self.c, prompts)  # with gradients: the modifier token's row trains
+
+    def half_modules(self):
+        # the example casts the U-Net and the VAE; the text encoder holds the trained token row
+        return [self.c.vae, self.c.unet]
+
+    def checkpointed_modules(self):
+        return [self.c.unet, *self.c.text_encoders]  # the example checkpoints both
+
     def step(self, batch, step):
-        c, cfg, g = self.c, self.cfg, batch["generator"]
-        pixels, prompts = self.training_batch(batch, g)
-        latents = encode_latents(c.vae, pixels, g)
-        num_train_timesteps = c.noise_scheduler.config.num_train_timesteps
-        t = sample_timesteps(cfg.timesteps, latents.shape[0], g, num_train_timesteps, cfg.T_L, cfg.T_U)
-        z_t, target = noisy_latents(c.noise_scheduler, latents, t, g)
-        cond = encode_text(c, prompts)  # with gradients: the modifier token's row trains
-        loss = self.backprop_step(self.loss(unet_prediction(c.unet, z_t, t, cond), target))
+        logs = super().step(batch, step)  # UNetFinetune's step: the savers, clipping, AdamW
         with torch.no_grad():  # every row but the token's back to its value
             for table, original, token_id in zip(
                 self.rows.weights, self.original_tables, self.rows.token_ids
@@ -103,7 +108,7 @@ class CustomDiffusion(DreamBooth):
                 row = table[token_id].clone()
                 table.copy_(original)
                 table[token_id] = row
-        return {"loss": loss}
+        return logs
 
     def state_dict(self):
         kv = {

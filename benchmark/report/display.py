@@ -55,6 +55,12 @@ def method_color(key: Any) -> str:
     return cls.color if cls else UNKNOWN_COLOR
 
 
+def beyond_papers(key: Any) -> bool:
+    """A method the papers do not have (``Method.in_papers`` false): no paper value to compare."""
+    cls = method_type(key)
+    return bool(cls and not cls.in_papers)
+
+
 def gradient_free(key: Any) -> bool:
     """No backpropagation through the model (ZOODiP Table 1's "Grad-free" column)."""
     cls = method_type(key)

@@ -335,13 +335,16 @@ def ours_cell(
 
 
 FEWER_SUBJECTS_MARK = "†"
+BEYOND_PAPERS_MARK = "‡"
 
 
 def row_name(report: Report, entry: dict[str, Any]) -> str:
     """The row's values as a reader sees them (display names), marked when it has fewer subjects."""
-    from benchmark.report.display import value_label
+    from benchmark.report.display import beyond_papers, value_label
 
     text = ", ".join(value_label(r, entry[r]) for r in report.spec["rows"])
+    if "method" in report.spec["rows"] and beyond_papers(entry["method"]):
+        text += f" {BEYOND_PAPERS_MARK}"
     return text + (f" {FEWER_SUBJECTS_MARK}" if entry.get("fewer_subjects") else "")
 
 
@@ -411,6 +414,8 @@ def papers_setting() -> dict[str, str]:
 
 
 def provenance(report: Report) -> list[str]:
+    from benchmark.report.display import beyond_papers
+
     runs, spec = report.runs, report.spec
     states = Counter(runs["state"])
     lines = [
@@ -441,6 +446,10 @@ def provenance(report: Report) -> list[str]:
         lines.append(
             f"(n=k): fewer than {MIN_UNITS_FOR_CI} subjects (or seeds) behind the mean: no confidence "
             "interval is given, k values are averaged."
+        )
+    if "method" in spec["rows"] and any(beyond_papers(m) for m in report.table["method"]):
+        lines.append(
+            f"{BEYOND_PAPERS_MARK}: a method beyond the papers (no paper value), at its documented defaults."
         )
     if report.table["fewer_subjects"].any():
         most = int(report.table["subjects_ok"].max())

@@ -16,7 +16,7 @@ state is their trainable tensors plus one torch optimizer.
 
 What the harness shows or decides about a method is declared on its class (``name``,
 ``display_name``, ``color``, ``gradient_free``, ``teacher_kind``, ``step_unit``,
-``quantization``); nothing outside the method's module names it.
+``quantization``, ``in_papers``); nothing outside the method's module names it.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ class Method(abc.ABC):
     artifact_filename: ClassVar[str] = "artifact.safetensors"
     # True for token methods (TI, GF-TI, ZOODiP): evaluation prompts omit the class noun.
     token_only_prompts: ClassVar[bool] = False
+    # False for a method beyond the papers this suite reproduces (no paper value): reports mark it.
+    in_papers: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -35,6 +35,7 @@ class AdapterConfig(UNetFinetuneConfig):
 
 
 class PeftAdapter(LoRA):
+    in_papers = False  # beyond the papers: the report marks these rows
     """A peft adapter on ``ATTENTION_PROJECTIONS`` (LoRA's targets). Subclasses set ``name``,
     ``Config`` and ``peft_config``."""
 

@@ -160,7 +160,8 @@ def test_boft_refuses_the_one_factor_fallback_of_peft_without_its_cuda_extension
 
 
 def test_table1_reports_a_method_beyond_the_papers_beside_the_paper_methods(tmp_path, dataset_root):
-    """A row under its display name, its paper columns empty (no paper row), a paper method's filled."""
+    """A row under its display name, marked, its paper columns empty (no paper row); a paper
+    method's filled and unmarked."""
     from benchmark.report.cli import write_report
     from benchmark.report.tables import build_report
     from tests.conftest import run_sweep_in_process
@@ -176,4 +177,7 @@ def test_table1_reports_a_method_beyond_the_papers_beside_the_paper_methods(tmp_
     assert table.loc["ti", ["clip_t_paper", "clip_i_paper", "dino_paper"]].notna().all()
     markdown = next(p for p in write_report(report) if p.name == "table.md").read_text()
     (row,) = [line for line in markdown.splitlines() if line.startswith("| LoHa")]
-    assert "| — |" in row
+    assert "| — |" in row and row.startswith("| LoHa ‡")  # marked as beyond the papers
+    (ti,) = [line for line in markdown.splitlines() if line.startswith("| TI")]
+    assert "‡" not in ti
+    assert "‡: a method beyond the papers" in markdown

@@ -15,10 +15,11 @@ from benchmark.config import make_method, plain, run_key
 from benchmark.memory.estimate import estimate
 from benchmark.train import step_generator
 from methods.common.base import ConfigError
+from methods.common.registry import method_class, method_names
 from methods.common.sampling import training_batch
 from tests.conftest import compose, set_up_method
 
-BACKPROP = ("dreambooth", "lora", "qlora", "peqa", "tuneqdm", "ti", "hollowed", "selective")
+BACKPROP = tuple(n for n in method_names() if not method_class(n).gradient_free)
 # selective: every step BP-low, so that each step backpropagates
 ALWAYS_BP = {"selective": ("method.schedule=always_bp_low",)}
 
