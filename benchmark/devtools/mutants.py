@@ -46,7 +46,7 @@ MUTANTS = (
     Mutant("zoodip_update_zeroed", "an update zeroed", "methods/zoodip.py",
            "self.adam.step([grad])", "self.adam.step([grad * 0])", (f"{TOKEN_ARMS}[zoodip]",)),
     Mutant("ti_step_skipped", "a step skipped", "methods/ti.py",
-           "        self.optimizer.step()\n", "", (f"{TOKEN_ARMS}[ti]",)),
+           "        self.optimize(loss, self.tables)\n", "        loss.backward()\n", (f"{TOKEN_ARMS}[ti]",)),
     Mutant("zoodip_lr_quartered", "a learning rate quartered", "methods/zoodip.py",
            "ZOAdam([self.token], cfg.lr,", "ZOAdam([self.token], cfg.lr * 0.25,", (f"{TOKEN_ARMS}[zoodip]",)),
     Mutant("peqa_lr_quartered", "a learning rate quartered", "conf/experiment/recovery/peqa.yaml",
