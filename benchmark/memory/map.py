@@ -165,6 +165,9 @@ def draw(
         f"training compute (PFLOP); colour: smallest card (N GB = N GiB) holding the {fit}",
         fontsize=9, pad=26,
     )  # fmt: skip
+    if any("(leanest" in row for row in grid.index):
+        note = "leanest: fp16 mixed precision + gradient checkpointing + 8-bit AdamW"
+        ax.text(0.5, -0.01, note, transform=ax.transAxes, ha="center", va="top", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
