@@ -108,6 +108,9 @@ def memory_runs(session: nox.Session, *fixed: str) -> None:
     runs = [session.posargs] if any(o.startswith("method=") for o in session.posargs) else [
         [f"method={MEMORY_METHODS}", *session.posargs],
         [f"method={BACKPROP_MEMORY_METHODS}", *LEANEST, *session.posargs],
+        # plain LoRA (the diffusers recipe; Hollowed Net's baseline), fp32 and leanest: a row each
+        ["method=lora", *session.posargs],
+        ["method=lora", *LEANEST, *session.posargs],
         ["method=selective", "method.schedule=always_zo_high", *session.posargs],
         *[[*variant, *session.posargs] for variant in ZOODIP_MEMORY_VARIANTS],
     ]  # fmt: skip

@@ -214,6 +214,7 @@ def earlier_run_dir(cfg: DictConfig | dict[str, Any]) -> Path | None:
         k: v
         for k, v in flat(values).items()
         if not any(k == d or k.startswith(d + ".") for d in EARLIER_NOT_IN_RUN_KEY)
+        and not (k in SETTING_KEY_DEFAULTS and v == SETTING_KEY_DEFAULTS[k])  # keys that came later
     }
     if kept.get("data.root") is not None:
         kept["data.root"] = str(Path(kept["data.root"]).expanduser().resolve())

@@ -34,12 +34,19 @@ def make_method(tiny_cfg, dataset_root, *overrides):
 
 
 class UNetCalls:
-    """Every U-Net forward: latent size, whether autograd was on, and any LoRA grad alive."""
+    """Every U-Net forward: latent size, whether autograd was on, any LoRA grad alive, and any
+    autograd graph made since the hooks went in still alive."""
 
     def __init__(self, unet, params):
         self.calls: list[dict] = []
         self.params = params
+        # graphs other tests' fixtures hold (a module-scoped trained method) are not this run's
+        self.before = {id(o) for o in self.graphs()}
         unet.register_forward_pre_hook(self.hook)
+
+    @staticmethod
+    def graphs() -> list[torch.Tensor]:
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
 
     def hook(self, module, args):
         self.calls.append(
@@ -47,9 +54,7 @@ class UNetCalls:
                 "size": args[0].shape[-1],
                 "grad_enabled": torch.is_grad_enabled(),
                 "grads_alive": sum(p.grad is not None for p in self.params),
-                "graphs_alive": sum(
-                    1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None
-                ),
+                "graphs_alive": sum(1 for o in self.graphs() if id(o) not in self.before),
             }
         )
 
