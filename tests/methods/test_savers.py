@@ -155,7 +155,7 @@ def _predicted(*overrides) -> object:
     return estimate(compose(["model=tiny", *overrides]))
 
 
-@pytest.mark.parametrize("name", ("dreambooth", "lora", "hollowed", "ti"))
+@pytest.mark.parametrize("name", ("lora", "hollowed"))  # diffusers' checkpointing; Hollowed Net's own
 def test_gradient_checkpointing_lowers_the_backward_peak(name):
     """The activations stored for backward are what checkpointing drops (predicted on the tiny
     model at 256 px, where they are large beside its weights); the forward runs twice."""
