@@ -63,6 +63,7 @@ def check_savers(method_cls, method_cfg, savers: Savers, device: torch.device | 
     changed = savers.changed()
     if method_cls.gradient_free and changed:
         key, value = next(iter(changed.items()))
+        value = str(value).lower() if isinstance(value, bool) else value  # as typed: true, not True
         raise ConfigError(
             f"{key}={value}: {method_cls.name} does not backpropagate, so no memory saver of "
             "train.* applies to it (its precision is method.precision)"
